@@ -1,0 +1,17 @@
+"""lfr_ext: fast, exact Local Flatness Regularization (LFR) for PyTorch.
+
+Public entry points::
+
+    lfr_ext.flatness_penalty(model, x, y, eps=..., step_size=..., steps=...)   # the penalty P
+    lfr_ext.lfr_loss(model, x, y, lam=..., eps=..., step_size=..., steps=...)  # CE + lam * P
+    lfr_ext.local_flatness(model, x, y, eps=..., step_size=..., steps=...)     # LF(x), a metric
+
+Reference: Xu, Li, Jiang, Xia, "Adversarial Defense via Local Flatness Regularization", ICIP 2020.
+"""
+
+__version__ = "0.1.0"
+
+from . import ops, reference  # noqa: E402  (ops loads the compiled library, once)
+from .penalty import LFRLoss, flatness_penalty, lfr_loss, local_flatness  # noqa: E402
+
+__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "ops", "reference", "__version__"]

@@ -1,0 +1,5 @@
+"""Models used by the LFR paper and the robustness literature."""
+
+from .small_cnn import SmallCNN
+
+__all__ = ["SmallCNN"]

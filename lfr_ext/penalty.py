@@ -1,0 +1,282 @@
+r"""Public API: the LFR penalty, the authors' total loss, and the local-flatness metric.
+
+Mode and state policy (the same for every function here):
+
+* The inner ascent runs with every module in eval mode (the authors' ``model.eval()``), so
+  BatchNorm uses running statistics and Dropout is off.
+* The penalty pass of :func:`flatness_penalty` / :func:`lfr_loss` runs in the mode the caller
+  left each module in (``penalty_mode="caller"``, the authors' choice: train-mode BatchNorm
+  normalises with batch statistics), or fully in eval mode (``penalty_mode="eval"``).
+* No pass of lfr_ext updates running statistics: train-mode BatchNorm uses batch statistics
+  without writing ``running_mean`` / ``running_var`` / ``num_batches_tracked``. The one
+  exception is the clean forward of :func:`lfr_loss`, which is an ordinary ``model(x)`` and
+  updates them exactly as your own training forward would.
+* After any call, also one that raised, every module's ``training`` flag and every buffer are
+  as before; parameters, their ``requires_grad`` and ``.grad``, and ``x`` / ``y`` are never
+  written. Only ``backward()`` of the returned tensor writes ``.grad``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import ops
+from ._state import frozen_running_stats, module_modes, preserved_state, restore_modes, set_eval
+from ._validation import (
+    check_attack_args,
+    check_choice,
+    check_model_and_data,
+    check_penalty_mode,
+    check_reduction,
+    normalize_q,
+)
+from .reference import (
+    LossFn,
+    default_loss,
+    flatness_ascent_reference,
+    grad_and_hvp_double_backprop,
+    grad_norm_reference,
+    input_gradient,
+    penalty_at,
+    per_sample_loss,
+)
+
+HVP_METHODS = ("auto", "double_backprop")
+
+
+class LFRLoss(NamedTuple):
+    """Output of :func:`lfr_loss`: ``loss = natural_loss + lam * penalty`` (scalars) and the
+    clean ``logits`` (B, C), for accuracy logging."""
+
+    loss: torch.Tensor
+    natural_loss: torch.Tensor
+    penalty: torch.Tensor
+    logits: torch.Tensor
+
+
+class _Config(NamedTuple):
+    eps: float
+    step_size: float
+    steps: int
+    q: float
+    loss_fn: LossFn
+    init_std: float
+    clip: tuple[float, float]
+    generator: torch.Generator | None
+    hvp: str
+    impl: str
+
+
+def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip, generator, hvp, impl, validate):
+    """Check every argument (before any work) and resolve the implementation choices."""
+    q = normalize_q(q)
+    eps, step_size, steps, init_std, clip = check_attack_args(
+        eps=eps, step_size=step_size, steps=steps, init_std=init_std, clip=clip
+    )
+    check_choice("hvp", hvp, HVP_METHODS)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (logits, y) -> (B,) losses, got {type(loss_fn).__name__}")
+    if validate:
+        check_model_and_data(model, x, y, clip, default_loss=loss_fn is None, generator=generator)
+    chosen_impl = ops.resolve_impl(impl, x.device)
+    return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, "double_backprop", chosen_impl)
+
+
+def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-2 with the chosen implementations; model modes are the caller's business."""
+    track_x = x.requires_grad and torch.is_grad_enabled()
+    impl = "reference" if track_x else cfg.impl  # only the eager chain carries d x'/d x
+
+    def step(x_, x_adv, h, g, eps, step_size, lo, hi, q):
+        return ops.ascent_step(x_, x_adv, h, g, eps=eps, step_size=step_size, lo=lo, hi=hi, q=q, impl=impl)
+
+    return flatness_ascent_reference(
+        model, x if track_x else x.detach(), y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, q=cfg.q,
+        loss_fn=cfg.loss_fn, init_std=cfg.init_std, clip=cfg.clip, generator=cfg.generator,
+        ascent_step=step, grad_and_hvp=grad_and_hvp_double_backprop,
+    )
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_sample
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+def _empty_penalty(model: nn.Module, x: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Zero penalty for an empty batch, still attached to the trainable parameters so that
+    ``backward()`` runs (and writes zero gradients) like for any other batch."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    zero = x.new_zeros(()) if trainable else x.new_zeros((), requires_grad=True)
+    for p in trainable:
+        zero = zero + p.reshape(-1)[:0].sum().to(x.dtype)
+    return zero.expand(0) if reduction == "none" else zero
+
+
+def _penalty_pass(model, x_adv, y, cfg: _Config, penalty_mode: str, modes) -> torch.Tensor:
+    """Step 3 in the requested mode, without touching running statistics: (B,)."""
+    if penalty_mode == "caller":
+        restore_modes(modes)
+    else:
+        set_eval(model)
+    with frozen_running_stats(model):
+        return penalty_at(model, x_adv, y, q=cfg.q, loss_fn=cfg.loss_fn)
+
+
+def flatness_penalty(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    q: float | str = 1,
+    loss_fn: LossFn | None = None,
+    init_std: float = 1e-3,
+    clip: tuple[float, float] = (0.0, 1.0),
+    reduction: str = "mean",
+    generator: torch.Generator | None = None,
+    penalty_mode: str = "caller",
+    hvp: str = "auto",
+    impl: str | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    r"""The LFR penalty: the input-gradient norm at the flattest-hostile point near ``x``.
+
+    .. math::
+        x' \approx \arg\max_{x' \in B_\infty(x, \epsilon) \cap [lo, hi]} \|\nabla_{x'} l(f(x'), y)\|_q,
+        \qquad P = \mathrm{mean}_i \|\nabla_{x'} l(f(x'_i), y_i)\|_q
+
+    ``x'`` comes from ``steps`` projected sign-ascent steps on ``sum_i ||g_i||_q`` started at
+    ``clip(x + init_std * N(0, I))`` (see :mod:`lfr_ext.reference`). ``P`` is differentiable
+    w.r.t. the parameters (and w.r.t. ``x`` through the projection, if ``x`` requires grad).
+
+    Args:
+        model: any ``nn.Module`` mapping ``x`` to logits (B, C) (or whatever ``loss_fn`` takes).
+        x: (B, ...) floating inputs inside ``clip``; y: (B,) int64 labels for the default loss.
+        eps: L-inf radius; step_size: ascent step; steps: number of ascent steps (>= 0).
+        q: gradient norm, 1 (dual of L-inf, default), 2 or ``"inf"``.
+        loss_fn: ``(logits, y) -> (B,)`` per-sample losses; default cross-entropy.
+        init_std: std of the Gaussian start (the authors' 0.001).
+        clip: the valid input box ``(lo, hi)``.
+        reduction: ``"mean"`` (default, the authors'), ``"sum"`` or ``"none"`` (B,).
+        generator: RNG of the start noise (default: the global RNG of ``x``'s device).
+        penalty_mode: ``"caller"`` (penalty pass in the caller's module modes, the authors')
+            or ``"eval"``. The ascent always runs in eval mode. See the module docstring.
+        hvp: how the ascent's Hessian-vector products are computed: ``"auto"`` or
+            ``"double_backprop"`` (the authors').
+        impl: implementation of the fused ascent op (``"auto"``, ``"cpu"``, ``"cuda"``,
+            ``"triton"``, ``"reference"``; ``None`` reads ``$LFR_EXT_IMPL``). See :mod:`lfr_ext.ops`.
+        validate: check values of ``x`` (finite, inside ``clip``); costs one host sync.
+    Returns:
+        Scalar penalty (``reduction="mean"``/``"sum"``) or per-sample penalties (B,), in
+        ``x``'s dtype. An empty batch gives 0 (or an empty (0,)) that still backprops.
+    """
+    reduction = check_reduction(reduction)
+    penalty_mode = check_penalty_mode(penalty_mode)
+    cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
+                     init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate)
+    if x.shape[0] == 0:
+        return _empty_penalty(model, x, reduction)
+    with preserved_state(model):
+        modes = module_modes(model)
+        set_eval(model)
+        x_adv, _ = _ascend(model, x, y, cfg)
+        per_sample = _penalty_pass(model, x_adv, y, cfg, penalty_mode, modes)
+    return _reduce(per_sample, reduction)
+
+
+def lfr_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lam: float,
+    eps: float,
+    step_size: float,
+    steps: int,
+    q: float | str = 1,
+    loss_fn: LossFn | None = None,
+    init_std: float = 1e-3,
+    clip: tuple[float, float] = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+    penalty_mode: str = "caller",
+    hvp: str = "auto",
+    impl: str | None = None,
+    validate: bool = True,
+) -> LFRLoss:
+    r"""The authors' training loss ``mean_i l(f(x_i), y_i) + lam * P`` and its parts.
+
+    Order as in the authors' code: the ascent (eval mode), then the clean forward ``model(x)``
+    in the caller's mode (an ordinary forward: it updates BatchNorm running statistics in
+    train mode, like your own training step would), then the penalty pass (which does not).
+    Arguments as in :func:`flatness_penalty`; ``lam >= 0`` weighs the penalty.
+
+    Returns:
+        :class:`LFRLoss` ``(loss, natural_loss, penalty, logits)``: scalars, and logits (B, C).
+    """
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or lam == float("inf"):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    penalty_mode = check_penalty_mode(penalty_mode)
+    cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
+                     init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate)
+    if x.shape[0] == 0:
+        zero = _empty_penalty(model, x, "mean")
+        return LFRLoss(zero, zero, zero, x.new_zeros(0))
+    with preserved_state(model):
+        modes = module_modes(model)
+        set_eval(model)
+        x_adv, _ = _ascend(model, x, y, cfg)
+        restore_modes(modes)
+    # The clean forward is outside preserved_state on purpose: it is the caller's own forward.
+    logits = model(x)
+    natural_loss = cfg.loss_fn(logits, y)
+    if natural_loss.shape != (x.shape[0],):
+        raise ValueError(f"loss_fn must return one loss per sample, shape ({x.shape[0]},), got {tuple(natural_loss.shape)}")
+    natural_loss = natural_loss.mean()
+    with preserved_state(model):
+        penalty = _penalty_pass(model, x_adv, y, cfg, penalty_mode, modes).mean()
+    return LFRLoss(natural_loss + lam * penalty, natural_loss, penalty, logits)
+
+
+def local_flatness(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    q: float | str = 1,
+    loss_fn: LossFn | None = None,
+    init_std: float = 1e-3,
+    clip: tuple[float, float] = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+    hvp: str = "auto",
+    impl: str | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    r"""Per-sample local flatness ``LF(x_i) = max_{x' in B(x_i, eps) ∩ box} ||grad l(x')||_q``
+    as an evaluation metric: (B,), detached, model in eval mode throughout.
+
+    The max is estimated from below by the same ascent as :func:`flatness_penalty`: the
+    largest gradient norm seen at any iterate ``x'_0 .. x'_K`` (the final one included).
+    Arguments as in :func:`flatness_penalty`.
+    """
+    cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
+                     init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate)
+    if x.shape[0] == 0:
+        return x.new_zeros(0)
+    with preserved_state(model), torch.enable_grad():
+        set_eval(model)
+        x_adv, path_norms = _ascend(model, x.detach(), y, cfg)
+        x_final = x_adv.detach().requires_grad_(True)
+        final_norm = grad_norm_reference(input_gradient(model, x_final, y, cfg.loss_fn, create_graph=False), cfg.q)
+    return torch.cat([path_norms, final_norm[None]]).amax(dim=0).detach()
+
+
+__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "per_sample_loss"]
