@@ -58,7 +58,7 @@ def grad_norm_reference(g: torch.Tensor, q: float) -> torch.Tensor:
     PyTorch's: ``d|t|/dt = sign(t)`` (0 at 0) for q=1; ``g/||g||_2`` and 0 at ``g = 0`` for
     q=2; for q=inf, ``sign(g_j)`` split evenly among the entries that attain the max.
     """
-    flat = g.reshape(g.shape[0], -1)
+    flat = g.flatten(1) if g.dim() > 1 else g.reshape(g.shape[0], 1)  # flatten(1) is safe for B = 0
     if q == 1:
         return flat.abs().sum(dim=1)
     if q == 2:
