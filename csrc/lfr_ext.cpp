@@ -28,4 +28,7 @@ TORCH_LIBRARY(lfr_ext, m) {
   m.def(
       "ascent_step(Tensor x, Tensor x_adv, Tensor h, Tensor g, float eps, float step_size, "
       "float lo, float hi, int q, bool return_sign_g) -> (Tensor, Tensor, Tensor)");
+  // Per-sample norm: out_i = ||g_i||_q, g: (B, ...) -> out: (B,) in g's dtype, accumulated in
+  // float (double for double). q = 1, 2, or -1 for inf. Autograd is registered from Python.
+  m.def("grad_norm(Tensor g, int q) -> Tensor");
 }

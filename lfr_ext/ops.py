@@ -1,78 +1,76 @@
-"""The ``lfr_ext::*`` operators: Python entry points, fake kernels and implementation choice.
+r"""The ``lfr_ext::*`` operators: Python entry points, fake kernels, autograd, implementation choice.
 
-Each op has several implementations, chosen per call by ``impl``:
+Ops (schemas in ``csrc/lfr_ext.cpp``; Triton twins with a ``_triton`` suffix in ``kernels/ops.py``):
 
-============  ===============================================================
-``reference`` eager chain of PyTorch ops (:mod:`lfr_ext.reference`); always available
-``cpu``       C++ kernel of the compiled library, CPU tensors
-``cuda``      CUDA kernel of the compiled library, CUDA tensors
-``triton``    Triton kernel (GPU, or CPU tensors under ``TRITON_INTERPRET=1``)
-``auto``      the fastest available for the tensors' device (the default)
-============  ===============================================================
+* ``ascent_step(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g) -> (x_new, g_norm, sign_g)``
+  the fused LFR update; no autograd (callers that need ``d x_new / d x`` use the reference).
+* ``grad_norm(g, q) -> (B,)`` per-sample ``||g_b||_q`` with autograd that is itself
+  differentiable (double backward), as LFR's penalty needs.
 
-``impl=None`` reads the ``LFR_EXT_IMPL`` environment variable, then falls back to ``auto``.
-An explicitly requested implementation that is not available raises; ``auto`` never does.
+Each runs as ``reference`` / ``cpu`` / ``cuda`` / ``triton``, chosen per call by ``impl``
+(see :mod:`lfr_ext._registry`; ``impl=None`` reads ``LFR_EXT_IMPL``, then ``auto``).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import _extension
-from .reference import ascent_step_reference, q_code
+from . import _extension, _registry
+from ._registry import IMPLS, available_impls, resolve_impl  # noqa: F401  (public API of this module)
+from .reference import ascent_step_reference, grad_norm_reference, q_code
 
-IMPLS = ("auto", "triton", "cuda", "cpu", "reference")
-# Preference order of `auto` per device type, fastest first.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
-
-
-def _unavailable_reason(impl: str, device: torch.device) -> str | None:
-    """None when ``impl`` can run on ``device``, else a sentence saying why not."""
-    if impl == "reference":
-        return None
-    if impl == "cpu":
-        if device.type != "cpu":
-            return f"the C++ CPU kernels take CPU tensors, got {device}"
-        return None if _extension.is_loaded() else _extension.status().error
-    if impl == "cuda":
-        if device.type != "cuda":
-            return f"the CUDA kernels take CUDA tensors, got {device}"
-        if not _extension.is_loaded():
-            return _extension.status().error
-        return None if _extension.status().with_cuda else "the compiled library was built without CUDA sources"
-    if impl == "triton":
-        return "the Triton kernels are not part of this build"
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-
-
-def available_impls(device: torch.device | str) -> list[str]:
-    """Implementations that can run on ``device`` here, in ``auto``'s order of preference."""
-    device = torch.device(device)
-    order = _AUTO_ORDER.get(device.type, ("reference",))
-    return [impl for impl in order if _unavailable_reason(impl, device) is None]
-
-
-def resolve_impl(impl: str | None, device: torch.device) -> str:
-    """Turn ``impl`` (or ``$LFR_EXT_IMPL``, or ``auto``) into a concrete implementation."""
-    requested = impl if impl is not None else os.environ.get("LFR_EXT_IMPL", "auto")
-    if requested not in IMPLS:
-        source = "impl" if impl is not None else "LFR_EXT_IMPL"
-        raise ValueError(f"{source} must be one of {IMPLS}, got {requested!r}")
-    if requested == "auto":
-        return available_impls(device)[0]
-    reason = _unavailable_reason(requested, device)
-    if reason is not None:
-        raise RuntimeError(f"lfr_ext: impl={requested!r} is not available on {device}: {reason}")
-    return requested
+_unavailable_reason = _registry.unavailable_reason  # kept for callers of the foundation API
 
 
 # --------------------------------------------------------------------------------------
-# ascent_step
+# grad_norm autograd: one formula for the C++ and the Triton op
 # --------------------------------------------------------------------------------------
-def _register_fakes() -> None:
-    """Fake (meta) kernels for the C++-defined ops, so torch.compile can trace them."""
+def grad_norm_backward(g: torch.Tensor, norm: torch.Tensor, grad_out: torch.Tensor, q: int) -> torch.Tensor:
+    r"""``d L / d g`` given ``grad_out = d L / d norm``; g (B, ...), norm and grad_out (B,).
+
+    The subgradients are PyTorch's for :func:`lfr_ext.reference.grad_norm_reference`:
+
+    * q=1:   ``grad_out_b * sign(g)`` (0 where g = 0);
+    * q=2:   ``g * grad_out_b / ||g_b||`` and 0 for a sample with ``||g_b|| = 0``;
+    * q=inf: ``sign(g) * [|g| = ||g_b||_inf] * grad_out_b / count_b``: shared evenly by the
+      ``count_b`` entries attaining the max (0 for an all-zero sample, since sign(0) = 0).
+
+    Built from differentiable PyTorch ops, with ``norm`` the op's own output, so the result
+    can be differentiated again (``create_graph=True``): for q=2 the second derivative flows
+    through ``g`` and through ``norm`` (back into the op); for q=1 and inf it is 0 a.e.
+    """
+    per_sample = (g.shape[0],) + (1,) * (g.dim() - 1)
+    if q == 1:
+        return grad_out.reshape(per_sample) * torch.sign(g)
+    if q == 2:
+        is_zero = norm == 0
+        # where() on both sides: a plain grad_out / norm would put inf/NaN into the double backward.
+        scale = torch.where(is_zero, torch.zeros_like(grad_out), grad_out / torch.where(is_zero, 1, norm))
+        return g * scale.reshape(per_sample)
+    attains_max = g.abs() == norm.reshape(per_sample)
+    dims = tuple(range(1, g.dim()))
+    count = attains_max.sum(dim=dims, keepdim=True) if dims else attains_max.to(torch.int64)
+    return (grad_out.reshape(per_sample) / count) * attains_max * torch.sign(g)
+
+
+def _grad_norm_setup_context(ctx, inputs, output):
+    g, q = inputs
+    ctx.q = q
+    ctx.save_for_backward(g if ctx.needs_input_grad[0] else None, output)
+
+
+def _grad_norm_autograd_backward(ctx, grad_out):
+    g, norm = ctx.saved_tensors
+    if g is None:
+        return None, None
+    return grad_norm_backward(g, norm, grad_out, ctx.q), None
+
+
+# --------------------------------------------------------------------------------------
+# registrations for the compiled (C++/CUDA) ops
+# --------------------------------------------------------------------------------------
+def _register_compiled_ops() -> None:
+    """Fake (meta) kernels and autograd for the C++-defined ops, so torch.compile traces them."""
 
     @torch.library.register_fake("lfr_ext::ascent_step")
     def _(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g):
@@ -83,11 +81,29 @@ def _register_fakes() -> None:
         sign_g = x.new_empty(x.shape) if return_sign_g else x.new_empty(0)
         return x_new, x.new_empty(x.shape[0]), sign_g
 
+    @torch.library.register_fake("lfr_ext::grad_norm")
+    def _(g, q):
+        torch._check(g.dim() >= 1, lambda: "grad_norm: g needs a batch dimension")
+        return g.new_empty(g.shape[0])
+
+    torch.library.register_autograd(
+        "lfr_ext::grad_norm", _grad_norm_autograd_backward, setup_context=_grad_norm_setup_context
+    )
+
+
+def _register_triton_autograd(kernels) -> None:
+    kernels.grad_norm_op.register_autograd(_grad_norm_autograd_backward, setup_context=_grad_norm_setup_context)
+
 
 if _extension.is_loaded():
-    _register_fakes()
+    _register_compiled_ops()
+if not isinstance(_registry.triton_kernels(), str):
+    _register_triton_autograd(_registry.triton_kernels())
 
 
+# --------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------
 def ascent_step(
     x: torch.Tensor,
     x_adv: torch.Tensor,
@@ -102,24 +118,41 @@ def ascent_step(
     return_sign_g: bool = False,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Fused LFR ascent update and per-sample gradient norm, in one pass.
+    r"""Fused LFR ascent update and per-sample gradient norm, in one pass over memory.
 
-    ``x_new = clip_[lo,hi](proj_{||x_new - x||_inf <= eps}(x_adv + step_size * sign(h)))``,
-    ``g_norm_i = ||g_i||_q`` (accumulated in fp32, fp64 for fp64 inputs), ``sign(g)``.
+    .. math::
+       x_{new} = \mathrm{clip}_{[lo,hi]}\big(\mathrm{proj}_{\|x_{new}-x\|_\infty\le\epsilon}
+       (x' + \alpha\,\mathrm{sign}(h))\big),\qquad n_b = \|g_b\|_q,\qquad s = \mathrm{sign}(g)
 
     Args:
         x: (B, ...) clean inputs, the centre of the eps-ball.
-        x_adv: (B, ...) current point; h: (B, ...) ascent direction (only its sign is used);
-        g: (B, ...) input gradient whose norm is reported. All four share shape and dtype.
-        eps, step_size: ball radius and step; lo, hi: the box; q: 1, 2 or ``math.inf``.
+        x_adv: (B, ...) current point ``x'``; h: (B, ...) ascent direction (only its sign is
+            used); g: (B, ...) input gradient whose norm is reported. One shape and dtype.
+        eps, step_size: ball radius and step ``alpha``; lo, hi: the box; q: 1, 2 or ``math.inf``.
         return_sign_g: also return ``sign(g)`` (else an empty tensor).
-        impl: see the module docstring.
+        impl: "auto" | "triton" | "cuda" | "cpu" | "reference" (None: ``$LFR_EXT_IMPL`` or auto).
     Returns:
-        ``(x_new (B, ...), g_norm (B,), sign_g)``, in the inputs' dtype; ``sign(0) = 0``.
+        ``(x_new (B, ...), g_norm (B,), sign_g (B, ...) or (0,))`` in the inputs' dtype;
+        ``sign(0) = sign(NaN) = 0`` as ``torch.sign``. The update rounds exactly as the eager
+        chain on the same device; norms accumulate in fp32 (fp64 for fp64).
     """
-    chosen = resolve_impl(impl, x.device)
+    chosen = resolve_impl(impl, x.device, x.dtype)
     if chosen == "reference":
         return ascent_step_reference(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g)
-    return torch.ops.lfr_ext.ascent_step(
-        x, x_adv, h, g, float(eps), float(step_size), float(lo), float(hi), q_code(q), bool(return_sign_g)
-    )
+    op = torch.ops.lfr_ext.ascent_step_triton if chosen == "triton" else torch.ops.lfr_ext.ascent_step
+    return op(x, x_adv, h, g, float(eps), float(step_size), float(lo), float(hi), q_code(q), bool(return_sign_g))
+
+
+def grad_norm(g: torch.Tensor, q: float = 1, *, impl: str | None = None) -> torch.Tensor:
+    r"""Per-sample norm ``n_b = ||g_b||_q`` of g (B, ...) -> (B,), in g's dtype.
+
+    q is 1, 2 or ``math.inf``; accumulation in fp32 (fp64 for fp64 on reference/cpu/cuda).
+    Differentiable twice, with the subgradient conventions of
+    :func:`lfr_ext.reference.grad_norm_reference` (see :func:`grad_norm_backward`).
+    ``impl`` as in :func:`ascent_step`.
+    """
+    chosen = resolve_impl(impl, g.device, g.dtype)
+    if chosen == "reference":
+        return grad_norm_reference(g, q)
+    op = torch.ops.lfr_ext.grad_norm_triton if chosen == "triton" else torch.ops.lfr_ext.grad_norm
+    return op(g, q_code(q))

@@ -4,7 +4,8 @@
 // rounded to the storage type, each intermediate is computed in the op-math type and
 // rounded to the storage type), so the result is bitwise equal to
 // lfr_ext.reference.ascent_step_reference in every dtype. Norms accumulate in
-// the accumulation type (float for half/bfloat16/float, double for double).
+// the accumulation type (float for half/bfloat16/float, double for double), in the cascade
+// of per_sample_norm.h.
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -13,6 +14,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include "per_sample_norm.h"
 
 #include <cmath>
 #include <limits>
@@ -23,10 +26,9 @@ namespace {
 
 template <typename T>
 inline T sign_of(T v) {
-  // torch.sign: -1, 0 or 1, NaN stays NaN.
+  // torch.sign: (0 < v) - (v < 0), so -1, 0 or 1, and 0 for NaN (measured: torch.sign(nan) == 0).
   using opmath_t = at::opmath_type<T>;
   const opmath_t o = static_cast<opmath_t>(v);
-  if (std::isnan(o)) return v;
   return static_cast<T>((o > opmath_t(0)) - (o < opmath_t(0)));
 }
 
@@ -48,7 +50,6 @@ void ascent_step_kernel(const scalar_t* x, const scalar_t* x_adv, const scalar_t
                         scalar_t* x_new, scalar_t* g_norm, scalar_t* sign_g, int64_t batch, int64_t numel_per_sample,
                         double eps, double step_size, double lo, double hi, int64_t q) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   // PyTorch's CPU binary ops round a Python scalar to the tensor's dtype before computing in
   // op-math (measured: `bf16_tensor - 0.03` uses bf16(0.03)); do the same to stay bitwise equal.
   const opmath_t eps_o = static_cast<opmath_t>(static_cast<scalar_t>(eps));
@@ -59,7 +60,6 @@ void ascent_step_kernel(const scalar_t* x, const scalar_t* x_adv, const scalar_t
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t base = b * numel_per_sample;
-      acc_t norm_acc = acc_t(0);
       for (int64_t i = base; i < base + numel_per_sample; ++i) {
         // x_adv + step_size * sign(h), each product/sum rounded as PyTorch does.
         const scalar_t step_term = static_cast<scalar_t>(step_o * static_cast<opmath_t>(sign_of(h[i])));
@@ -70,18 +70,12 @@ void ascent_step_kernel(const scalar_t* x, const scalar_t* x_adv, const scalar_t
         const opmath_t projected = nan_min<opmath_t>(nan_max<opmath_t>(moved, lower), upper);
         // Box clip to [lo, hi] (torch.clamp propagates NaN).
         x_new[i] = static_cast<scalar_t>(nan_min<opmath_t>(nan_max<opmath_t>(projected, lo_o), hi_o));
-
-        const acc_t a = std::abs(static_cast<acc_t>(g[i]));
-        if (q == 1) {
-          norm_acc += a;
-        } else if (q == 2) {
-          norm_acc += a * a;
-        } else {  // q == inf, encoded as -1
-          norm_acc = (std::isnan(a) || a > norm_acc) ? a : norm_acc;
-        }
-        if (sign_g != nullptr) sign_g[i] = sign_of(g[i]);
       }
-      g_norm[b] = static_cast<scalar_t>(q == 2 ? std::sqrt(norm_acc) : norm_acc);
+      // g is read once more only for this sample, while it is still in cache.
+      g_norm[b] = static_cast<scalar_t>(per_sample_norm_cpu(g + base, numel_per_sample, q));
+      if (sign_g != nullptr) {
+        for (int64_t i = base; i < base + numel_per_sample; ++i) sign_g[i] = sign_of(g[i]);
+      }
     }
   });
 }

@@ -1,0 +1,52 @@
+"""Host-side launch plan shared by the Triton ops: block size, warps, and blocks per sample.
+
+Program (b, c) of a grid (B, C) owns chunk c of sample b. When the batch alone fills the GPU
+(B >= number of SMs) C = 1 and each program reduces its own sample: one launch. With fewer,
+larger samples, C programs share a sample and write fp32 partial norms to a (B, C) buffer,
+which a torch reduction folds in a fixed order (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+MAX_BLOCK = 2048  # elements per program per loop iteration
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    block: int  # elements per loop iteration, a power of two
+    num_warps: int
+    chunks: int  # programs per sample (grid axis 1)
+    chunk_len: int  # elements per chunk, a multiple of block unless chunks == 1
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":  # a cached device property: no synchronisation
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # CPU tensors run through the interpreter: never split (tests force it with `chunks`)
+
+
+def plan_launch(batch: int, per_sample: int, device: torch.device, chunks: int | None = None) -> LaunchPlan:
+    """Launch plan for ``batch`` samples of ``per_sample`` elements; ``chunks`` forces the split."""
+    block = min(MAX_BLOCK, max(128, triton.next_power_of_2(max(per_sample, 1))))
+    if chunks is None:
+        sms = _multiprocessors(device)
+        chunks = 1
+        if batch < sms and per_sample > 4 * block:
+            chunks = min(triton.cdiv(2 * sms, batch), triton.cdiv(per_sample, 4 * block))
+    chunks = max(1, min(chunks, 65535, triton.cdiv(max(per_sample, 1), block)))
+    chunk_len = per_sample if chunks == 1 else triton.cdiv(triton.cdiv(per_sample, chunks), block) * block
+    chunks = 1 if chunks == 1 else triton.cdiv(per_sample, chunk_len)
+    return LaunchPlan(block=block, num_warps=4 if block <= 1024 else 8, chunks=chunks, chunk_len=chunk_len)
+
+
+def fold_partial_norms(partial: torch.Tensor, q_code: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, C) fp32 partial norms -> (B,) norms in ``dtype`` (sum, sqrt of sum, or NaN-keeping max)."""
+    if q_code == -1:
+        return partial.amax(dim=1).to(dtype)
+    total = partial.sum(dim=1)
+    return (total.sqrt() if q_code == 2 else total).to(dtype)

@@ -1,0 +1,97 @@
+"""Which implementation of the ``lfr_ext`` ops runs where: availability, ``auto`` and errors.
+
+============  ===============================================================================
+``reference`` eager chain of PyTorch ops (:mod:`lfr_ext.reference`); always available
+``cpu``       C++ kernels of the compiled library (``csrc/cpu``), CPU tensors
+``cuda``      CUDA kernels of the compiled library (``csrc/cuda``), CUDA tensors
+``triton``    Triton kernels (``kernels/``): CUDA tensors, or CPU tensors through the Triton
+              interpreter when ``TRITON_INTERPRET=1`` was set before ``import lfr_ext`` (a
+              testing aid: correct but slow); fp32/bf16/fp16
+``auto``      the first available in ``AUTO_ORDER`` for the device
+============  ===============================================================================
+
+``AUTO_ORDER`` is fastest first. On CUDA the compiled kernel comes first; on the CPU the C++
+kernel, then the eager chain, and the Triton interpreter last (it exists to test the Triton
+kernels without a GPU, and is orders of magnitude slower). ``impl=None`` reads
+``LFR_EXT_IMPL``; an explicitly requested implementation that cannot run raises with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from . import _extension
+
+IMPLS = ("auto", "triton", "cuda", "cpu", "reference")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference", "triton")}
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels():
+    """The registered Triton ops (module :mod:`lfr_ext.kernels.ops`), or the reason they cannot
+    run here as a string. Imported once, and only where Triton can run at all."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'lfr_ext[triton]')"
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not interpreted and not torch.cuda.is_available():
+        return "Triton needs a CUDA GPU here (or TRITON_INTERPRET=1 for CPU tensors, set before importing lfr_ext)"
+    try:
+        from .kernels import ops as kernel_ops
+    except Exception as exc:  # a broken triton install must not break `import lfr_ext`
+        return f"importing the Triton kernels failed: {type(exc).__name__}: {exc}"
+    return kernel_ops
+
+
+def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None when ``impl`` can run on ``device`` (and ``dtype``, if given), else why not."""
+    device = torch.device(device)
+    if impl == "reference":
+        return None
+    if impl == "cpu":
+        if device.type != "cpu":
+            return f"the C++ CPU kernels take CPU tensors, got {device}"
+        return None if _extension.is_loaded() else _extension.status().error
+    if impl == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA kernels take CUDA tensors, got {device}"
+        if not _extension.is_loaded():
+            return _extension.status().error
+        return None if _extension.status().with_cuda else "the compiled library was built without CUDA sources"
+    if impl == "triton":
+        kernels = triton_kernels()
+        if isinstance(kernels, str):
+            return kernels
+        if device.type == "cpu" and not kernels.INTERPRETED:
+            return "Triton runs CPU tensors only through its interpreter (TRITON_INTERPRET=1 before importing lfr_ext)"
+        if device.type not in ("cpu", "cuda"):
+            return f"the Triton kernels take CUDA tensors, got {device}"
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            return f"the Triton kernels take fp32, bf16 and fp16, got {dtype}"
+        return None
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def available_impls(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
+    """Implementations that can run on ``device`` (and ``dtype``) here, in ``auto``'s order."""
+    device = torch.device(device)
+    order = AUTO_ORDER.get(device.type, ("reference",))
+    return [impl for impl in order if unavailable_reason(impl, device, dtype) is None]
+
+
+def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Turn ``impl`` (or ``$LFR_EXT_IMPL``, or ``auto``) into a concrete implementation."""
+    requested = impl if impl is not None else os.environ.get("LFR_EXT_IMPL", "auto")
+    if requested not in IMPLS:
+        source = "impl" if impl is not None else "LFR_EXT_IMPL"
+        raise ValueError(f"{source} must be one of {IMPLS}, got {requested!r}")
+    if requested == "auto":
+        return available_impls(device, dtype)[0]
+    reason = unavailable_reason(requested, device, dtype)
+    if reason is not None:
+        raise RuntimeError(f"lfr_ext: impl={requested!r} is not available on {torch.device(device)}: {reason}")
+    return requested
