@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .hvp import HVP_METHODS, HVPPlan
 from ._state import frozen_running_stats, module_modes, preserved_state, restore_modes, set_eval
 from ._validation import (
     check_attack_args,
@@ -37,14 +38,10 @@ from .reference import (
     LossFn,
     default_loss,
     flatness_ascent_reference,
-    grad_and_hvp_double_backprop,
     grad_norm_reference,
     input_gradient,
-    penalty_at,
     per_sample_loss,
 )
-
-HVP_METHODS = ("auto", "double_backprop")
 
 
 class LFRLoss(NamedTuple):
@@ -66,7 +63,7 @@ class _Config(NamedTuple):
     init_std: float
     clip: tuple[float, float]
     generator: torch.Generator | None
-    hvp: str
+    hvp: HVPPlan
     impl: str
 
 
@@ -77,12 +74,15 @@ def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip
         eps=eps, step_size=step_size, steps=steps, init_std=init_std, clip=clip
     )
     check_choice("hvp", hvp, HVP_METHODS)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (logits, y) -> (B,) losses, got {type(loss_fn).__name__}")
     if validate:
         check_model_and_data(model, x, y, clip, default_loss=loss_fn is None, generator=generator)
     chosen_impl = ops.resolve_impl(impl, x.device)
-    return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, "double_backprop", chosen_impl)
+    plan = HVPPlan(hvp, model, default_loss=loss_fn is None)
+    return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, plan, chosen_impl)
 
 
 def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +96,7 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config) ->
     return flatness_ascent_reference(
         model, x if track_x else x.detach(), y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, q=cfg.q,
         loss_fn=cfg.loss_fn, init_std=cfg.init_std, clip=cfg.clip, generator=cfg.generator,
-        ascent_step=step, grad_and_hvp=grad_and_hvp_double_backprop,
+        ascent_step=step, grad_and_hvp=cfg.hvp.grad_and_hvp,
     )
 
 
@@ -116,14 +116,14 @@ def _empty_penalty(model: nn.Module, x: torch.Tensor, reduction: str) -> torch.T
     return zero.expand(0) if reduction == "none" else zero
 
 
-def _penalty_pass(model, x_adv, y, cfg: _Config, penalty_mode: str, modes) -> torch.Tensor:
+def _penalty_pass(model, x_adv, y, cfg: _Config, penalty_mode: str, modes, reduction: str) -> torch.Tensor:
     """Step 3 in the requested mode, without touching running statistics: (B,)."""
     if penalty_mode == "caller":
         restore_modes(modes)
     else:
         set_eval(model)
     with frozen_running_stats(model):
-        return penalty_at(model, x_adv, y, q=cfg.q, loss_fn=cfg.loss_fn)
+        return cfg.hvp.penalty(model, x_adv, y, cfg.loss_fn, cfg.q, reduction)
 
 
 def flatness_penalty(
@@ -167,8 +167,11 @@ def flatness_penalty(
         generator: RNG of the start noise (default: the global RNG of ``x``'s device).
         penalty_mode: ``"caller"`` (penalty pass in the caller's module modes, the authors')
             or ``"eval"``. The ascent always runs in eval mode. See the module docstring.
-        hvp: how the ascent's Hessian-vector products are computed: ``"auto"`` or
-            ``"double_backprop"`` (the authors').
+        hvp: how the second-order products are computed (:mod:`lfr_ext.hvp`): ``"auto"``
+            (default: the exact linearized tangent pass when the loss is the default
+            cross-entropy and the model is piecewise linear in x, else double backprop),
+            ``"linearized"``, ``"double_backprop"`` (the authors'), ``"forward"``,
+            ``"finite_difference"`` (an approximation, never chosen by auto).
         impl: implementation of the fused ascent op (``"auto"``, ``"cpu"``, ``"cuda"``,
             ``"triton"``, ``"reference"``; ``None`` reads ``$LFR_EXT_IMPL``). See :mod:`lfr_ext.ops`.
         validate: check values of ``x`` (finite, inside ``clip``); costs one host sync.
@@ -186,7 +189,7 @@ def flatness_penalty(
         modes = module_modes(model)
         set_eval(model)
         x_adv, _ = _ascend(model, x, y, cfg)
-        per_sample = _penalty_pass(model, x_adv, y, cfg, penalty_mode, modes)
+        per_sample = _penalty_pass(model, x_adv, y, cfg, penalty_mode, modes, reduction)
     return _reduce(per_sample, reduction)
 
 
@@ -239,7 +242,7 @@ def lfr_loss(
         raise ValueError(f"loss_fn must return one loss per sample, shape ({x.shape[0]},), got {tuple(natural_loss.shape)}")
     natural_loss = natural_loss.mean()
     with preserved_state(model):
-        penalty = _penalty_pass(model, x_adv, y, cfg, penalty_mode, modes).mean()
+        penalty = _penalty_pass(model, x_adv, y, cfg, penalty_mode, modes, "mean").mean()
     return LFRLoss(natural_loss + lam * penalty, natural_loss, penalty, logits)
 
 

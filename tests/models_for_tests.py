@@ -33,3 +33,79 @@ class SmoothNet(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class TinyResNet(nn.Module):
+    """conv-BN-ReLU stem, one residual block (BN, in-place ReLU), max-pool, adaptive avg-pool,
+    Dropout, linear head. (B, 3, 10, 10) -> (B, 5)."""
+
+    def __init__(self, drop: float = 0.2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True))
+        self.conv1 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(drop)
+        self.fc = nn.Linear(6, 5)
+        with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
+            for bn in (self.stem[1], self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        t = self.stem(x)
+        out = self.relu(self.bn1(self.conv1(t)))
+        out = self.bn2(self.conv2(out))
+        out += t
+        out = self.pool(self.relu(out))
+        return self.fc(self.drop(torch.flatten(self.gap(out), 1)))
+
+
+class LeakyAvgNet(nn.Module):
+    """LeakyReLU, avg-pool, concat of two branches, Dropout, view. (B, 2, 8, 8) -> (B, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(2, 2, 1)
+        self.act = nn.LeakyReLU(0.1)
+        self.pool = nn.AvgPool2d(2)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(5 * 4 * 4, 4)
+
+    def forward(self, x):
+        t = torch.cat([self.act(self.a(x)), self.act(self.b(x)) - 0.5 * x.mean(1, keepdim=True)], dim=1)
+        t = self.drop(self.pool(t))
+        return self.fc(t.view(t.shape[0], -1))
+
+
+class GeluLayerNormNet(nn.Module):
+    """Smooth ops the linearized pass does not cover: LayerNorm and GELU. (B, 6) -> (B, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(nn.functional.gelu(self.norm(self.fc1(x))))
+
+
+class ReLUNet(nn.Module):
+    """Tiny ReLU MLP with BatchNorm1d: (B, 6) -> (B, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 7)
+        self.bn = nn.BatchNorm1d(7)
+        self.fc2 = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))

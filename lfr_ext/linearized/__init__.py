@@ -1,0 +1,6 @@
+"""The exact linearized tangent pass (see :mod:`lfr_ext.linearized.tape`)."""
+
+from .rules import SUPPORTED_OPS, UnsupportedOpError
+from .tape import TangentTape
+
+__all__ = ["TangentTape", "UnsupportedOpError", "SUPPORTED_OPS"]

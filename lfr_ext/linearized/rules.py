@@ -1,0 +1,427 @@
+r"""Exact linearizations of the ops a piecewise-linear network is made of.
+
+Each rule runs the primal op (unchanged, or with the extra outputs it needs, such as pooling
+indices) and records on the tape how the op maps input tangents ``t`` to output tangents:
+
+=============================  ======================================================
+op                             tangent of the output
+=============================  ======================================================
+conv*, conv_transpose*, linear the same op on ``t`` without the bias
+matmul / mm / bmm / ``@``      the same product with the constant operand
+relu (any spelling, in place)  ``t * (out > 0)`` (PyTorch's ``relu'(0) = 0``)
+leaky_relu(slope)              ``t * where(out > 0, 1, slope)``
+hardtanh / relu6               ``t * (min < out < max)``
+max-pool, adaptive max-pool    ``t`` gathered at the primal's argmax indices
+avg-pool, adaptive avg-pool,   the same op on ``t`` (they are linear)
+mean, sum, interpolate, pad
+reshapes, views, indexing,     the same op on ``t``
+cat, stack, split, chunk
+add, sub, neg, mul/div by a    the linear combination of the input tangents
+constant, where(const mask)
+dropout (train)                ``t * mask / (1 - p)`` with the primal's mask
+batch_norm (running stats)     ``t * gamma / sqrt(running_var + eps)`` per channel
+batch_norm (batch stats)       ``gamma/sigma_B * (t - mean(t) - x_hat * mean(x_hat * t))``
+detach, comparisons, argmax    no tangent (constant, or zero derivative a.e.)
+=============================  ======================================================
+
+Anything else that depends on the input raises :class:`UnsupportedOpError` naming the op
+(GELU, SiLU, softplus, sigmoid, tanh, LayerNorm, GroupNorm, attention, products of two
+input-dependent tensors, ...): those need second-order terms this pass does not have.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import torch
+import torch.nn.functional as F
+
+
+class UnsupportedOpError(NotImplementedError):
+    """An op that depends on the input has no exact linearized rule."""
+
+    def __init__(self, op: str):
+        self.op = op
+        super().__init__(
+            f"the linearized tangent pass does not support `{op}` (it is exact only for networks piecewise "
+            "linear in the input: conv/linear, ReLU-like activations, pooling, BatchNorm, Dropout, adds, reshapes)"
+        )
+
+
+def is_metadata_output(out) -> bool:
+    """True when an op's output carries no derivative: non-tensors, or non-floating tensors."""
+    if isinstance(out, torch.Tensor):
+        return not out.is_floating_point()
+    if isinstance(out, (tuple, list)):
+        return all(is_metadata_output(o) for o in out)
+    return True
+
+
+def _zero_if_none(t, like):
+    return torch.zeros_like(like) if t is None else t
+
+
+def _only_first_carries(tape, name, args, kwargs):
+    """The rules below that re-apply an op to the tangent need every *other* floating tensor
+    argument to be constant (not depending on the input)."""
+    others = [a for a in list(args[1:]) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+    if name.endswith("_as"):  # view_as(other), expand_as(other), ...: other only gives a shape/dtype
+        others = []
+    if any(tape.carries(a) for a in others):
+        raise UnsupportedOpError(f"{name} (with more than one input-dependent operand)")
+    if not tape.carries(args[0]):
+        raise UnsupportedOpError(f"{name} (input dependence only through a non-leading argument)")
+
+
+def _outputs(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+# ---------------------------------------------------------------------------------------
+# Linear maps applied to the tangent as they are ("same op")
+# ---------------------------------------------------------------------------------------
+def same_op(tape, func, name, args, kwargs):
+    """Ops linear in their (single) input-dependent argument: views, reshapes, indexing,
+    pooling by averaging, sums, interpolation, dtype/device moves."""
+    _only_first_carries(tape, name, args, kwargs)
+    inplace = name.endswith("_") and not name.endswith("__")
+    if inplace:
+        tape.check_inplace_target(args[0], name)
+    out = func(*args, **kwargs)
+    rest, kw = args[1:], kwargs
+    floating = [o for o in _outputs(out) if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    multi = isinstance(out, (tuple, list))
+
+    def tangent(t):
+        result = func(t, *rest, **kw)
+        return tuple(result) if multi else result
+
+    tape.emit(floating if multi else [out], tangent, [args[0]])
+    return out
+
+
+def pad(tape, func, name, args, kwargs):
+    """F.pad: constant padding pads the tangent with 0 (the pad value is a constant)."""
+    _only_first_carries(tape, name, args, kwargs)
+    out = func(*args, **kwargs)
+    bound = inspect.signature(F.pad).bind(*args, **kwargs)
+    bound.apply_defaults()
+    mode, pads = bound.arguments["mode"], bound.arguments["pad"]
+
+    def tangent(t):
+        return F.pad(t, pads, mode=mode, value=0.0) if mode == "constant" else F.pad(t, pads, mode=mode)
+
+    tape.emit([out], tangent, [args[0]])
+    return out
+
+
+def bias_free(bias_position: int):
+    """conv*, conv_transpose*, linear: the same op on the tangent, bias dropped."""
+
+    def rule(tape, func, name, args, kwargs):
+        _only_first_carries(tape, name, args, kwargs)
+        out = func(*args, **kwargs)
+        rest = list(args[1:])
+        kw = dict(kwargs)
+        if "bias" in kw:
+            kw["bias"] = None
+        elif len(args) > bias_position:
+            rest[bias_position - 1] = None
+
+        def tangent(t):
+            return func(t, *rest, **kw)
+
+        tape.emit([out], tangent, [args[0]])
+        return out
+
+    return rule
+
+
+def product(tape, func, name, args, kwargs):
+    """matmul/mm/bmm/mul/div with exactly one input-dependent operand (the other constant)."""
+    a, b = args[0], args[1]
+    carries_a, carries_b = tape.carries(a), tape.carries(b)
+    if carries_a and carries_b:
+        raise UnsupportedOpError(f"{name} of two input-dependent tensors (not piecewise linear)")
+    is_div = "div" in name
+    if is_div and carries_b:
+        raise UnsupportedOpError(f"{name} by an input-dependent tensor")
+    inplace = name.endswith("_") and not name.endswith("__") or name in ("torch.Tensor.__imul__", "torch.Tensor.__itruediv__")
+    if inplace:
+        tape.check_inplace_target(a, name)
+    rest, kw = args[2:], kwargs
+    out = func(*args, **kwargs)
+    outplace = _OUTPLACE.get(name, func)
+    if carries_a:
+        def tangent(t):
+            return outplace(t, b, *rest, **kw)
+        source = a
+    else:
+        def tangent(t):
+            return outplace(a, t, *rest, **kw)
+        source = b
+    tape.emit([out], tangent, [source])
+    return out
+
+
+def add_sub(tape, func, name, args, kwargs):
+    """add/sub/rsub (any spelling, in place or not, with ``alpha``): tangents combine linearly.
+
+    ``add(a, b) = a + alpha b``, ``sub(a, b) = a - alpha b``, ``rsub(a, b) = b - alpha a``.
+    """
+    a = args[0]
+    b = args[1] if len(args) > 1 else kwargs.get("other")
+    alpha = kwargs.get("alpha", 1)
+    reverse = name in ("torch.Tensor.__rsub__", "torch.rsub")
+    subtract = "sub" in name and not reverse
+    coef_a = -alpha if reverse else 1
+    coef_b = 1 if reverse else (-alpha if subtract else alpha)
+    inplace = (name.endswith("_") and not name.endswith("__")) or name in ("torch.Tensor.__iadd__", "torch.Tensor.__isub__")
+    if inplace:
+        tape.check_inplace_target(a, name)
+    out = func(*args, **kwargs)
+    out_shape = out.shape
+
+    def tangent(ta, tb):
+        total = None
+        for t, coef in ((ta, coef_a), (tb, coef_b)):
+            if t is not None:
+                term = t if coef == 1 else coef * t
+                total = term if total is None else total + term
+        return total if total.shape == out_shape else total.expand(out_shape)
+
+    tape.emit([out], tangent, [a if isinstance(a, torch.Tensor) else None, b if isinstance(b, torch.Tensor) else None])
+    return out
+
+
+def neg(tape, func, name, args, kwargs):
+    out = func(*args, **kwargs)
+    tape.emit([out], lambda t: -t, [args[0]])
+    return out
+
+
+def where(tape, func, name, args, kwargs):
+    """where(cond, a, b) with a constant condition: where(cond, t_a, t_b)."""
+    cond, a, b = args[0], args[1], args[2]
+    if tape.carries(cond) and cond.is_floating_point():
+        raise UnsupportedOpError(f"{name} with an input-dependent floating condition")
+    out = func(*args, **kwargs)
+
+    def tangent(ta, tb):
+        zero = torch.zeros((), dtype=out.dtype, device=out.device)
+        return torch.where(cond, zero if ta is None else ta, zero if tb is None else tb).expand(out.shape)
+
+    tape.emit([out], tangent, [a if isinstance(a, torch.Tensor) else None, b if isinstance(b, torch.Tensor) else None])
+    return out
+
+
+def concat(tape, func, name, args, kwargs):
+    """cat/stack: the same op on the tangents, zeros for constant pieces."""
+    pieces = list(args[0])
+    rest, kw = args[1:], kwargs
+    out = func(*args, **kwargs)
+
+    def tangent(*ts):
+        return func([_zero_if_none(t, p) for t, p in zip(ts, pieces)], *rest, **kw)
+
+    tape.emit([out], tangent, pieces)
+    return out
+
+
+def no_tangent(tape, func, name, args, kwargs):
+    """detach and friends: the output does not depend on the input (for derivatives)."""
+    return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Piecewise-linear activations: a mask from the primal output
+# ---------------------------------------------------------------------------------------
+def _inplace_flag(name, args, kwargs, position):
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    return bool(kwargs.get("inplace", args[position] if len(args) > position else False))
+
+
+def relu(tape, func, name, args, kwargs):
+    if _inplace_flag(name, args, kwargs, 1):
+        tape.check_inplace_target(args[0], name)
+    out = func(*args, **kwargs)
+    mask = out > 0  # relu'(0) = 0, as PyTorch's threshold_backward
+    tape.emit([out], lambda t: t * mask, [args[0]])
+    return out
+
+
+def leaky_relu(tape, func, name, args, kwargs):
+    slope = kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)
+    if _inplace_flag(name, args, kwargs, 2):
+        tape.check_inplace_target(args[0], name)
+    out = func(*args, **kwargs)
+    if slope <= 0:
+        raise UnsupportedOpError(f"{name} with negative_slope <= 0")
+    # Built in out's dtype: a float32 0.01 would not be PyTorch's slope in float64.
+    factor = torch.where(out > 0, torch.ones_like(out), torch.full_like(out, float(slope)))
+    tape.emit([out], lambda t: t * factor, [args[0]])
+    return out
+
+
+def hardtanh(tape, func, name, args, kwargs):
+    if name.endswith("relu6"):
+        low, high, position = 0.0, 6.0, 1
+    else:
+        low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+        position = 3
+    if _inplace_flag(name, args, kwargs, position):
+        tape.check_inplace_target(args[0], name)
+    out = func(*args, **kwargs)
+    mask = (out > low) & (out < high)  # hardtanh_backward: 0 at and beyond the limits
+    tape.emit([out], lambda t: t * mask, [args[0]])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Max pooling: gather at the argmax indices of the primal
+# ---------------------------------------------------------------------------------------
+_MAX_POOL_WITH_INDICES = {
+    "torch.nn.functional.max_pool1d": F.max_pool1d_with_indices,
+    "torch.nn.functional.max_pool2d": F.max_pool2d_with_indices,
+    "torch.nn.functional.max_pool3d": F.max_pool3d_with_indices,
+    "torch.nn.functional.max_pool1d_with_indices": F.max_pool1d_with_indices,
+    "torch.nn.functional.max_pool2d_with_indices": F.max_pool2d_with_indices,
+    "torch.nn.functional.max_pool3d_with_indices": F.max_pool3d_with_indices,
+    "torch.nn.functional.adaptive_max_pool1d": F.adaptive_max_pool1d_with_indices,
+    "torch.nn.functional.adaptive_max_pool2d": F.adaptive_max_pool2d_with_indices,
+    "torch.nn.functional.adaptive_max_pool3d": F.adaptive_max_pool3d_with_indices,
+    "torch.nn.functional.adaptive_max_pool1d_with_indices": F.adaptive_max_pool1d_with_indices,
+    "torch.nn.functional.adaptive_max_pool2d_with_indices": F.adaptive_max_pool2d_with_indices,
+    "torch.nn.functional.adaptive_max_pool3d_with_indices": F.adaptive_max_pool3d_with_indices,
+}
+
+
+def max_pool(tape, func, name, args, kwargs):
+    with_indices = _MAX_POOL_WITH_INDICES[name]
+    bound = inspect.signature(with_indices).bind(*args, **kwargs)
+    wants_indices = bound.arguments.get("return_indices", False)
+    bound.arguments["return_indices"] = True
+    values, indices = with_indices(*bound.args, **bound.kwargs)
+    # Indices address the flattened spatial positions of each (sample, channel) plane.
+    lead = values.dim() - int(re.search(r"(\d)d", name).group(1))
+
+    def tangent(t):
+        return t.flatten(lead).gather(lead, indices.flatten(lead)).view(values.shape)
+
+    tape.emit([values], tangent, [args[0]])
+    return (values, indices) if wants_indices else values
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout and BatchNorm
+# ---------------------------------------------------------------------------------------
+def dropout(tape, func, name, args, kwargs):
+    """Train-mode dropout is ``x * mask / (1 - p)``. The scaled mask is drawn by the same
+    function on a tensor of ones (same shape, same RNG draws, so the same mask and the same
+    output as the unrecorded call), and kept for the tangent."""
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    x, p, training, inplace = (bound.arguments[k] for k in ("input", "p", "training", "inplace"))
+    if not training or p == 0:
+        out = func(*args, **kwargs)
+        tape.emit([out], lambda t: t, [x])
+        return out
+    if inplace:
+        tape.check_inplace_target(x, name)
+    scaled_mask = func(torch.ones_like(x), p, True, False)
+    out = x.mul_(scaled_mask) if inplace else x * scaled_mask
+    tape.emit([out], lambda t: t * scaled_mask, [x])
+    return out
+
+
+def batch_norm(tape, func, name, args, kwargs):
+    bound = inspect.signature(F.batch_norm).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    x, weight, training, eps = a["input"], a["weight"], a["training"], a["eps"]
+    if any(tape.carries(a[k]) for k in ("running_mean", "running_var", "weight", "bias")):
+        raise UnsupportedOpError(f"{name} with input-dependent statistics or affine parameters")
+    channel_shape = (1, -1) + (1,) * (x.dim() - 2)
+    reduce_dims = [0] + list(range(2, x.dim()))
+    if training:
+        # Batch statistics: the normalisation couples the samples. Exact Jacobian:
+        #   J t = gamma / sigma_B * (t - mean(t) - x_hat * mean(x_hat * t)),  means over (N, spatial)
+        mean = x.mean(reduce_dims, keepdim=True)
+        invstd = torch.rsqrt(x.var(reduce_dims, unbiased=False, keepdim=True) + eps)
+        x_hat = (x - mean) * invstd
+        scale = invstd if weight is None else invstd * weight.view(channel_shape)
+        out = func(*args, **kwargs)
+        tape.couples_samples = True
+
+        def tangent(t):
+            centred = t - t.mean(reduce_dims, keepdim=True)
+            return scale * (centred - x_hat * (x_hat * t).mean(reduce_dims, keepdim=True))
+    else:
+        out = func(*args, **kwargs)
+        scale = torch.rsqrt(a["running_var"] + eps)
+        if weight is not None:
+            scale = scale * weight
+        scale = scale.view(channel_shape)
+
+        def tangent(t):
+            return t * scale
+
+    tape.emit([out], tangent, [x])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------
+_OUTPLACE = {
+    "torch.Tensor.mul_": torch.mul, "torch.Tensor.__imul__": torch.mul, "torch.Tensor.div_": torch.div,
+    "torch.Tensor.__itruediv__": torch.div,
+}
+
+RULES: dict = {}
+
+
+def _register(names, rule):
+    for name in names:
+        RULES[name] = rule
+
+
+_T = "torch.Tensor."
+_F = "torch.nn.functional."
+_register([_F + f"conv{d}d" for d in (1, 2, 3)] + [f"torch.conv{d}d" for d in (1, 2, 3)], bias_free(2))
+_register([_F + f"conv_transpose{d}d" for d in (1, 2, 3)] + [f"torch.conv_transpose{d}d" for d in (1, 2, 3)],
+          bias_free(2))
+_register([_F + "linear"], bias_free(2))
+_register(["torch.matmul", "torch.mm", "torch.bmm", _T + "matmul", _T + "mm", _T + "bmm", _T + "__matmul__",
+           _T + "__rmatmul__", "torch.mul", _T + "mul", _T + "mul_", _T + "__mul__", _T + "__rmul__", _T + "__imul__",
+           "torch.div", _T + "div", _T + "div_", _T + "__truediv__", _T + "__itruediv__", "torch.true_divide"], product)
+_register(["torch.add", _T + "add", _T + "add_", _T + "__add__", _T + "__radd__", _T + "__iadd__", "torch.sub",
+           _T + "sub", _T + "sub_", _T + "__sub__", _T + "__isub__", _T + "__rsub__", "torch.rsub"], add_sub)
+_register(["torch.neg", _T + "neg", _T + "__neg__"], neg)
+_register(["torch.where", _T + "where"], where)
+_register(["torch.cat", "torch.concat", "torch.concatenate", "torch.stack"], concat)
+_register([_T + "detach", "torch.detach"], no_tangent)
+_register([_F + "relu", _F + "relu_", "torch.relu", "torch.relu_", _T + "relu", _T + "relu_"], relu)
+_register([_F + "leaky_relu", _F + "leaky_relu_"], leaky_relu)
+_register([_F + "hardtanh", _F + "hardtanh_", _F + "relu6"], hardtanh)
+_register(list(_MAX_POOL_WITH_INDICES), max_pool)
+_register([_F + "dropout", _F + "dropout1d", _F + "dropout2d", _F + "dropout3d"], dropout)
+_register([_F + "batch_norm"], batch_norm)
+_register([_F + "pad"], pad)
+_register(
+    [_F + f"avg_pool{d}d" for d in (1, 2, 3)] + [_F + f"adaptive_avg_pool{d}d" for d in (1, 2, 3)]
+    + ["torch.avg_pool1d", _F + "interpolate", _F + "pixel_shuffle", _F + "pixel_unshuffle"]
+    + ["torch.flatten", "torch.reshape", "torch.permute", "torch.transpose", "torch.squeeze", "torch.unsqueeze",
+       "torch.mean", "torch.sum", "torch.chunk", "torch.split", "torch.narrow", "torch.select", "torch.movedim",
+       "torch.flip", "torch.roll", "torch.clone", "torch.t", "torch.unbind"]
+    + [_T + n for n in ("flatten", "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "contiguous",
+                        "squeeze", "unsqueeze", "__getitem__", "expand", "expand_as", "repeat", "clone", "narrow",
+                        "select", "mean", "sum", "chunk", "split", "unbind", "movedim", "flip", "roll", "to", "float",
+                        "double", "half", "bfloat16", "type", "type_as", "cuda", "cpu", "__pos__")],
+    same_op,
+)
+
+SUPPORTED_OPS = frozenset(RULES)

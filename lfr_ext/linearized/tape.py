@@ -1,0 +1,140 @@
+r"""Recording a forward pass for the exact linearized tangent pass.
+
+For a network that is piecewise linear in its input (convolutions, linear layers, ReLU-like
+activations, pooling, BatchNorm, Dropout, residual adds, reshapes), the Jacobian-vector product
+``J v`` of the logits at ``x`` is ``v`` pushed through each layer's *linear map at x*: the
+weights without their biases, the ReLU slope masks, the max-pool argmax indices, the Dropout
+masks and BatchNorm's exact Jacobian, all taken from the primal pass. :class:`TangentTape` is a
+``TorchFunctionMode`` that watches one forward, lets it run unchanged, and records, for every
+op whose inputs depend on ``x``, a small closure mapping input tangents to output tangents
+(``lfr_ext.linearized.rules``). :meth:`TangentTape.tangent` replays those closures on any ``v``.
+
+Recording at the ``torch.*`` / ``torch.nn.functional`` level sits *above* autograd: the
+recorded weights, masks and statistics are ordinary autograd tensors, so a replay with grad
+enabled is differentiable w.r.t. the parameters (the outer LFR gradient) and w.r.t. ``x``.
+Only the ops that actually ran are recorded, so Python control flow in ``forward`` is fine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.overrides import TorchFunctionMode, resolve_name
+
+from .rules import RULES, UnsupportedOpError, is_metadata_output
+
+_NAMES: dict = {}
+
+
+def _name(func) -> str:
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):
+        name = resolve_name(func) or getattr(func, "__qualname__", repr(func))
+        try:
+            _NAMES[func] = name
+        except TypeError:
+            pass
+        return name
+
+
+def _tensors(obj):
+    """Tensors inside args/kwargs (one level of list/tuple nesting, as torch ops take them)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            if isinstance(item, torch.Tensor):
+                yield item
+            elif isinstance(item, (list, tuple)):
+                yield from (t for t in item if isinstance(t, torch.Tensor))
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+class TangentTape(TorchFunctionMode):
+    """Context manager recording the linear map at ``source`` of the forward run inside it.
+
+    Example::
+
+        x = x.detach().requires_grad_(True)
+        with TangentTape(x) as tape:
+            logits = model(x)                      # runs exactly as without the tape
+        jv = tape.tangent(v, logits)               # J v, (B, C): one cheap "tangent forward"
+
+    Raises :class:`UnsupportedOpError` (naming the op) inside the forward when an op that
+    depends on ``source`` has no exact linearization here (GELU, LayerNorm, attention, ...).
+    """
+
+    def __init__(self, source: torch.Tensor):
+        super().__init__()
+        self._slots: dict[int, int] = {id(source): 0}
+        self._alive: list = [source]  # keeps ids unique while the tape lives
+        self._viewed: set[int] = set()  # ids of tensors that a recorded view aliases
+        self._program: list[tuple[Callable, tuple, tuple]] = []
+        self._num_slots = 1
+        self.couples_samples = False  # True once an op mixes samples (train-mode BatchNorm, ...)
+        self.ops_seen: set[str] = set()
+
+    # -- recording -------------------------------------------------------------------
+    def carries(self, t) -> bool:
+        """Whether ``t`` depends on the source (has a tangent)."""
+        return isinstance(t, torch.Tensor) and id(t) in self._slots
+
+    def slot(self, t) -> int | None:
+        return self._slots.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def emit(self, outputs: Sequence[torch.Tensor], fn: Callable, inputs: Sequence) -> None:
+        """Record ``fn(*input_tangents) -> output tangent(s)``. Input tangents are resolved
+        now (an in-place op later gives its tensor a new slot); a non-carrying input's
+        tangent is None. Floating outputs get fresh slots."""
+        in_slots = tuple(self.slot(t) if self.carries(t) else None for t in inputs)
+        out_slots = []
+        for out in outputs:
+            self._slots[id(out)] = self._num_slots
+            self._alive.append(out)
+            if out._base is not None:
+                self._viewed.add(id(out._base))
+            out_slots.append(self._num_slots)
+            self._num_slots += 1
+        self._program.append((fn, in_slots, tuple(out_slots)))
+
+    def check_inplace_target(self, target: torch.Tensor, name: str) -> None:
+        """An in-place op on a tensor that aliases another recorded tensor would silently
+        change that tensor's tangent too; refuse instead of being wrong."""
+        if target._base is not None or id(target) in self._viewed:
+            raise UnsupportedOpError(f"{name} (in place on a view)")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not any(self.carries(t) for t in _tensors(args)) and not any(self.carries(t) for t in _tensors(kwargs)):
+            return func(*args, **kwargs)  # constant w.r.t. the source: nothing to record
+        name = _name(func)
+        rule = RULES.get(name)
+        if rule is None:
+            out = func(*args, **kwargs)
+            if is_metadata_output(out):  # .shape, .size(), comparisons, argmax: no tangent
+                return out
+            raise UnsupportedOpError(name)
+        self.ops_seen.add(name)
+        return rule(self, func, name, args, kwargs)
+
+    # -- replay ----------------------------------------------------------------------
+    def tangent(self, v: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``J v``: the tangent of ``output`` for source tangent ``v`` (same shape as the
+        source). Differentiable w.r.t. whatever the recorded maps depend on when grad mode is
+        on; run it under ``torch.no_grad()`` when only the value is needed."""
+        if not self.carries(output):
+            return torch.zeros_like(output)
+        env: list = [None] * self._num_slots
+        env[0] = v
+        for fn, in_slots, out_slots in self._program:
+            result = fn(*[env[s] if s is not None else None for s in in_slots])
+            if len(out_slots) == 1:
+                env[out_slots[0]] = result
+            else:
+                for s, r in zip(out_slots, result):
+                    env[s] = r
+        return env[self.slot(output)]

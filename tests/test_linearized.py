@@ -1,0 +1,258 @@
+"""The exact linearized tangent pass against double backprop (the authors' way)."""
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lfr_ext
+from lfr_ext.hvp import (
+    grad_and_hvp_finite_difference,
+    grad_and_hvp_forward,
+    grad_and_hvp_linearized,
+    penalty_linearized,
+)
+from lfr_ext.linearized import TangentTape, UnsupportedOpError
+from lfr_ext.models import SmallCNN
+from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalty_at
+
+from models_for_tests import BNNet, GeluLayerNormNet, LeakyAvgNet, ReLUNet, TinyResNet
+
+MODELS = {
+    "small_cnn": (lambda: SmallCNN(zero_init_last=False), (3, 1, 28, 28), 10),  # one shared in-place ReLU
+    "resnet_bn": (TinyResNet, (4, 3, 10, 10), 5),
+    "leaky_avg_cat": (LeakyAvgNet, (3, 2, 8, 8), 4),
+    "bn_residual_avgpool": (BNNet, (4, 1, 8, 8), 3),
+}
+
+
+def _make(name, dtype=torch.float64, train=False, seed=0):
+    torch.manual_seed(seed)
+    factory, shape, classes = MODELS[name]
+    model = factory().to(dtype).train(train)
+    x = torch.rand(shape, dtype=dtype)
+    y = torch.randint(0, classes, (shape[0],))
+    return model, x, y
+
+
+def _rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _double_vjp_jvp(model, x, v, seed):
+    """J v by the double-VJP trick, an independent oracle (same Dropout masks via the seed)."""
+    torch.manual_seed(seed)
+    x = x.detach().requires_grad_(True)
+    out = model(x)
+    u = torch.zeros_like(out, requires_grad=True)
+    (gx,) = torch.autograd.grad(out, x, u, create_graph=True)
+    (jv,) = torch.autograd.grad(gx, u, v)
+    return jv
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("train", [False, True])
+def test_tangent_pass_is_the_jacobian(name, train):
+    model, x, _ = _make(name, train=train)
+    v = torch.randn_like(x)
+    x = x.requires_grad_(True)
+    torch.manual_seed(1)
+    with TangentTape(x) as tape:
+        logits = model(x)
+    got = tape.tangent(v, logits)
+    expected = _double_vjp_jvp(model, x, v, seed=1)
+    assert _rel_err(got, expected) < 1e-12
+    assert tape.couples_samples == (train and name in ("resnet_bn", "bn_residual_avgpool"))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("q", [1, 2, math.inf])
+def test_inner_step_gradient_and_hvp(name, q):
+    model, x, y = _make(name, train=False)
+    g_ref, h_ref = grad_and_hvp_double_backprop(model, x, y, default_loss, q)
+    g, h = grad_and_hvp_linearized(model, x, y, default_loss, q)
+    assert _rel_err(g, g_ref) < 1e-12
+    assert _rel_err(h, h_ref) < 1e-10
+    assert torch.equal(torch.sign(h), torch.sign(h_ref)) or (torch.sign(h) != torch.sign(h_ref)).float().mean() < 1e-3
+
+
+def _assert_grads_close(got, expected, rtol):
+    """Per parameter ``||a - b|| <= rtol ||b||``, except that parameters whose true gradient is
+    0 (a conv bias before train-mode BatchNorm) are held to rounding of the overall scale."""
+    scale = torch.sqrt(sum((b.norm() ** 2 for b in expected if b is not None), torch.tensor(0.0, dtype=torch.float64)))
+    floor = 64 * torch.finfo(expected[0].dtype).eps * scale
+    for a, b in zip(got, expected):
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert (a - b).norm() <= rtol * b.norm() + floor, ((a - b).norm(), b.norm())
+
+
+def _params_grads(model, value):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("q", [1, 2, math.inf])
+@pytest.mark.parametrize("penalty_mode", ["caller", "eval"])
+def test_flatness_penalty_linearized_equals_double_backprop_fp64(name, q, penalty_mode):
+    """The final x', the penalty and its gradient w.r.t. every parameter, train mode (BN
+    batch statistics, Dropout with the same mask on both sides) and eval mode."""
+    model, x, y = _make(name, train=True)
+    results = {}
+    for hvp in ("double_backprop", "linearized"):
+        torch.manual_seed(5)  # same start noise and Dropout masks
+        value = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=4, q=q, hvp=hvp,
+                                         penalty_mode=penalty_mode)
+        results[hvp] = (value, _params_grads(model, value))
+    (ref, ref_grads), (got, got_grads) = results["double_backprop"], results["linearized"]
+    assert _rel_err(got, ref) < 1e-10
+    _assert_grads_close(got_grads, ref_grads, 1e-10)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet_bn"])
+def test_ascended_point_identical(name):
+    model, x, y = _make(name, train=False)
+    points = {}
+    for hvp in ("double_backprop", "linearized"):
+        points[hvp], _ = lfr_ext.reference.flatness_ascent_reference(
+            model, x, y, eps=0.1, step_size=0.02, steps=5, generator=torch.Generator().manual_seed(0),
+            grad_and_hvp=lambda *a, h=hvp: lfr_ext.hvp.HVPPlan(h, model, True).grad_and_hvp(*a),
+        )
+    assert torch.equal(points["linearized"], points["double_backprop"])
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet_bn"])
+def test_flatness_penalty_fp32(name):
+    model, x, y = _make(name, dtype=torch.float32, train=True)
+    values = {}
+    for hvp in ("double_backprop", "linearized"):
+        torch.manual_seed(2)
+        value = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=3, hvp=hvp)
+        values[hvp] = (value, _params_grads(model, value))
+    assert _rel_err(values["linearized"][0], values["double_backprop"][0]) < 1e-4
+    _assert_grads_close(values["linearized"][1], values["double_backprop"][1], 1e-4)
+
+
+def test_penalty_gradient_wrt_point():
+    """d P / d x' of the linearized penalty is the exact HVP (train-mode BatchNorm included)."""
+    model, x, y = _make("resnet_bn", train=True)
+    torch.manual_seed(0)
+    z = x.clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(penalty_linearized(model, z, y, 1)[0].sum(), z)
+    torch.manual_seed(0)
+    z = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(penalty_at(model, z, y, q=1).sum(), z)
+    assert _rel_err(got, expected) < 1e-10
+
+
+def test_train_batchnorm_outer_gradient_is_exact_for_every_method():
+    """Regression guard for PyTorch's train-mode batch_norm forward-AD rule, which gives wrong
+    reverse-over-forward weight gradients: no hvp method may route the outer gradient through it."""
+    model, x, y = _make("resnet_bn", train=True)
+    grads = {}
+    for hvp in ("double_backprop", "linearized", "forward", "finite_difference"):
+        torch.manual_seed(3)
+        value = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=0, hvp=hvp)
+        grads[hvp] = _params_grads(model, value)
+    for hvp in ("linearized", "forward", "finite_difference"):
+        _assert_grads_close(grads[hvp], grads["double_backprop"], 1e-10)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet_bn"])
+def test_forward_mode_hvp_exact(name):
+    model, x, y = _make(name, train=False)
+    g_ref, h_ref = grad_and_hvp_double_backprop(model, x, y, default_loss, 1)
+    g, h = grad_and_hvp_forward(model, x, y, default_loss, 1)
+    assert _rel_err(g, g_ref) < 1e-12 and _rel_err(h, h_ref) < 1e-10
+
+
+def test_finite_difference_is_an_approximation():
+    model, x, y = _make("resnet_bn", train=False)
+    _, h_ref = grad_and_hvp_double_backprop(model, x, y, default_loss, 1)
+    _, h = grad_and_hvp_finite_difference(model, x, y, default_loss, 1)
+    agreement = (torch.sign(h) == torch.sign(h_ref)).double().mean().item()
+    assert 0.5 < agreement  # close to the truth in most entries, but no exactness promised
+
+
+def test_relu_kink_convention():
+    """Pre-activations exactly 0: relu'(0) = 0, as PyTorch's autograd."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[0].weight[:3] = 0
+        model[0].bias[:3] = 0  # units 0-2 sit exactly at the kink for every input
+    x = torch.rand(5, 4, dtype=torch.float64)
+    v = torch.randn_like(x)
+    with TangentTape(x.requires_grad_(True)) as tape:
+        out = model(x)
+    assert _rel_err(tape.tangent(v, out), _double_vjp_jvp(model, x, v, seed=0)) < 1e-14
+    g_ref, h_ref = grad_and_hvp_double_backprop(model, x, torch.tensor([0, 1, 2, 0, 1]), default_loss, 1)
+    g, h = grad_and_hvp_linearized(model, x, torch.tensor([0, 1, 2, 0, 1]), default_loss, 1)
+    assert torch.allclose(h, h_ref, rtol=1e-12, atol=1e-15)
+
+
+def test_uncovered_model_auto_warns_and_linearized_raises():
+    torch.manual_seed(0)
+    model = GeluLayerNormNet().double()
+    x, y = torch.rand(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    lfr_ext.hvp._UNCOVERED.pop(model, None)
+    lfr_ext.hvp._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match=r"falls back to double backprop.*`torch.nn.functional.layer_norm`"):
+        auto = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0)
+    reference = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0,
+                                         hvp="double_backprop")
+    torch.testing.assert_close(auto, reference, rtol=0, atol=0)
+    with pytest.raises(UnsupportedOpError, match=r"does not support `torch.nn.functional.layer_norm`"):
+        lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, hvp="linearized")
+
+
+def test_auto_picks_linearized_and_logs(caplog):
+    model, x, y = _make("small_cnn", dtype=torch.float32)
+    with caplog.at_level(logging.DEBUG, logger="lfr_ext"):
+        lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=1)
+    assert "hvp='auto' -> linearized" in caplog.text
+
+
+def test_custom_loss_falls_back_and_linearized_refuses():
+    model, x, y = _make("small_cnn", dtype=torch.float32)
+
+    def loss(logits, target):
+        return nn.functional.cross_entropy(logits, target, reduction="none", label_smoothing=0.1)
+
+    lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=1, loss_fn=loss)
+    with pytest.raises(ValueError, match="needs the default cross-entropy"):
+        lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=1, loss_fn=loss, hvp="linearized")
+
+
+def test_per_sample_penalty_with_coupled_batchnorm():
+    """reduction='none' with train-mode BatchNorm: auto gives exact per-sample penalties (by
+    double backprop), explicit linearized refuses."""
+    model, x, y = _make("resnet_bn", train=True)
+    model.drop.p = 0.0
+    auto = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, reduction="none", init_std=0.0)
+    ref = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, reduction="none", init_std=0.0,
+                                   hvp="double_backprop")
+    for i in range(len(x)):  # each sample's penalty has its own exact gradient
+        _assert_grads_close(_params_grads(model, auto[i]), _params_grads(model, ref[i]), 1e-10)
+    with pytest.raises(ValueError, match="couples samples"):
+        lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, reduction="none", hvp="linearized")
+
+
+def test_inplace_on_view_refused():
+    class ViewInplace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            t = self.fc(x)
+            t.view(-1).relu_()  # changes t through an alias
+            return t
+
+    model = ViewInplace().double()
+    x = torch.rand(2, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(UnsupportedOpError, match="in place on a view"):
+        with TangentTape(x):
+            model(x)
