@@ -28,6 +28,7 @@ from .common import (
     reduce_norm,
     round_to_storage,
     sign_of,
+    to_fp32,
 )
 from .grad_norm import SUPPORTED_DTYPES
 from .launch import fold_partial_norms, plan_launch
@@ -72,9 +73,9 @@ def _ascent_step_fwd_kernel(
     for offset in range(start, stop, BLOCK):
         idx = base + offset + tl.arange(0, BLOCK)
         mask = offset + tl.arange(0, BLOCK) < stop
-        x = tl.load(X + idx, mask=mask, other=0.0).to(tl.float32)
-        x_adv = tl.load(X_ADV + idx, mask=mask, other=0.0).to(tl.float32)
-        h = tl.load(H + idx, mask=mask, other=0.0).to(tl.float32)
+        x = to_fp32(tl.load(X + idx, mask=mask, other=0.0))
+        x_adv = to_fp32(tl.load(X_ADV + idx, mask=mask, other=0.0))
+        h = to_fp32(tl.load(H + idx, mask=mask, other=0.0))
         g = tl.load(G + idx, mask=mask, other=0.0)
 
         # x_adv + step_size * sign(h): two ops, each rounded to the storage dtype.
@@ -86,11 +87,11 @@ def _ascent_step_fwd_kernel(
         projected = nan_minimum(nan_maximum(moved, lower), upper)
         # clamp to the box (exact: every operand is already representable in DTYPE).
         x_new = clamp_keep_nan(projected, lo, hi)
-        tl.store(X_NEW + idx, x_new.to(DTYPE), mask=mask)
+        tl.store(X_NEW + idx, round_to_storage(x_new, DTYPE), mask=mask)  # exact: x_new is representable
 
         acc = accumulate_norm(acc, g, Q)
         if WRITE_SIGN:
-            tl.store(SIGN_G + idx, sign_of(g.to(tl.float32)).to(DTYPE), mask=mask)
+            tl.store(SIGN_G + idx, sign_of(to_fp32(g)).to(DTYPE), mask=mask)
 
     total = reduce_norm(acc, Q)
     if SPLIT:

@@ -20,9 +20,21 @@ def round_to_storage(v, DTYPE: tl.constexpr):
     """
     if DTYPE == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # keep the top 16 bits
-        v = tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(v != v, 0x7FC0, rounded)  # a quiet NaN (the carry could turn NaN into inf)
+        # Reinterpret the top 16 bits instead of converting, which the interpreter also gets
+        # wrong for subnormals.
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return v.to(DTYPE)
+
+
+@triton.jit
+def to_fp32(v):
+    """Widen ``v`` to fp32 exactly. bf16 is widened by a 16-bit shift of its bits (what the
+    hardware conversion does) because the interpreter flushes bf16 subnormals wrongly."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return v.to(tl.float32)
 
 
 @triton.jit
@@ -53,7 +65,7 @@ def clamp_keep_nan(v, lo, hi):
 def accumulate_norm(acc, g, Q: tl.constexpr):
     """Fold a block of ``g`` (any float dtype, masked lanes 0) into the fp32 per-lane ``acc``:
     ``sum |g|`` (Q=1), ``sum g^2`` (Q=2) or ``max |g|`` (Q=-1, inf; NaN kept)."""
-    a = tl.abs(g.to(tl.float32))
+    a = tl.abs(to_fp32(g))
     if Q == 1:
         acc += a
     elif Q == 2:

@@ -83,6 +83,9 @@ def available_impls(device: torch.device | str, dtype: torch.dtype | None = None
     return [impl for impl in order if unavailable_reason(impl, device, dtype) is None]
 
 
+# torch.compile runs the choice once, while tracing, and bakes the answer into the graph
+# (it depends only on the environment, the device and the dtype, never on tensor values).
+@torch.compiler.assume_constant_result
 def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Turn ``impl`` (or ``$LFR_EXT_IMPL``, or ``auto``) into a concrete implementation."""
     requested = impl if impl is not None else os.environ.get("LFR_EXT_IMPL", "auto")

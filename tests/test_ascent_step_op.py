@@ -1,4 +1,9 @@
-"""The compiled lfr_ext::ascent_step against the pure-PyTorch chain."""
+"""lfr_ext::ascent_step (C++ CPU, CUDA) and lfr_ext::ascent_step_triton against the eager chain.
+
+Every implementation is run on every device here: the update and sign(g) must be bitwise
+equal to PyTorch's chain on the same device (the kernels round as it does); the norm, a
+reduction, is judged by flash-attention's rule against fp64.
+"""
 
 import math
 
@@ -6,92 +11,172 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext.reference import ascent_step_reference
+from lfr_ext.reference import ascent_step_reference, q_code
 
-from conftest import REQUIRE_COMPILED
-
-compiled = pytest.mark.skipif(
-    not lfr_ext._extension.is_loaded() and not REQUIRE_COMPILED, reason="compiled library not loaded"
+from op_cases import (
+    QS,
+    SHAPES,
+    assert_reduction_accurate,
+    dtypes_for,
+    impl_device_cases,
+    make_inputs,
 )
 
-SHAPES = [(1, 1), (3, 7), (5, 1, 13, 11), (2, 3, 17, 19), (4, 0), (0, 3, 5)]
+ARGS = dict(eps=0.03, step_size=0.007, lo=0.0, hi=1.0)
 
 
-def _inputs(shape, dtype, contiguous=True):
-    """x in [0,1], x_adv slightly outside it (box clip active), h with exact zeros, g signed."""
-
-    def make(lo, hi, zero_every=0):
-        t = lo + (hi - lo) * torch.rand(tuple(reversed(shape)) if not contiguous else shape, dtype=torch.float64)
-        if zero_every and t.numel():
-            t.view(-1)[::zero_every] = 0  # exact zeros: sign(0) = 0
-        if not contiguous:  # same kind of values through a transposed (non-contiguous) layout
-            t = t.permute(*reversed(range(len(shape))))
-        return t.to(dtype)
-
-    return make(0.0, 1.0), make(-0.1, 1.1), make(-1.0, 1.0, zero_every=5), make(-2.0, 2.0, zero_every=7)
+def _reference(x, x_adv, h, g, q, return_sign_g=True):
+    return ascent_step_reference(x, x_adv, h, g, ARGS["eps"], ARGS["step_size"], 0.0, 1.0, q, return_sign_g)
 
 
-@compiled
+@pytest.mark.parametrize("impl, device", impl_device_cases())
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("q", [1, 2, math.inf])
+@pytest.mark.parametrize("q", QS)
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_cpu_kernel_matches_reference(shape, dtype, q, contiguous):
-    x, x_adv, h, g = _inputs(shape, dtype, contiguous)
-    args = dict(eps=0.03, step_size=0.007, lo=0.0, hi=1.0, q=q, return_sign_g=True)
-    got = lfr_ext.ops.ascent_step(x, x_adv, h, g, impl="cpu", **args)
-    expected = ascent_step_reference(x, x_adv, h, g, args["eps"], args["step_size"], 0.0, 1.0, q, True)
-    # The update follows PyTorch's rounding step for step: bitwise equal.
-    assert torch.equal(got[0], expected[0])
-    assert torch.equal(got[2], expected[2])
-    assert got[0].shape == x.shape and got[1].shape == (x.shape[0],) and got[1].dtype == dtype
-    # The norm is a reduction; summation order differs, so judge it against fp64 (FA's rule).
-    if dtype == torch.float64:
-        torch.testing.assert_close(got[1], expected[1], rtol=1e-13, atol=0)
-        return
-    exact = ascent_step_reference(x.double(), x_adv.double(), h.double(), g.double(), 0.03, 0.007, 0.0, 1.0, q)[1]
-    torch_err = (expected[1].double() - exact).abs()
-    ours_err = (got[1].double() - exact).abs()
-    tiny = 4 * torch.finfo(dtype).eps * exact.abs()
-    assert torch.all(ours_err <= 2 * torch_err + tiny)
+def test_matches_reference(impl, device, shape, q, contiguous):
+    for dtype in dtypes_for(impl):
+        x, x_adv, h, g = make_inputs(shape, dtype, device, contiguous)
+        got = lfr_ext.ops.ascent_step(x, x_adv, h, g, q=q, return_sign_g=True, impl=impl, **ARGS)
+        expected = _reference(x, x_adv, h, g, q)
+        assert got[0].shape == x.shape and got[1].shape == (x.shape[0],) and got[2].shape == x.shape
+        assert all(t.dtype == dtype and t.device == x.device for t in got)
+        assert torch.equal(got[0], expected[0]), f"{dtype}: update differs from the eager chain"
+        assert torch.equal(got[2], expected[2]), f"{dtype}: sign(g) differs"
+        exact = _reference(*(t.double() for t in (x, x_adv, h, g)), q)[1]
+        assert_reduction_accurate(got[1], expected[1], exact)
 
 
-@compiled
-def test_sign_g_optional_and_nan_propagates():
-    x, x_adv, h, g = _inputs((2, 5), torch.float32)
-    x_adv[0, 1] = float("nan")
-    out = lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01, impl="cpu")
-    ref = ascent_step_reference(x, x_adv, h, g, 0.1, 0.01, 0.0, 1.0, 1)
-    assert out[2].numel() == 0
-    torch.testing.assert_close(out[0], ref[0], equal_nan=True, rtol=0, atol=0)
+@pytest.mark.parametrize("impl, device", impl_device_cases())
+def test_sign_g_optional_nan_and_zero_conventions(impl, device):
+    x, x_adv, h, g = make_inputs((3, 5), torch.float32, device)
+    x_adv[0, 1] = float("nan")  # propagates into x_new
+    h[1, 2] = float("nan")  # sign(NaN) = 0: no step there
+    h[2, :] = 0.0  # sign(0) = 0
+    g[1, 3] = float("nan")  # the norm of sample 1 is NaN, its sign 0
+    g[2, :] = 0.0
+    for q in QS:
+        got = lfr_ext.ops.ascent_step(x, x_adv, h, g, q=q, impl=impl, **ARGS)
+        assert got[2].numel() == 0
+        expected = _reference(x, x_adv, h, g, q, return_sign_g=False)
+        torch.testing.assert_close(got[0], expected[0], equal_nan=True, rtol=0, atol=0)
+        assert torch.isnan(got[1][1]) and got[1][2] == 0 and torch.isfinite(got[1][0])
+        got_sign = lfr_ext.ops.ascent_step(x, x_adv, h, g, q=q, return_sign_g=True, impl=impl, **ARGS)[2]
+        assert got_sign[1, 3] == 0 and torch.equal(got_sign[2], torch.zeros_like(g[2]))
+        assert torch.equal(got_sign, torch.sign(g))
 
 
-@compiled
-def test_shape_and_dtype_errors():
-    x, x_adv, h, g = _inputs((2, 5), torch.float32)
-    with pytest.raises(RuntimeError, match="one shape"):
-        lfr_ext.ops.ascent_step(x, x_adv[:1], h, g, eps=0.1, step_size=0.01, impl="cpu")
-    with pytest.raises(RuntimeError, match="one dtype"):
-        lfr_ext.ops.ascent_step(x, x_adv.double(), h, g, eps=0.1, step_size=0.01, impl="cpu")
+@pytest.mark.parametrize("impl, device", impl_device_cases(("cpu", "cuda", "triton")))
+def test_shape_dtype_and_q_errors(impl, device):
+    x, x_adv, h, g = make_inputs((2, 5), torch.float32, device)
+    with pytest.raises((RuntimeError, ValueError), match="one shape"):
+        lfr_ext.ops.ascent_step(x, x_adv[:1], h, g, eps=0.1, step_size=0.01, impl=impl)
+    with pytest.raises((RuntimeError, ValueError), match="one dtype"):
+        lfr_ext.ops.ascent_step(x, x_adv.half(), h, g, eps=0.1, step_size=0.01, impl=impl)
+    with pytest.raises((RuntimeError, ValueError), match="q must be"):
+        lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01, q=3, impl=impl)
 
 
-@compiled
+def _op_for(impl):
+    return torch.ops.lfr_ext.ascent_step_triton.default if impl == "triton" else torch.ops.lfr_ext.ascent_step.default
+
+
+@pytest.mark.parametrize("impl, device", impl_device_cases(("cpu", "cuda", "triton")))
 @pytest.mark.parametrize("return_sign_g", [True, False])
-def test_opcheck(return_sign_g):
+def test_opcheck(impl, device, return_sign_g):
     for contiguous in (True, False):
-        x, x_adv, h, g = _inputs((3, 2, 5), torch.float32, contiguous)
-        torch.library.opcheck(torch.ops.lfr_ext.ascent_step.default,
-                              (x, x_adv, h, g, 0.1, 0.01, 0.0, 1.0, 1, return_sign_g))
+        x, x_adv, h, g = make_inputs((3, 2, 5), torch.float32, device, contiguous)
+        torch.library.opcheck(_op_for(impl), (x, x_adv, h, g, 0.1, 0.01, 0.0, 1.0, 1, return_sign_g))
 
 
-@compiled
-def test_torch_compile_fullgraph_parity():
-    x, x_adv, h, g = _inputs((4, 3, 5), torch.float32)
+@pytest.mark.parametrize("impl, device", impl_device_cases(("cpu", "cuda", "triton")))
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_parity(impl, device, backend):
+    x, x_adv, h, g = make_inputs((4, 3, 5), torch.float32, device)
+    op = _op_for(impl)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True, backend=backend)
     def step(x, x_adv, h, g):
-        return torch.ops.lfr_ext.ascent_step(x, x_adv, h, g, 0.1, 0.01, 0.0, 1.0, 1, True)
+        x_new, g_norm, sign_g = op(x, x_adv, h, g, 0.1, 0.01, 0.0, 1.0, q_code(2), True)
+        return x_new * 2, g_norm.sum(), sign_g  # ops around it, so the backend has work to do
 
-    for got, expected in zip(step(x, x_adv, h, g), lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01,
-                                                                          return_sign_g=True, impl="cpu")):
-        assert torch.equal(got, expected)
+    got = step(x, x_adv, h, g)
+    eager = lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01, q=2, return_sign_g=True, impl=impl)
+    assert torch.equal(got[0], eager[0] * 2) and torch.equal(got[2], eager[2])
+    torch.testing.assert_close(got[1], eager[1].sum())
+
+
+# --------------------------------------------------------------------------------------
+# implementation selection
+# --------------------------------------------------------------------------------------
+def test_auto_picks_the_first_available_and_env_overrides(monkeypatch):
+    x, x_adv, h, g = make_inputs((2, 5), torch.float32, "cpu")
+    available = lfr_ext.ops.available_impls("cpu")
+    assert available[0] == lfr_ext.ops.resolve_impl("auto", torch.device("cpu"))
+    assert "reference" in available
+    monkeypatch.setenv("LFR_EXT_IMPL", "reference")
+    assert lfr_ext.ops.resolve_impl(None, torch.device("cpu")) == "reference"
+    monkeypatch.setenv("LFR_EXT_IMPL", "fastest")
+    with pytest.raises(ValueError, match="LFR_EXT_IMPL must be one of"):
+        lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01, impl="fastest")
+
+
+def test_explicit_but_unavailable_impl_raises_with_the_reason():
+    x, x_adv, h, g = make_inputs((2, 5), torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"impl='cuda' is not available on cpu: the CUDA kernels take CUDA"):
+        lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01, impl="cuda")
+    if "triton" in lfr_ext.ops.available_impls("cpu"):  # the Triton kernels have no fp64
+        with pytest.raises(RuntimeError, match="fp32, bf16 and fp16"):
+            lfr_ext.ops.grad_norm(g.double(), 1, impl="triton")
+        assert lfr_ext.ops.resolve_impl("auto", torch.device("cpu"), torch.float64) != "triton"
+    else:
+        with pytest.raises(RuntimeError, match="impl='triton' is not available"):
+            lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01, impl="triton")
+
+
+def test_impl_selection_without_the_library(monkeypatch):
+    from lfr_ext import _extension
+
+    broken = _extension.ExtensionStatus(False, error="compiled library lfr_ext/_C not found")
+    monkeypatch.setattr(_extension, "status", lambda: broken)
+    assert "cpu" not in lfr_ext.ops.available_impls("cpu")
+    with pytest.raises(RuntimeError, match="impl='cpu' is not available on cpu: compiled library"):
+        lfr_ext.ops.resolve_impl("cpu", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("impl, device", impl_device_cases())
+def test_flatness_penalty_same_with_every_impl(impl, device):
+    from lfr_ext.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(zero_init_last=False).to(device).eval()
+    x, y = torch.rand(2, 1, 28, 28, device=device), torch.randint(0, 10, (2,), device=device)
+    kw = dict(eps=0.1, step_size=0.02, steps=2, q=1)
+
+    def penalty(which):
+        return lfr_ext.flatness_penalty(model, x, y, impl=which, generator=_generator(device), **kw)
+
+    torch.testing.assert_close(penalty(impl), penalty("reference"), rtol=1e-6, atol=0)
+
+
+def _generator(device):
+    return torch.Generator(device=device).manual_seed(0)
+
+
+@pytest.mark.slow
+def test_cpu_kernel_past_2_pow_31_elements():
+    """int64 offsets in the fused CPU step: 5 tensors of 2 x (2^30 + 3) bf16 elements (21.5 GB).
+    (grad_norm's > 2^31 case needs only 6.4 GB: test_grad_norm_op.py; GPUs: test_cuda_ops.py.)"""
+    import os
+
+    if os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") < 48 * 2**30:
+        pytest.skip("needs 48 GB of RAM")
+    lfr_ext.ops.resolve_impl("cpu", torch.device("cpu"))
+    shape = (2, 2**30 + 3)
+    x = torch.full(shape, 0.5, dtype=torch.bfloat16)
+    x_adv, h, g = x.clone(), torch.ones_like(x), torch.ones_like(x)
+    h[1, -1], g[1, -1] = -1.0, 9.0
+    x_new, g_norm, _ = lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.25, step_size=0.125, q=math.inf, impl="cpu")
+    assert x_new[1, -1].item() == 0.375 and x_new[1, -2].item() == 0.625 and x_new[0, 0].item() == 0.625
+    assert g_norm.tolist() == [1.0, 9.0]
