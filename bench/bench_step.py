@@ -1,0 +1,141 @@
+"""Whole training steps: LFR against PGD-AT, TRADES and plain training at equal K.
+
+One step = inner maximisation + loss + backward + optimizer step, on a fixed batch. Providers:
+
+* ``plain``, ``pgd_at`` (K), ``trades`` (K): the baselines of :mod:`lfr_ext.training.methods`;
+* ``authors_lfr``: a transcription of the authors' LFR loss (double backprop, eager);
+* ``lfr_ext``: ``lfr_ext.lfr_loss`` with its defaults (``hvp="auto"``: the linearized pass);
+* ``lfr_ext_double_backprop``: the same API with ``hvp="double_backprop"``;
+* ``*_captured`` (CUDA only): the step as one CUDA graph (:class:`lfr_ext.CapturedStep` for
+  LFR, the same warm-up + ``torch.cuda.graph`` recipe for the baselines).
+
+Setups (the issue's): the authors' MNIST SmallCNN, batch 128, K=40; CIFAR ResNet-18, batch 128,
+K=10; the authors' CIFAR ResNet-20, batch 128, K=10. On a CPU the ResNets run with a smaller batch
+(``LFR_BENCH_CPU_BATCH``, default 16) so the suite finishes; every result records its batch.
+``extra_info`` holds images/s, the ratio to PGD-AT at the same K and capture mode (PGD-AT runs
+first), and the peak CUDA memory of the step.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+import lfr_ext
+from lfr_ext.models import ResNet18, ResNet20, SmallCNN
+from lfr_ext.training.config import TrainConfig
+from lfr_ext.training.methods import pgd_at_step, plain_step, trades_step
+
+from conftest import BENCH_DEVICE, environment, synchronized
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from authors_lfr import authors_lfr_loss  # noqa: E402  (the transcription the tests check against)
+
+ON_GPU = BENCH_DEVICE == "cuda"
+CPU_BATCH = int(os.environ.get("LFR_BENCH_CPU_BATCH", 16))
+
+SETUPS = {
+    # name: (model factory, input shape without batch, batch, K, eps, step_size, lam)
+    "smallcnn_mnist_k40": (lambda: SmallCNN(zero_init_last=False), (1, 28, 28), 128, 40, 0.3, 0.01, 0.02),
+    "resnet18_cifar_k10": (ResNet18, (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031, 0.007, 0.03),
+    "resnet20_cifar_k10": (ResNet20, (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031, 0.007, 0.03),
+}
+SELECTED = [s for s in SETUPS if s in os.environ.get("LFR_BENCH_SETUPS", ",".join(SETUPS)).split(",")]
+
+PROVIDERS = ["pgd_at", "plain", "trades", "authors_lfr", "lfr_ext_double_backprop", "lfr_ext"]
+if ON_GPU:
+    PROVIDERS += ["pgd_at_captured", "plain_captured", "trades_captured", "lfr_ext_captured"]
+
+_PGD_MEDIAN: dict[tuple[str, bool], float] = {}  # (setup, captured) -> PGD-AT median seconds
+
+
+def _problem(setup: str):
+    factory, shape, batch, steps, eps, step_size, lam = SETUPS[setup]
+    steps = int(os.environ.get("LFR_BENCH_K", steps))  # a quick look; published figures use the issue's K
+    torch.manual_seed(0)
+    model = factory().to(BENCH_DEVICE).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.rand(batch, *shape, device=BENCH_DEVICE)
+    y = torch.randint(0, 10, (batch,), device=BENCH_DEVICE)
+    cfg = TrainConfig(eps=eps, step_size=step_size, steps=steps, lam=lam)
+    return model, optimizer, x, y, cfg
+
+
+def _eager_step(provider, model, optimizer, cfg):
+    """A function (x, y) -> loss doing one full training step."""
+    lfr_kwargs = dict(lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
+    if provider in ("plain", "pgd_at", "trades"):
+        method = {"plain": plain_step, "pgd_at": pgd_at_step, "trades": trades_step}[provider]
+
+        def loss_of(x, y):
+            return method(model, x, y, cfg).loss
+    elif provider == "authors_lfr":
+        def loss_of(x, y):
+            return authors_lfr_loss(model, x, y, cfg.lam, step_size=cfg.step_size, epsilon=cfg.eps,
+                                    perturb_steps=cfg.steps)[0]
+    else:
+        hvp = "double_backprop" if provider == "lfr_ext_double_backprop" else "auto"
+
+        def loss_of(x, y):
+            return lfr_ext.lfr_loss(model, x, y, hvp=hvp, validate=False, **lfr_kwargs).loss
+
+    def step(x, y):
+        loss = loss_of(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def _graphed_step(step, x, y, warmup=3):
+    """PyTorch's whole-step capture recipe for a baseline: side-stream warm-up, then capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step(x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(x, y)
+    return graph.replay
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("setup", SELECTED)
+def test_training_step(benchmark, setup, provider):
+    model, optimizer, x, y, cfg = _problem(setup)
+    captured = provider.endswith("_captured")
+    base = provider.removesuffix("_captured")
+    if captured and base == "lfr_ext":
+        step = lfr_ext.CapturedStep(model, optimizer, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size,
+                                    steps=cfg.steps)
+        assert step.captured, step.reason
+        fn = lambda: step(x, y)  # noqa: E731
+    elif captured:
+        fn = _graphed_step(_eager_step(base, model, optimizer, cfg), x, y)
+    else:
+        eager = _eager_step(base, model, optimizer, cfg)
+        fn = lambda: eager(x, y)  # noqa: E731
+
+    if ON_GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.group = f"step {setup} b{x.shape[0]} ({BENCH_DEVICE})"
+    rounds = 10 if ON_GPU else 2
+    benchmark.pedantic(synchronized(fn), rounds=rounds, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    if base == "pgd_at":
+        _PGD_MEDIAN[(setup, captured)] = median
+    pgd = _PGD_MEDIAN.get((setup, captured))
+    benchmark.extra_info.update(
+        environment(), provider=provider, setup=setup, batch=x.shape[0], steps=cfg.steps,
+        images_per_s=x.shape[0] / median,
+        ratio_to_pgd_at=None if pgd is None else median / pgd,
+        peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if ON_GPU else None,
+    )
