@@ -27,5 +27,6 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "$TORCH_SPEC"
 # Build tools first: the extension is compiled against the torch above (--no-build-isolation).
 "${PIP[@]}" "setuptools>=64" wheel ninja pybind11 numpy
-"${PIP[@]}" --no-build-isolation -e ".[test]"
+# triton: the Triton kernels (on CPU tensors only through TRITON_INTERPRET=1, how the tests run them).
+"${PIP[@]}" --no-build-isolation -e ".[test,triton]"
 "$VENV/bin/python" -m lfr_ext.info
