@@ -107,9 +107,22 @@ class TangentTape(TorchFunctionMode):
         if target._base is not None or id(target) in self._viewed:
             raise UnsupportedOpError(f"{name} (in place on a view)")
 
+    def _any_carried(self, args, kwargs) -> bool:
+        # Hot path (every torch call in the forward lands here): plain loops, no generators.
+        slots = self._slots
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                if id(arg) in slots:
+                    return True
+            elif isinstance(arg, (list, tuple)):
+                for item in arg:
+                    if isinstance(item, torch.Tensor) and id(item) in slots:
+                        return True
+        return bool(kwargs) and any(self.carries(t) for t in _tensors(kwargs))
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not any(self.carries(t) for t in _tensors(args)) and not any(self.carries(t) for t in _tensors(kwargs)):
+        if not self._any_carried(args, kwargs):
             return func(*args, **kwargs)  # constant w.r.t. the source: nothing to record
         name = _name(func)
         rule = RULES.get(name)

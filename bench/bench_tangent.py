@@ -1,0 +1,88 @@
+"""What one inner LFR step costs with each way of getting the Hessian-vector product, and what
+recording the tangent tape costs.
+
+The inner step needs ``g = grad_x sum_i l_i`` and ``h = H v`` at the current point. Providers:
+
+* ``gradient``: one forward + backward (``g`` alone): the unit; the floor of a step is 2 of these;
+* ``linearized``: :func:`lfr_ext.hvp.grad_and_hvp_linearized` (recorded forward, backward,
+  tangent replay, VJP);
+* ``double_backprop``: the authors' ``create_graph=True`` + gradient of a gradient;
+* ``forward_over_reverse``: ``torch.func.jvp`` of ``torch.func.grad``;
+* ``forward``/``forward_recorded``: a plain forward against the same forward under
+  :class:`lfr_ext.linearized.TangentTape` (the recording overhead that justifies recording at
+  the ``torch.nn.functional`` level: see ``extra_info["ops_recorded"]``).
+
+Setups: SmallCNN (b128, MNIST shapes), ResNet-20 (CIFAR shapes; b128 on GPU,
+``LFR_BENCH_CPU_BATCH`` (default 16) on CPU). ``extra_info["ratio_to_gradient"]`` is the
+median over the gradient provider's median (gradient runs first).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lfr_ext.hvp import grad_and_hvp_forward, grad_and_hvp_linearized
+from lfr_ext.linearized import TangentTape
+from lfr_ext.models import ResNet20, SmallCNN
+from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, input_gradient
+
+from conftest import BENCH_DEVICE, environment, synchronized
+
+ON_GPU = BENCH_DEVICE == "cuda"
+CPU_BATCH = int(os.environ.get("LFR_BENCH_CPU_BATCH", 16))
+SETUPS = {
+    "smallcnn_b128": (lambda: SmallCNN(zero_init_last=False), (1, 28, 28), 128),
+    "resnet20": (ResNet20, (3, 32, 32), 128 if ON_GPU else CPU_BATCH),
+}
+PROVIDERS = ["gradient", "linearized", "double_backprop", "forward_over_reverse", "forward", "forward_recorded"]
+_GRADIENT_MEDIAN: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_inner_step(benchmark, setup, provider):
+    factory, shape, batch = SETUPS[setup]
+    torch.manual_seed(0)
+    model = factory().to(BENCH_DEVICE).eval()
+    x = torch.rand(batch, *shape, device=BENCH_DEVICE)
+    y = torch.randint(0, 10, (batch,), device=BENCH_DEVICE)
+    recorded_ops = {}
+
+    if provider == "gradient":
+        def fn():
+            return input_gradient(model, x.detach().requires_grad_(True), y, default_loss, create_graph=False)
+    elif provider == "linearized":
+        def fn():
+            return grad_and_hvp_linearized(model, x, y, default_loss, 1)
+    elif provider == "double_backprop":
+        def fn():
+            return grad_and_hvp_double_backprop(model, x, y, default_loss, 1)
+    elif provider == "forward_over_reverse":
+        def fn():
+            return grad_and_hvp_forward(model, x, y, default_loss, 1)
+    elif provider == "forward":
+        def fn():
+            with torch.no_grad():
+                return F.cross_entropy(model(x), y)
+    else:
+        def fn():
+            source = x.detach().requires_grad_(True)
+            with torch.no_grad():
+                with TangentTape(source) as tape:
+                    logits = model(source)
+                recorded_ops["n"] = len(tape._program)
+                return F.cross_entropy(logits, y)
+
+    benchmark.group = f"inner step {setup} b{batch} ({BENCH_DEVICE})"
+    benchmark.pedantic(synchronized(fn), rounds=10 if ON_GPU else 3, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    if provider == "gradient":
+        _GRADIENT_MEDIAN[setup] = median
+    unit = _GRADIENT_MEDIAN.get(setup)
+    benchmark.extra_info.update(environment(), provider=provider, setup=setup, batch=batch,
+                                ratio_to_gradient=None if unit is None else median / unit,
+                                ops_recorded=recorded_ops.get("n"))
