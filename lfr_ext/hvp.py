@@ -51,7 +51,12 @@ FINITE_DIFFERENCE_RADIUS = 1e-3
 
 # Models found not covered by the linearized pass: model -> op name (weak: models may die).
 _UNCOVERED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+# Passes whose recording was cross-checked against autograd: model -> {("inner",), ("penalty", training)}.
+_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 _WARNED: set[tuple[str, str]] = set()
+# Tolerance of the cross-check: loose enough for TF32/bf16 rounding, far below the O(1)
+# disagreement of a branch the tape did not see.
+_CROSS_CHECK_RTOL = 2e-2
 
 
 def norm_subgradient(g: torch.Tensor, q: float) -> torch.Tensor:
@@ -76,17 +81,41 @@ def _record(model: nn.Module, x: torch.Tensor) -> tuple[TangentTape, torch.Tenso
         logits = model(x)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         raise UnsupportedOpError("a model output that is not a (B, C) logits tensor")
+    if not tape.carries(logits):
+        raise UnsupportedOpError("a model whose output the tape did not see computed (torch.compile'd or custom "
+                                 "autograd.Function forward?)")
     return tape, logits
+
+
+def _cross_check(autograd_side: torch.Tensor, tape_side: torch.Tensor) -> None:
+    """``sum_i v_i^T g_i`` (autograd) against ``sum_i (p_i - e_{y_i})^T (J v)_i`` (the tape).
+
+    Both equal ``v^T J^T (p - e)`` in exact arithmetic, for any ``v``. They disagree when part
+    of the forward escaped the recording (a custom ``autograd.Function``, ``.data``, a compiled
+    region): then the tangent would be silently wrong, so refuse instead. One host sync; skipped
+    while a CUDA graph is being captured.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
+    a, b = autograd_side.item(), tape_side.item()
+    scale = max(abs(a), abs(b))
+    if abs(a - b) > _CROSS_CHECK_RTOL * scale and scale > 1e-30:
+        raise UnsupportedOpError(
+            f"a computation the tape did not record (custom autograd.Function, .data, compiled region?): J v "
+            f"disagrees with autograd ({b:.6g} vs {a:.6g})"
+        )
 
 
 # ---------------------------------------------------------------------------------------
 # Inner step: (g, h)
 # ---------------------------------------------------------------------------------------
-def grad_and_hvp_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float):
+def grad_and_hvp_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
+                            verify: bool = False):
     """``g`` and ``h = H v`` by the linearized tangent pass; default cross-entropy only.
 
     One forward (recorded), one backward for ``g`` (graph kept), one tangent pass for
     ``J v`` (no graph), one backward for ``J^T (diag(p) - p p^T) J v``. Both (B, ...), detached.
+    ``verify`` cross-checks the tape against autograd (:func:`_cross_check`).
     """
     x_adv = x_adv.detach().requires_grad_(True)
     tape, logits = _record(model, x_adv)
@@ -97,6 +126,9 @@ def grad_and_hvp_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tens
         jv = tape.tangent(v, logits)
         p = torch.softmax(logits.detach(), dim=-1)
         w = p * jv - p * (p * jv).sum(dim=-1, keepdim=True)  # (diag(p) - p p^T) J v
+        if verify:
+            residual = p - F.one_hot(y.long(), p.shape[-1]).to(p.dtype)
+            _cross_check((v.double() * g.double()).sum(), (residual.double() * jv.double()).sum())
     (h,) = torch.autograd.grad(logits, x_adv, grad_outputs=w)
     return g, h
 
@@ -136,7 +168,8 @@ def grad_and_hvp_finite_difference(model: nn.Module, x_adv: torch.Tensor, y: tor
 # ---------------------------------------------------------------------------------------
 # Penalty: per-sample ||g_i||_q with the exact gradient w.r.t. the parameters
 # ---------------------------------------------------------------------------------------
-def penalty_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, q: float) -> tuple[torch.Tensor, bool]:
+def penalty_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, q: float,
+                       verify: bool = False) -> tuple[torch.Tensor, bool]:
     """Per-sample ``||g_i||_q`` (B,) whose derivatives (w.r.t. the parameters, and ``x'``
     if it requires grad) are those of ``sum_i (p_i - e_{y_i})^T (J s)_i``, ``s`` fixed.
 
@@ -151,6 +184,8 @@ def penalty_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, q
     s = norm_subgradient(g, q)
     jvp = tape.tangent(s, logits)  # recorded with grad: depends on the weights (and x')
     surrogate = (_cross_entropy_residual(logits, y) * jvp).sum(dim=-1)
+    if verify:  # sum_i ||g_i||_q = sum_i s_i^T g_i (Euler: the norm is 1-homogeneous)
+        _cross_check(norms.detach().double().sum(), surrogate.detach().double().sum())
     # Value of `norms`, derivatives of `surrogate` (equal functions of the weights locally).
     return norms + (surrogate - surrogate.detach()), tape.couples_samples
 
@@ -201,10 +236,21 @@ class HVPPlan:
         logger.debug("lfr_ext: hvp='auto' -> double_backprop (%s)", error.op)
         self.method = "double_backprop"
 
+    def _needs_check(self, model, key) -> bool:
+        return key not in _VERIFIED.get(model, ())
+
+    def _checked(self, model, key) -> None:
+        _VERIFIED.setdefault(model, set()).add(key)
+
     def grad_and_hvp(self, model, x_adv, y, loss_fn, q):
         if self.method == "linearized":
+            key = ("inner",)
             try:
-                return grad_and_hvp_linearized(model, x_adv, y, loss_fn, q)
+                verify = self._needs_check(model, key)
+                result = grad_and_hvp_linearized(model, x_adv, y, loss_fn, q, verify=verify)
+                if verify:
+                    self._checked(model, key)
+                return result
             except UnsupportedOpError as error:
                 self._fall_back(error)
         return self._INNER[self.method](model, x_adv, y, loss_fn, q)
@@ -212,8 +258,12 @@ class HVPPlan:
     def penalty(self, model, x_adv, y, loss_fn, q, reduction: str) -> torch.Tensor:
         """Per-sample penalties (B,) in the model's current mode."""
         if self.method == "linearized":
+            key = ("penalty", model.training)
             try:
-                penalty, coupled = penalty_linearized(model, x_adv, y, q)
+                verify = self._needs_check(model, key)
+                penalty, coupled = penalty_linearized(model, x_adv, y, q, verify=verify)
+                if verify:
+                    self._checked(model, key)
             except UnsupportedOpError as error:
                 self._fall_back(error)
             else:

@@ -256,3 +256,31 @@ def test_inplace_on_view_refused():
     with pytest.raises(UnsupportedOpError, match="in place on a view"):
         with TangentTape(x):
             model(x)
+
+
+def test_computation_hidden_from_the_tape_is_caught():
+    """A branch the tape cannot see would make J v silently wrong; the cross-check against
+    autograd catches it: auto falls back (exact result), linearized raises."""
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+            self.side = nn.Linear(6, 3)
+
+        def forward(self, x):
+            with torch._C.DisableTorchFunction():  # this product runs where no mode can see it
+                hidden = x * 2.0
+            return self.fc(torch.relu(x)) + self.side(hidden)
+
+    torch.manual_seed(0)
+    model = Hidden().double()
+    x, y = torch.rand(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    lfr_ext.hvp._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="did not record"):
+        auto = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0)
+    exact = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0,
+                                     hvp="double_backprop")
+    torch.testing.assert_close(auto, exact, rtol=0, atol=0)
+    with pytest.raises(UnsupportedOpError, match="did not record"):
+        lfr_ext.flatness_penalty(Hidden().double(), x, y, eps=0.1, step_size=0.02, steps=2, hvp="linearized")
