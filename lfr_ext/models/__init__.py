@@ -1,5 +1,30 @@
-"""Models used by the LFR paper and the robustness literature."""
+"""Models used by the LFR paper and the robustness literature, and a factory by name."""
 
+from __future__ import annotations
+
+from torch import nn
+
+from .resnet import PreActResNet18, ResNet18, ResNet20
 from .small_cnn import SmallCNN
 
-__all__ = ["SmallCNN"]
+MODELS = {
+    "small_cnn": SmallCNN,
+    "resnet18": ResNet18,
+    "resnet20": ResNet20,
+    "preact_resnet18": PreActResNet18,
+}
+
+
+def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int = 28) -> nn.Module:
+    """A fresh model by name (one of :data:`MODELS`) for (B, ``in_channels``, ``image_size``,
+    ``image_size``) inputs."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if name == "small_cnn" and image_size != 28:
+        # Its fc1 is sized for the 4x4 feature map that 28x28 inputs leave.
+        raise ValueError(f"small_cnn takes 28x28 images (MNIST-like), got {image_size}x{image_size}; "
+                         "use resnet20, resnet18 or preact_resnet18")
+    return MODELS[name](in_channels=in_channels, num_classes=num_classes)
+
+
+__all__ = ["MODELS", "build_model", "SmallCNN", "ResNet18", "ResNet20", "PreActResNet18"]
