@@ -1,0 +1,214 @@
+"""The training loop: one method, one run folder, resumable after a crash at any moment.
+
+A run folder holds::
+
+    config.json     the resolved TrainConfig
+    last.pt         model, optimizer, scheduler, RNG states, history; after every epoch
+    best.pt         the model with the best robust validation accuracy so far (no collapse)
+    metrics.csv     one row per completed epoch (same rows as metrics.json)
+    metrics.json
+    summary.json    written when the last epoch is done
+
+Reproducibility: the model is initialised after seeding every global RNG with ``seed``; the
+data order and augmentation are functions of (seed, epoch) (see data_order.py); the global
+RNGs that the methods draw from (LFR's start noise, PGD's random start, Dropout) are saved
+with each checkpoint and restored on resume. A run killed mid-epoch restarts that epoch
+from the state at its beginning and, on the same machine and thread count, ends with the
+same weights and metrics as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import DATASETS, load_dataset
+from ..models import build_model
+from .checkpoint import atomic_torch_save, atomic_write_text, capture_rng_states, load_checkpoint, restore_rng_states
+from .config import TrainConfig
+from .data_order import epoch_batches, generator_for, random_crop_flip, split_train_val
+from .methods import METHOD_STEPS
+from .monitor import collapse_message, nan_to_none, validation_accuracies, write_metrics
+
+BatchHook = Callable[[int, int], None]  # (epoch, batch index) -> None, called after each optimizer step
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or already complete) run reports."""
+
+    out_dir: str
+    config: TrainConfig
+    history: list[dict]
+    best_epoch: int | None
+    model: nn.Module
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig):
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    else:  # multistep, or constant (no milestones)
+        milestones = cfg.milestones if cfg.schedule == "multistep" else []
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
+    return optimizer, scheduler
+
+
+def load_run_data(cfg: TrainConfig, data_dir: str | None):
+    """(x_train, y_train, x_val, y_val) for the run, split by ``cfg.seed``."""
+    x, y = load_dataset(cfg.data, "train", data_dir)
+    split = split_train_val(len(x), val_size=cfg.val_size, train_subset=cfg.train_subset, seed=cfg.seed)
+    return x[split.train], y[split.train], x[split.val], y[split.val]
+
+
+def _config_mismatch(saved: dict, current: TrainConfig) -> list[str]:
+    now = json.loads(current.to_json())
+    return [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+
+
+def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str = "auto", data_dir: str | None = None,
+          progress: bool = True, log: Callable[[str], None] = print, batch_hook: BatchHook | None = None) -> TrainResult:
+    """Train ``cfg.method`` into ``out_dir``; continue from ``out_dir/last.pt`` if ``resume``.
+
+    Raises FileExistsError when ``out_dir`` already holds a checkpoint and ``resume`` is False,
+    and ValueError when resuming under a different configuration.
+    """
+    cfg.validate()
+    dev = resolve_device(device)
+    info = DATASETS[cfg.data]
+    os.makedirs(out_dir, exist_ok=True)
+    last_path = os.path.join(out_dir, "last.pt")
+    checkpoint = None
+    if os.path.exists(last_path):
+        if not resume:
+            raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it, "
+                                  "or choose another --out")
+        checkpoint = load_checkpoint(last_path)
+        mismatch = _config_mismatch(checkpoint["config"], cfg)
+        if mismatch:
+            raise ValueError(f"cannot resume {out_dir} under a different configuration: " + "; ".join(mismatch))
+    elif resume:
+        log(f"{out_dir}: no checkpoint yet, starting from epoch 1")
+
+    x_train, y_train, x_val, y_val = load_run_data(cfg, data_dir)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes,
+                        image_size=info.image_size).to(dev)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    history: list[dict] = []
+    best_robust, best_epoch = -math.inf, None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        restore_rng_states(checkpoint["rng"])
+        history, best_robust, best_epoch = checkpoint["history"], checkpoint["best_robust"], checkpoint["best_epoch"]
+        log(f"{out_dir}: resuming after epoch {checkpoint['epoch']} of {cfg.epochs}")
+    atomic_write_text(os.path.join(out_dir, "config.json"), cfg.to_json())
+
+    step_fn = METHOD_STEPS[cfg.method]
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        train_stats = _train_one_epoch(model, optimizer, step_fn, x_train, y_train, cfg, epoch, dev, progress,
+                                       batch_hook)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val_clean, val_robust = validation_accuracies(
+            model, x_val.to(dev), y_val.to(dev), robust_size=cfg.val_robust_size, eps=cfg.eps,
+            steps=cfg.val_attack_steps, seed=cfg.seed)
+        row = dict(epoch=epoch, lr=lr, **train_stats, val_clean_acc=val_clean, val_robust_acc=val_robust,
+                   epoch_seconds=time.perf_counter() - started, is_best=False, collapse="")
+        history.append(row)
+        row["collapse"] = collapse_message(history, info.num_classes, cfg.collapse_margin)
+        # The best model is chosen on robust accuracy (clean accuracy when there is no robust
+        # monitor), never from a collapsed epoch.
+        score = val_robust if not math.isnan(val_robust) else val_clean
+        if not row["collapse"] and score > best_robust:
+            best_robust, best_epoch, row["is_best"] = score, epoch, True
+            atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "config": json.loads(cfg.to_json()),
+                               "metrics": row}, os.path.join(out_dir, "best.pt"))
+        atomic_torch_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": capture_rng_states(), "epoch": epoch, "history": history, "best_robust": best_robust,
+            "best_epoch": best_epoch, "config": json.loads(cfg.to_json()),
+        }, last_path)
+        write_metrics(history, os.path.join(out_dir, "metrics.csv"), os.path.join(out_dir, "metrics.json"))
+        log(_epoch_line(cfg, row))
+        if row["collapse"]:
+            log(f"WARNING {cfg.method}: {row['collapse']}")
+
+    summary = {"method": cfg.method, "epochs": len(history), "best_epoch": best_epoch, "final": history[-1],
+               "best": history[best_epoch - 1] if best_epoch else None,
+               "collapsed_epochs": [h["epoch"] for h in history if h["collapse"].startswith("COLLAPSE")],
+               "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),
+               "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(nan_to_none(summary), indent=2))
+    return TrainResult(out_dir, cfg, history, best_epoch, model)
+
+
+def _train_one_epoch(model, optimizer, step_fn, x_train, y_train, cfg: TrainConfig, epoch: int, dev, progress: bool,
+                     batch_hook: BatchHook | None) -> dict:
+    """One pass over the epoch's batches; returns mean loss, penalty and accuracy."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    batches = epoch_batches(len(x_train), cfg.batch_size, seed=cfg.seed, epoch=epoch)
+    augment_rng = generator_for(cfg.seed, epoch, 0xA06) if cfg.augment else None
+    totals = {"loss": 0.0, "penalty": 0.0, "correct": 0, "seen": 0}
+    bar = tqdm(batches, desc=f"{cfg.method} {epoch}/{cfg.epochs}", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for index, batch in enumerate(bar):
+        x, y = x_train[batch], y_train[batch]
+        if augment_rng is not None:
+            x = random_crop_flip(x, augment_rng)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        out = step_fn(model, x, y, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        n = len(y)
+        totals["loss"] += out.loss.item() * n
+        totals["penalty"] += out.penalty.item() * n
+        totals["correct"] += (out.logits.argmax(1) == y).sum().item()
+        totals["seen"] += n
+        bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}", pen=f"{totals['penalty'] / totals['seen']:.3f}",
+                        acc=f"{totals['correct'] / totals['seen']:.3f}", refresh=False)
+        if batch_hook is not None:
+            batch_hook(epoch, index)
+    bar.close()
+    seen = totals["seen"]
+    return {"train_loss": totals["loss"] / seen, "train_penalty": totals["penalty"] / seen,
+            "train_acc": totals["correct"] / seen}
+
+
+def _epoch_line(cfg: TrainConfig, row: dict) -> str:
+    penalty = "" if math.isnan(row["train_penalty"]) else f" penalty {row['train_penalty']:.4f}"
+    robust = ("" if math.isnan(row["val_robust_acc"])
+              else f" PGD-{cfg.val_attack_steps}(eps {cfg.eps:g}) {row['val_robust_acc']:.3f}")
+    return (f"{cfg.method} epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}{penalty} "
+            f"train acc {row['train_acc']:.3f} | val clean {row['val_clean_acc']:.3f}{robust} | "
+            f"{row['epoch_seconds']:.1f} s{' [best]' if row['is_best'] else ''}")

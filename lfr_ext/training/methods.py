@@ -1,0 +1,101 @@
+"""The four training objectives compared by the trainer, one function per method.
+
+Each method maps a batch to a :class:`StepOutput`; the trainer does the optimizer step. All
+inner maximisations run with the model in eval mode (Dropout off, BatchNorm on running
+statistics), as in the authors' LFR code and the TRADES code it builds on; the loss is then
+taken in train mode.
+
+The attacks here are *training* attacks (part of PGD-AT and TRADES by definition). Evaluation
+never uses them: :mod:`lfr_ext.evaluation` attacks with torchattacks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lfr_ext
+
+from .config import TrainConfig
+
+
+class StepOutput(NamedTuple):
+    """``loss``: scalar to minimise. ``logits`` (B, C): the model's outputs on the inputs the
+    loss is taken on (clean for lfr/trades/plain, adversarial for pgd_at), for the running
+    accuracy. ``penalty``: the method's regulariser (LFR penalty, TRADES KL), NaN if none."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    penalty: torch.Tensor
+
+
+def pgd_linf_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Madry et al.'s L-inf PGD on the cross-entropy from a uniform random start: (B, ...) in
+    [0, 1]. The model's mode is the caller's business. ``generator`` fixes the start."""
+    delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
+    x_adv = (x + delta).clamp(0.0, 1.0)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+    return x_adv.detach()
+
+
+def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: float, steps: int) -> torch.Tensor:
+    """TRADES's inner maximisation: PGD on KL(f(x) || f(x')) from x + 0.001 * N(0, I)."""
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), dim=1)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0.0, 1.0)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, x_adv)
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+    return x_adv.detach()
+
+
+def _nan(x: torch.Tensor) -> torch.Tensor:
+    return x.new_full((), float("nan"))
+
+
+def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
+    """Standard training: mean CE on clean inputs."""
+    logits = model(x)
+    return StepOutput(F.cross_entropy(logits, y), logits, _nan(x))
+
+
+def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
+    """Madry et al. (2018): mean CE on PGD adversarial examples only."""
+    model.eval()
+    x_adv = pgd_linf_ce(model, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
+    model.train()
+    logits = model(x_adv)
+    return StepOutput(F.cross_entropy(logits, y), logits, _nan(x))
+
+
+def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
+    """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x')) / B."""
+    model.eval()
+    x_adv = trades_attack(model, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
+    model.train()
+    logits = model(x)
+    kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+    return StepOutput(F.cross_entropy(logits, y) + cfg.trades_beta * kl, logits, kl.detach())
+
+
+def lfr_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
+    """Xu et al. (2020): mean CE + lam * local-flatness penalty, via :func:`lfr_ext.lfr_loss`."""
+    out = lfr_ext.lfr_loss(model, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
+    return StepOutput(out.loss, out.logits, out.penalty.detach())
+
+
+METHOD_STEPS = {"lfr": lfr_step, "pgd_at": pgd_at_step, "trades": trades_step, "plain": plain_step}
