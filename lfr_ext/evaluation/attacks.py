@@ -1,0 +1,151 @@
+"""Robustness under attacks from torchattacks, per attack and per sample.
+
+torchattacks is an optional dependency (extra ``[eval]``). Its 3.5.1 release declares
+torchvision and ``requests~=2.25`` as requirements although its attacks import only torch,
+numpy, scipy and tqdm; resolving those declarations next to a CPU torch pulls a multi-GB CUDA
+torch or a torchvision that does not import. So it is installed without its declared
+dependencies (:data:`INSTALL_COMMAND`), which leaves the user's torch alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+INSTALL_COMMAND = "pip install --no-deps torchattacks==3.5.1 && pip install scipy tqdm"
+
+
+def require_torchattacks():
+    """Import torchattacks, or raise ImportError that says how to install it safely."""
+    try:
+        import torchattacks
+    except ImportError as exc:
+        raise ImportError(
+            "the evaluation attacks come from torchattacks, which is not installed. Install it without its "
+            f"declared dependencies (they would replace your torch):\n    {INSTALL_COMMAND}\n"
+            "(scripts/install.sh does this)") from exc
+    return torchattacks
+
+
+@dataclass
+class AttackSuite:
+    """Which attacks to run, at radius ``eps`` (L-inf, inputs in [0, 1]).
+
+    ``pgd_steps`` / ``pgd_restarts``: PGD-k with a random start, repeated; a sample counts as
+    robust only if it survives every restart. ``square_queries``: the black-box Square attack
+    (a gradient-masking check). AutoAttack is always the standard version
+    (APGD-CE, APGD-T, FAB-T, Square with 5000 queries).
+    """
+
+    eps: float
+    pgd_steps: int = 20
+    pgd_restarts: int = 2
+    square_queries: int = 1000
+    autoattack: bool = True
+    num_classes: int = 10
+    seed: int = 0
+
+    @property
+    def pgd_name(self) -> str:
+        return f"PGD-{self.pgd_steps}x{self.pgd_restarts}"
+
+    def names(self) -> list[str]:
+        """Attack names in order of (expected) strength; 'clean' first."""
+        names = ["clean", "FGSM", self.pgd_name]
+        if self.square_queries:
+            names.append(f"Square-{self.square_queries}")
+        if self.autoattack:
+            names.append("AutoAttack")
+        return names
+
+
+@dataclass
+class AttackResult:
+    """Per-sample correctness (N,) bool for each attack, and its wall time in seconds."""
+
+    correct: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def accuracy(self, name: str) -> float:
+        return self.correct[name].float().mean().item()
+
+    def worst_case(self) -> torch.Tensor:
+        """(N,) bool: correct under every attack that was run (the per-sample worst case)."""
+        return torch.stack(list(self.correct.values())).all(dim=0)
+
+
+def _make_attack(torchattacks, name: str, model: nn.Module, suite: AttackSuite):
+    if name == "FGSM":
+        return torchattacks.FGSM(model, eps=suite.eps)
+    if name == suite.pgd_name:
+        return torchattacks.PGD(model, eps=suite.eps, alpha=2.5 * suite.eps / suite.pgd_steps, steps=suite.pgd_steps,
+                                random_start=True)
+    if name.startswith("Square"):
+        return torchattacks.Square(model, norm="Linf", eps=suite.eps, n_queries=suite.square_queries, n_restarts=1,
+                                   seed=suite.seed)
+    if name == "AutoAttack":
+        return torchattacks.AutoAttack(model, norm="Linf", eps=suite.eps, version="standard",
+                                       n_classes=suite.num_classes, seed=suite.seed)
+    raise ValueError(f"unknown attack {name!r}")
+
+
+def _check_threat_model(x: torch.Tensor, x_adv: torch.Tensor, eps: float, name: str) -> None:
+    """An attack that leaves the L-inf ball or [0, 1] would overstate robustness loss: refuse."""
+    excess = ((x_adv - x).abs().amax() - eps).item()
+    if excess > 1e-5 or x_adv.min().item() < -1e-6 or x_adv.max().item() > 1 + 1e-6:
+        raise RuntimeError(f"{name} returned inputs outside the threat model (L-inf excess {excess:.2e})")
+
+
+@torch.no_grad()
+def _predict_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y
+
+
+def run_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: AttackSuite, *, batch_size: int = 500,
+                log=None) -> AttackResult:
+    """Attack every sample of (N, C, H, W) ``x`` with labels (N,) ``y`` with each attack of the
+    suite (model in eval mode); return per-sample correctness on the adversarial inputs."""
+    torchattacks = require_torchattacks()
+    model.eval()
+    result = AttackResult()
+    for name in suite.names():
+        started = time.perf_counter()
+        # Each attack starts from the same RNG state, so its random starts do not depend on
+        # which attacks ran before it.
+        torch.manual_seed(suite.seed)
+        attack = None if name == "clean" else _make_attack(torchattacks, name, model, suite)
+        restarts = suite.pgd_restarts if name == suite.pgd_name else 1
+        parts = []
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            correct = _predict_correct(model, xb, yb)
+            for _ in range(restarts if attack is not None else 0):
+                x_adv = attack(xb, yb)
+                _check_threat_model(xb, x_adv, suite.eps, name)
+                correct &= _predict_correct(model, x_adv, yb)
+            parts.append(correct.cpu())
+        result.correct[name] = torch.cat(parts)
+        result.seconds[name] = time.perf_counter() - started
+        if log is not None:
+            log(f"  {name:>14}: {result.accuracy(name):.4f} ({result.seconds[name]:.1f} s)")
+    return result
+
+
+def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_grid: list[float], *, steps: int,
+                    seed: int = 0, batch_size: int = 500) -> list[float]:
+    """Accuracy under torchattacks PGD-``steps`` (step 2.5 eps / steps, random start) at each
+    radius of ``eps_grid``; radius 0 is clean accuracy."""
+    torchattacks = require_torchattacks()
+    model.eval()
+    accuracies = []
+    for eps in eps_grid:
+        torch.manual_seed(seed)
+        attack = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True) if eps else None
+        correct = 0
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            x_adv = attack(xb, yb) if attack is not None else xb
+            correct += _predict_correct(model, x_adv, yb).sum().item()
+        accuracies.append(correct / len(x))
+    return accuracies
