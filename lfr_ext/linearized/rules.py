@@ -50,12 +50,20 @@ class UnsupportedOpError(NotImplementedError):
         )
 
 
+def _differentiable(t) -> bool:
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
 def is_metadata_output(out) -> bool:
-    """True when an op's output carries no derivative: non-tensors, or non-floating tensors."""
+    """True when an op's output carries no derivative: shapes, numbers, strings, integer or
+    boolean tensors. ``None`` is not metadata: it is what in-place writers such as
+    ``__setitem__`` return, and those change a tensor the tape would not know about."""
+    if out is None:
+        return False
     if isinstance(out, torch.Tensor):
-        return not out.is_floating_point()
+        return not _differentiable(out)
     if isinstance(out, (tuple, list)):
-        return all(is_metadata_output(o) for o in out)
+        return all(o is not None and is_metadata_output(o) for o in out)
     return True
 
 
@@ -106,14 +114,18 @@ def same_op(tape, func, name, args, kwargs):
         tape.check_inplace_target(args[0], name)
     out = func(*args, **kwargs)
     rest, kw = args[1:], kwargs
-    floating = [o for o in _outputs(out) if isinstance(o, torch.Tensor) and o.is_floating_point()]
     multi = isinstance(out, (tuple, list))
+    outputs = _outputs(out)
+    if not all(_differentiable(o) for o in outputs):
+        if any(_differentiable(o) for o in outputs):
+            raise UnsupportedOpError(f"{name} (mixed floating and non-floating outputs)")
+        return out  # integer casts, strings (x.type()), ...: no derivative, no tangent
 
     def tangent(t):
         result = func(t, *rest, **kw)
         return tuple(result) if multi else result
 
-    tape.emit(floating if multi else [out], tangent, [args[0]])
+    tape.emit(outputs, tangent, [args[0]])
     return out
 
 
@@ -162,8 +174,11 @@ def product(tape, func, name, args, kwargs):
     is_div = "div" in name
     if is_div and carries_b:
         raise UnsupportedOpError(f"{name} by an input-dependent tensor")
+    if is_div and kwargs.get("rounding_mode") is not None:
+        return func(*args, **kwargs)  # floor/trunc division: zero derivative a.e. (autograd agrees)
     inplace = name.endswith("_") and not name.endswith("__") or name in ("torch.Tensor.__imul__", "torch.Tensor.__itruediv__")
     if inplace:
+        tape.check_inplace_into_constant(a, name)
         tape.check_inplace_target(a, name)
     rest, kw = args[2:], kwargs
     out = func(*args, **kwargs)
@@ -194,6 +209,7 @@ def add_sub(tape, func, name, args, kwargs):
     coef_b = 1 if reverse else (-alpha if subtract else alpha)
     inplace = (name.endswith("_") and not name.endswith("__")) or name in ("torch.Tensor.__iadd__", "torch.Tensor.__isub__")
     if inplace:
+        tape.check_inplace_into_constant(a, name)
         tape.check_inplace_target(a, name)
     out = func(*args, **kwargs)
     out_shape = out.shape
@@ -217,8 +233,12 @@ def neg(tape, func, name, args, kwargs):
 
 
 def where(tape, func, name, args, kwargs):
-    """where(cond, a, b) with a constant condition: where(cond, t_a, t_b)."""
-    cond, a, b = args[0], args[1], args[2]
+    """where(cond, a, b) with a constant condition: where(cond, t_a, t_b). The method spelling
+    is ``a.where(cond, b)``."""
+    if name == "torch.Tensor.where":
+        a, cond, b = args[0], args[1], args[2] if len(args) > 2 else kwargs["other"]
+    else:
+        cond, a, b = args[0], args[1], args[2] if len(args) > 2 else kwargs["other"]
     if tape.carries(cond) and cond.is_floating_point():
         raise UnsupportedOpError(f"{name} with an input-dependent floating condition")
     out = func(*args, **kwargs)
@@ -317,7 +337,8 @@ _MAX_POOL_WITH_INDICES = {
 def max_pool(tape, func, name, args, kwargs):
     with_indices = _MAX_POOL_WITH_INDICES[name]
     arguments = _arguments(with_indices, args, kwargs)
-    wants_indices = arguments["return_indices"]
+    # The *_with_indices functions always return the pair, whatever return_indices says.
+    wants_indices = arguments["return_indices"] or name.endswith("_with_indices")
     arguments["return_indices"] = True
     values, indices = with_indices(**arguments)
     # Indices address the flattened spatial positions of each (sample, channel) plane.
@@ -345,6 +366,17 @@ def dropout(tape, func, name, args, kwargs):
         return out
     if inplace:
         tape.check_inplace_target(x, name)
+    if name == "torch.nn.functional.dropout" and x.device.type != "cpu" and 0 < p < 1 and x.numel() > 0:
+        # On GPUs F.dropout is the fused native_dropout: call it directly for the same output
+        # and RNG draws, and take its mask (a redraw on ones_like(x) could vectorise differently).
+        out, mask = torch.native_dropout(x, p, True)
+        if inplace:
+            out = x.copy_(out)
+        scale = 1.0 / (1.0 - p)
+        tape.emit([out], lambda t: torch.ops.aten.native_dropout_backward(t, mask, scale), [x])
+        return out
+    # CPU (and feature dropout): the noise is drawn by bernoulli_ on a fresh tensor of x's
+    # shape, so a redraw on ones_like(x) gives the same scaled mask and the same output.
     scaled_mask = func(torch.ones_like(x), p, True, False)
     out = x.mul_(scaled_mask) if inplace else x * scaled_mask
     tape.emit([out], lambda t: t * scaled_mask, [x])
@@ -367,6 +399,7 @@ def batch_norm(tape, func, name, args, kwargs):
         scale = invstd if weight is None else invstd * weight.view(channel_shape)
         out = func(*args, **kwargs)
         tape.couples_samples = True
+        tape.depends_on_source = True
 
         def tangent(t):
             centred = t - t.mean(reduce_dims, keepdim=True)
@@ -415,7 +448,9 @@ _register(["torch.add", _T + "add", _T + "add_", _T + "__add__", _T + "__radd__"
 _register(["torch.neg", _T + "neg", _T + "__neg__"], neg)
 _register(["torch.where", _T + "where"], where)
 _register(["torch.cat", "torch.concat", "torch.concatenate", "torch.stack"], concat)
-_register([_T + "detach", "torch.detach"], no_tangent)
+_register([_T + "detach", "torch.detach", "torch.zeros_like", "torch.ones_like", "torch.empty_like", "torch.full_like",
+           "torch.rand_like", "torch.randn_like", _T + "new_zeros", _T + "new_ones", _T + "new_empty", _T + "new_full"],
+          no_tangent)
 _register([_F + "relu", _F + "relu_", "torch.relu", "torch.relu_", _T + "relu", _T + "relu_"], relu)
 _register([_F + "leaky_relu", _F + "leaky_relu_"], leaky_relu)
 _register([_F + "hardtanh", _F + "hardtanh_", _F + "relu6"], hardtanh)
@@ -432,7 +467,8 @@ _register(
     + [_T + n for n in ("flatten", "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "contiguous",
                         "squeeze", "unsqueeze", "__getitem__", "expand", "expand_as", "repeat", "clone", "narrow",
                         "select", "mean", "sum", "chunk", "split", "unbind", "movedim", "flip", "roll", "to", "float",
-                        "double", "half", "bfloat16", "type", "type_as", "cuda", "cpu", "__pos__")],
+                        "double", "half", "bfloat16", "type", "type_as", "cuda", "cpu", "__pos__", "positive",
+                        "T.__get__", "mT.__get__")] + ["torch.positive"],
     same_op,
 )
 

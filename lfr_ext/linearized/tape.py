@@ -75,7 +75,10 @@ class TangentTape(TorchFunctionMode):
         self._viewed: set[int] = set()  # ids of tensors that a recorded view aliases
         self._program: list[tuple[Callable, tuple, tuple]] = []
         self._num_slots = 1
-        self.couples_samples = False  # True once an op mixes samples (train-mode BatchNorm, ...)
+        self.couples_samples = False  # True once an op mixes samples (batch statistics)
+        # True once a recorded linear map itself depends on the source (batch statistics): the
+        # network is then not piecewise linear in x and H v has a term beyond J^T H_z J v.
+        self.depends_on_source = False
         self.ops_seen: set[str] = set()
 
     # -- recording -------------------------------------------------------------------
@@ -120,10 +123,18 @@ class TangentTape(TorchFunctionMode):
                         return True
         return bool(kwargs) and any(self.carries(t) for t in _tensors(kwargs))
 
+    def check_inplace_into_constant(self, target: torch.Tensor, name: str) -> None:
+        """Writing input-dependent values in place into a constant tensor would leave every
+        earlier alias of that tensor (which the tape cannot enumerate) without its tangent."""
+        if not self.carries(target):
+            raise UnsupportedOpError(f"{name} (in place into a tensor that did not depend on the input)")
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self._any_carried(args, kwargs):
-            return func(*args, **kwargs)  # constant w.r.t. the source: nothing to record
+        if not self._any_carried(args, kwargs) or not torch.is_grad_enabled():
+            # Constant w.r.t. the source, or computed where autograd treats it as a constant
+            # (no_grad / inference_mode): nothing to record, exactly as autograd sees it.
+            return func(*args, **kwargs)
         name = _name(func)
         rule = RULES.get(name)
         if rule is None:
@@ -132,7 +143,12 @@ class TangentTape(TorchFunctionMode):
                 return out
             raise UnsupportedOpError(name)
         self.ops_seen.add(name)
-        return rule(self, func, name, args, kwargs)
+        try:
+            return rule(self, func, name, args, kwargs)
+        except UnsupportedOpError:
+            raise
+        except Exception as error:  # a call shape the rule does not know: refuse, never guess
+            raise UnsupportedOpError(f"{name} ({type(error).__name__}: {error})") from error
 
     # -- replay ----------------------------------------------------------------------
     def tangent(self, v: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
