@@ -81,9 +81,19 @@ def _extra_cuda_include_dirs() -> list[str]:
     return sorted({d for d in dirs if os.path.isdir(d)})
 
 
+def _openmp_flags() -> list[str]:
+    """at::parallel_for is a header template: the C++ kernels run in parallel only when they are
+    compiled with the OpenMP that ATen uses (as pytorch_scatter does). The GOMP symbols resolve to
+    the runtime torch already loads, so nothing is added at link time."""
+    info = torch.__config__.parallel_info()
+    if sys.platform.startswith("linux") and "backend: OpenMP" in info and "OpenMP not found" not in info:
+        return ["-fopenmp"]
+    return []
+
+
 def make_extension():
     debug = os.environ.get("DEBUG", "0") == "1"
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + _openmp_flags()
     sources = ["csrc/lfr_ext.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     with_cuda = _cuda_build_wanted()
     info = {

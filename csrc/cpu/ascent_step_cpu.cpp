@@ -17,32 +17,133 @@
 
 #include "per_sample_norm.h"
 
+#include <algorithm>
 #include <cmath>
-#include <limits>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 
 namespace lfr_ext {
 namespace {
 
-template <typename T>
-inline T sign_of(T v) {
-  // torch.sign: (0 < v) - (v < 0), so -1, 0 or 1, and 0 for NaN (measured: torch.sign(nan) == 0).
-  using opmath_t = at::opmath_type<T>;
-  const opmath_t o = static_cast<opmath_t>(v);
-  return static_cast<T>((o > opmath_t(0)) - (o < opmath_t(0)));
+// Storage <-> op-math conversions, written so that GCC vectorises the element loop (SSE2 is
+// enough; no -march flags). bf16 goes through its raw bits, exactly as c10::BFloat16 converts
+// (widening is a 16-bit shift; narrowing rounds to nearest even, NaN -> 0x7FC0); the other
+// types use their C++ conversions.
+template <typename scalar_t>
+struct Codec {
+  using opmath_t = at::opmath_type<scalar_t>;
+  static opmath_t widen(scalar_t v) { return static_cast<opmath_t>(v); }
+  static scalar_t narrow(opmath_t v) { return static_cast<scalar_t>(v); }
+};
+
+template <>
+struct Codec<c10::BFloat16> {
+  using opmath_t = float;
+  static float widen(c10::BFloat16 v) {
+    const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+  static c10::BFloat16 narrow(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    return c10::BFloat16(f != f ? uint16_t(0x7FC0) : rounded, c10::BFloat16::from_bits());
+  }
+};
+
+// Round an op-math value to the storage type and back: what storing an intermediate tensor does.
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> through_storage(at::opmath_type<scalar_t> v) {
+  return Codec<scalar_t>::widen(Codec<scalar_t>::narrow(v));
 }
 
+// torch.sign: (0 < v) - (v < 0), so -1, 0 or 1, and 0 for NaN (measured: torch.sign(nan) == 0).
+template <typename opmath_t>
+inline opmath_t sign_of(opmath_t v) {
+  return static_cast<opmath_t>((v > opmath_t(0)) - (v < opmath_t(0)));
+}
+
+// torch.maximum / torch.minimum propagate NaN. Written as a chain of selects between values
+// that are already computed: that is the form GCC if-converts and vectorises (a conditional
+// `a + b` arm or `||` leaves control flow in the loop, measured with -fopt-info-vec).
 template <typename opmath_t>
 inline opmath_t nan_max(opmath_t a, opmath_t b) {
-  // torch.maximum propagates NaN.
-  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<opmath_t>::quiet_NaN();
-  return a > b ? a : b;
+  opmath_t r = a > b ? a : b;
+  r = (a != a) ? a : r;
+  return (b != b) ? b : r;
 }
 
 template <typename opmath_t>
 inline opmath_t nan_min(opmath_t a, opmath_t b) {
-  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<opmath_t>::quiet_NaN();
-  return a < b ? a : b;
+  opmath_t r = a < b ? a : b;
+  r = (a != a) ? a : r;
+  return (b != b) ? b : r;
+}
+
+// x_new[i] for i in [0, n): the chain x_adv + step * sign(h), max(., x - eps), min(., x + eps),
+// clamp(., lo, hi), with every intermediate tensor's rounding reproduced.
+template <typename scalar_t>
+inline void update_range(const scalar_t* __restrict__ x, const scalar_t* __restrict__ x_adv,
+                  const scalar_t* __restrict__ h, scalar_t* __restrict__ x_new, int64_t n,
+                  at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t> step, at::opmath_type<scalar_t> lo,
+                  at::opmath_type<scalar_t> hi) {
+  using C = Codec<scalar_t>;
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t xi = C::widen(x[i]);
+    const opmath_t step_term = through_storage<scalar_t>(step * sign_of(C::widen(h[i])));
+    const opmath_t moved = through_storage<scalar_t>(C::widen(x_adv[i]) + step_term);
+    const opmath_t lower = through_storage<scalar_t>(xi - eps);
+    const opmath_t upper = through_storage<scalar_t>(xi + eps);
+    const opmath_t projected = nan_min(nan_max(moved, lower), upper);
+    // torch.clamp keeps NaN and is min(max(v, lo), hi) otherwise.
+    const opmath_t bounded = std::min(std::max(projected, lo), hi);
+    const opmath_t clipped = projected != projected ? projected : bounded;
+    x_new[i] = C::narrow(clipped);
+  }
+}
+
+// The element loop is the CPU kernel's hot spot, and PyTorch's own kernels use AVX2 where the
+// CPU has it. An extension is compiled for baseline x86-64 (SSE2), so the fp32 and bf16 loops
+// are also compiled for AVX2 and picked at load time (GCC function multi-versioning, an ifunc).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define LFR_EXT_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LFR_EXT_AVX2_CLONES
+#endif
+
+LFR_EXT_AVX2_CLONES void update_range_f32(const float* x, const float* x_adv, const float* h, float* x_new, int64_t n,
+                                          float eps, float step, float lo, float hi) {
+  update_range<float>(x, x_adv, h, x_new, n, eps, step, lo, hi);
+}
+
+LFR_EXT_AVX2_CLONES void update_range_bf16(const c10::BFloat16* x, const c10::BFloat16* x_adv, const c10::BFloat16* h,
+                                           c10::BFloat16* x_new, int64_t n, float eps, float step, float lo,
+                                           float hi) {
+  update_range<c10::BFloat16>(x, x_adv, h, x_new, n, eps, step, lo, hi);
+}
+
+template <typename scalar_t>
+void update_sample(const scalar_t* x, const scalar_t* x_adv, const scalar_t* h, scalar_t* x_new, int64_t n,
+                   at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t> step, at::opmath_type<scalar_t> lo,
+                   at::opmath_type<scalar_t> hi) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    update_range_f32(x, x_adv, h, x_new, n, eps, step, lo, hi);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    update_range_bf16(x, x_adv, h, x_new, n, eps, step, lo, hi);
+  } else {
+    update_range<scalar_t>(x, x_adv, h, x_new, n, eps, step, lo, hi);
+  }
+}
+
+template <typename scalar_t>
+void sign_range(const scalar_t* __restrict__ g, scalar_t* __restrict__ out, int64_t n) {
+  using C = Codec<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) out[i] = C::narrow(sign_of(C::widen(g[i])));
 }
 
 template <typename scalar_t>
@@ -60,22 +161,10 @@ void ascent_step_kernel(const scalar_t* x, const scalar_t* x_adv, const scalar_t
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t base = b * numel_per_sample;
-      for (int64_t i = base; i < base + numel_per_sample; ++i) {
-        // x_adv + step_size * sign(h), each product/sum rounded as PyTorch does.
-        const scalar_t step_term = static_cast<scalar_t>(step_o * static_cast<opmath_t>(sign_of(h[i])));
-        const scalar_t moved = static_cast<scalar_t>(static_cast<opmath_t>(x_adv[i]) + static_cast<opmath_t>(step_term));
-        // Projection onto the eps-ball around x: min(max(moved, x - eps), x + eps).
-        const scalar_t lower = static_cast<scalar_t>(static_cast<opmath_t>(x[i]) - eps_o);
-        const scalar_t upper = static_cast<scalar_t>(static_cast<opmath_t>(x[i]) + eps_o);
-        const opmath_t projected = nan_min<opmath_t>(nan_max<opmath_t>(moved, lower), upper);
-        // Box clip to [lo, hi] (torch.clamp propagates NaN).
-        x_new[i] = static_cast<scalar_t>(nan_min<opmath_t>(nan_max<opmath_t>(projected, lo_o), hi_o));
-      }
+      update_sample(x + base, x_adv + base, h + base, x_new + base, numel_per_sample, eps_o, step_o, lo_o, hi_o);
       // g is read once more only for this sample, while it is still in cache.
       g_norm[b] = static_cast<scalar_t>(per_sample_norm_cpu(g + base, numel_per_sample, q));
-      if (sign_g != nullptr) {
-        for (int64_t i = base; i < base + numel_per_sample; ++i) sign_g[i] = sign_of(g[i]);
-      }
+      if (sign_g != nullptr) sign_range(g + base, sign_g + base, numel_per_sample);
     }
   });
 }
