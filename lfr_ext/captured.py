@@ -17,9 +17,13 @@ What it does on your behalf, and how it undoes it:
   the example batch, so afterwards the parameters, buffers and optimizer state are put back
   to their values before (state the warm-up *created*, such as momentum buffers, is zeroed,
   which for SGD without dampening, Adam and AdamW is exactly a fresh state).
-* **Static hyper-parameters.** The optimizer's float hyper-parameters (e.g. ``lr``) and the
-  modules' train/eval flags are baked into the graph. When either changed since the capture
-  (a learning-rate scheduler, ``model.eval()``), the next call re-captures.
+* **Static hyper-parameters.** The optimizer's plain-number hyper-parameters (``lr``,
+  ``momentum``, Adam's ``betas``...) and the modules' train/eval flags are baked into the
+  graph. When one changed since the capture (a learning-rate scheduler, ``model.eval()``),
+  the next call re-captures (with a fresh warm-up). A scheduler that changes the learning rate
+  every step would re-capture every step: give the optimizer a tensor learning rate
+  (``lr=torch.tensor(0.1, device="cuda")``, which the graph reads from memory) instead; a
+  warning says so after repeated re-captures.
 * **Randomness.** The start noise and Dropout draw from the default CUDA generator, which
   PyTorch keeps graph-safe (every replay draws fresh numbers). ``generator=`` is not supported.
 * **Outputs.** The returned tensors are the graph's static outputs: the next call overwrites
@@ -28,7 +32,11 @@ What it does on your behalf, and how it undoes it:
 It falls back to the same step run eagerly, with one warning saying why, when capture is
 impossible: CPU tensors, a model or optimizer that synchronises with the host or is otherwise
 not capturable (e.g. Adam without ``capturable=True``), or a batch whose shape, dtype or
-device differs from the example's.
+device differs from the example's. (A failed capture keeps its private memory pool until the
+process exits: pytorch/pytorch#190308.)
+
+Restoring the warm-up zeroes optimizer state the warm-up created; that equals a fresh state
+for SGD without dampening, Adam and AdamW, and other optimizers get a warning.
 """
 
 from __future__ import annotations
@@ -89,6 +97,7 @@ class CapturedStep:
         self.reason: str | None = None  # why the step runs eagerly, if it does
         self._warned: set[str] = set()
         self._captured_with: tuple | None = None
+        self._recaptures = 0
         if example_x.device.type != "cuda":
             self._give_up(f"CUDA graphs need CUDA tensors, got {example_x.device}")
             return
@@ -113,7 +122,12 @@ class CapturedStep:
                                 f"{self.static_x.device}; running this step eagerly")
             return self._eager_step(x, y)
         if self._captured_with != self._hyperparameters():
-            self._capture(warmup=False)
+            self._recaptures += 1
+            if self._recaptures == 3:
+                self._warn_once("recapture", "CapturedStep: the optimizer's hyper-parameters or the modules' modes "
+                                "keep changing, and every change re-captures the graph; for a per-step learning-rate "
+                                "schedule give the optimizer a tensor lr (lr=torch.tensor(..., device='cuda'))")
+            self._capture(warmup=True)
             if self.graph is None:
                 return self._eager_step(x, y)
         self.static_x.copy_(x)
@@ -128,8 +142,11 @@ class CapturedStep:
 
     def _hyperparameters(self) -> tuple:
         """What the graph bakes in: the optimizer's plain-number settings and module modes."""
-        groups = tuple(tuple(sorted((k, v) for k, v in g.items() if isinstance(v, (int, float, bool))))
-                       for g in self.optimizer.param_groups)
+        def plain(value):
+            return isinstance(value, (int, float, bool)) or (
+                isinstance(value, tuple) and all(isinstance(v, (int, float, bool)) for v in value))
+
+        groups = tuple(tuple(sorted((k, v) for k, v in g.items() if plain(v))) for g in self.optimizer.param_groups)
         return groups, tuple(m.training for m in self.model.modules())
 
     def _loss(self, x, y) -> LFRLoss:
@@ -168,16 +185,19 @@ class CapturedStep:
     def _capture(self, warmup: bool) -> None:
         snapshot = self._snapshot()
         try:
+            # Warm-up and capture on one side stream (as PyTorch's docs do); thread_local
+            # error mode so another thread's CUDA calls (a pin_memory DataLoader) don't
+            # invalidate the capture.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
             if warmup:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     for _ in range(self.warmup_steps):
                         self._eager_step(self.static_x, self.static_y)
                 torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 out = self._loss(self.static_x, self.static_y)
                 out.loss.backward()
                 self.optimizer.step()
@@ -192,6 +212,15 @@ class CapturedStep:
             self._restore(snapshot)
             if self.graph is not None:
                 torch.cuda.synchronize()
+        if not self._fresh_state_exact():
+            self._warn_once("optimizer", f"CapturedStep: the warm-up's {type(self.optimizer).__name__} state was reset "
+                            "by zeroing, which equals a fresh state only for SGD without dampening, Adam and AdamW")
+
+    def _fresh_state_exact(self) -> bool:
+        if isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            return True
+        return isinstance(self.optimizer, torch.optim.SGD) and all(
+            g.get("dampening", 0) == 0 for g in self.optimizer.param_groups)
 
     def _give_up(self, reason: str) -> None:
         self.reason = reason
