@@ -1,0 +1,50 @@
+"""The CIFAR-style ResNets and the model factory."""
+
+import pytest
+import torch
+
+import lfr_ext
+from lfr_ext.models import MODELS, PreActResNet18, ResNet18, ResNet20, build_model
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "preact_resnet18"])
+@pytest.mark.parametrize("channels,size", [(1, 12), (3, 16)])  # small images keep the test fast
+def test_resnets_map_images_to_logits(name, channels, size):
+    model = build_model(name, in_channels=channels, num_classes=7, image_size=size)
+    x = torch.rand(2, channels, size, size)
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_parameter_counts_match_the_literature():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # He et al. (2016): ResNet-20 has 0.27M parameters; CIFAR ResNet-18 about 11.2M.
+    assert 0.26e6 < count(ResNet20()) < 0.28e6
+    assert 11.1e6 < count(ResNet18()) < 11.2e6
+    assert 11.1e6 < count(PreActResNet18()) < 11.2e6
+
+
+def test_resnet20_downsamples_twice():
+    model = ResNet20()
+    features = model.blocks(torch.relu(model.stem_bn(model.stem(torch.rand(1, 3, 32, 32)))))
+    assert features.shape == (1, 64, 8, 8)
+
+
+def test_lfr_penalty_through_batchnorm_resnet():
+    """LFR's double backprop runs through BatchNorm residual blocks, in train mode."""
+    model = build_model("resnet20", in_channels=3, num_classes=10, image_size=16).train()
+    x, y = torch.rand(3, 3, 16, 16), torch.randint(0, 10, (3,))
+    out = lfr_ext.lfr_loss(model, x, y, lam=0.03, eps=0.031, step_size=0.007, steps=2)
+    out.loss.backward()
+    assert torch.isfinite(out.penalty) and out.penalty > 0
+    assert model.fc.weight.grad is not None
+
+
+def test_factory_errors():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg16", in_channels=3, num_classes=10)
+    with pytest.raises(ValueError, match="small_cnn takes 28x28"):
+        build_model("small_cnn", in_channels=3, num_classes=10, image_size=32)
+    assert set(MODELS) == {"small_cnn", "resnet18", "resnet20", "preact_resnet18"}

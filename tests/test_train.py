@@ -1,0 +1,179 @@
+"""The trainer end to end on a tiny Fashion-MNIST subset: every method, the run files, resume
+after a crash (an injected exception, and a real SIGKILL mid-epoch), config presets."""
+
+import functools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lfr_ext.data import FASHION_MNIST_DIR, load_dataset
+from lfr_ext.training import METHODS, PRESETS, TrainConfig, resolve_config, train
+from lfr_ext.training import loop as loop_module
+from lfr_ext.training.checkpoint import atomic_torch_save, load_checkpoint
+from lfr_ext.training.monitor import collapse_message
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
+    reason="needs Debian's dataset-fashion-mnist (scripts/install.sh installs it)")
+
+# Small enough for a few seconds per run on 2 CPU cores, big enough to exercise every part.
+TINY = dict(train_subset=64, batch_size=32, epochs=2, val_size=48, val_robust_size=16, val_attack_steps=2, steps=2,
+            step_size=0.05, milestones=[2], lr=0.05)
+
+
+@pytest.fixture(autouse=True)
+def _cached_data(monkeypatch):
+    """Decode the 60k training images once per session instead of once per run."""
+    monkeypatch.setattr(loop_module, "load_dataset", _cached_load)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_load(name, split, directory=None):
+    return load_dataset(name, split, directory)
+
+
+def tiny_config(method="lfr", **overrides) -> TrainConfig:
+    return resolve_config({**TINY, "method": method, **overrides})
+
+
+def _comparable(history):
+    return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_end_to_end(tmp_path, method):
+    cfg = tiny_config(method)
+    result = train(cfg, str(tmp_path), device="cpu", progress=False, log=lambda s: None)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    for name in ("config.json", "last.pt", "metrics.csv", "metrics.json", "summary.json"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(cfg.to_json())
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(rows) == 2 and all(math.isfinite(r["train_loss"]) for r in rows)
+    assert all(0 <= r["val_clean_acc"] <= 1 and 0 <= r["val_robust_acc"] <= 1 for r in rows)
+    has_penalty = method in ("lfr", "trades")
+    assert all((r["train_penalty"] is not None) == has_penalty for r in rows)
+    csv_lines = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    assert csv_lines[0].startswith("epoch,lr,train_loss") and len(csv_lines) == 3
+    checkpoint = load_checkpoint(str(tmp_path / "last.pt"))
+    assert checkpoint["epoch"] == 2 and set(checkpoint["rng"]) == {"torch_cpu", "torch_cuda", "numpy", "python"}
+    assert {"model", "optimizer", "scheduler"} <= set(checkpoint)
+    if result.best_epoch is not None:
+        assert load_checkpoint(str(tmp_path / "best.pt"))["epoch"] == result.best_epoch
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_mid_epoch_gives_identical_results(tmp_path):
+    """LFR draws from the global RNG (start noise, Dropout): a run that crashes in the middle of
+    epoch 2 and is resumed must end bit-for-bit where an uninterrupted run ends."""
+    cfg = tiny_config("lfr")
+    reference = train(cfg, str(tmp_path / "straight"), device="cpu", progress=False, log=lambda s: None)
+
+    def crash_in_epoch_2(epoch, batch):
+        if epoch == 2 and batch == 0:  # after the first of the epoch's two optimizer steps
+            raise Crash("simulated crash")
+
+    crashed_dir = str(tmp_path / "crashed")
+    with pytest.raises(Crash):
+        train(cfg, crashed_dir, device="cpu", progress=False, log=lambda s: None, batch_hook=crash_in_epoch_2)
+    assert load_checkpoint(os.path.join(crashed_dir, "last.pt"))["epoch"] == 1  # epoch 1 kept
+    torch.manual_seed(1234)  # the resumed run must not depend on the RNG state it starts in
+    resumed = train(cfg, crashed_dir, resume=True, device="cpu", progress=False, log=lambda s: None)
+    assert _comparable(resumed.history) == _comparable(reference.history)
+    for name, tensor in reference.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_resume_after_sigkill_mid_epoch(tmp_path):
+    """A real kill -9 of a training process in the middle of epoch 2, then ``--resume``."""
+    cfg = tiny_config("trades")
+    reference = train(cfg, str(tmp_path / "straight"), device="cpu", progress=False, log=lambda s: None)
+    killed_dir = str(tmp_path / "killed")
+    script = textwrap.dedent(f"""
+        import os, signal
+        from lfr_ext.training import TrainConfig, train
+        cfg = TrainConfig.from_dict({json.loads(cfg.to_json())!r})
+        def kill_in_epoch_2(epoch, batch):
+            if epoch == 2 and batch == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train(cfg, {killed_dir!r}, device="cpu", progress=False, batch_hook=kill_in_epoch_2)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert load_checkpoint(os.path.join(killed_dir, "last.pt"))["epoch"] == 1
+    assert not [f for f in os.listdir(killed_dir) if f.startswith(".tmp-")]  # no torn temp files left behind
+    resumed = train(cfg, killed_dir, resume=True, device="cpu", progress=False, log=lambda s: None)
+    assert _comparable(resumed.history) == _comparable(reference.history)
+    for name, tensor in reference.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_resume_refuses_a_different_config_and_fresh_runs_refuse_to_overwrite(tmp_path):
+    cfg = tiny_config("plain", epochs=1)
+    train(cfg, str(tmp_path), device="cpu", progress=False, log=lambda s: None)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, str(tmp_path), device="cpu", progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="lr: saved 0.05, now 0.1"):
+        train(tiny_config("plain", epochs=1, lr=0.1), str(tmp_path), resume=True, device="cpu", progress=False,
+              log=lambda s: None)
+
+
+def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    atomic_torch_save({"epoch": 1}, path)
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_collapse_detection():
+    history = [{"epoch": 1, "val_clean_acc": 0.62}, {"epoch": 2, "val_clean_acc": 0.71}]
+    assert collapse_message(history, num_classes=10, margin=0.05) == ""
+    history.append({"epoch": 3, "val_clean_acc": 0.10})
+    assert collapse_message(history, 10, 0.05).startswith("COLLAPSE: clean accuracy fell to 0.100")
+    assert collapse_message([{"epoch": 1, "val_clean_acc": 0.12}], 10, 0.05).startswith("AT CHANCE")
+
+
+def test_presets_reproduce_the_authors_settings_and_flags_override():
+    mnist = resolve_config({"data": "mnist", "budget": "full"})
+    assert (mnist.model, mnist.eps, mnist.steps, mnist.step_size, mnist.lam, mnist.lr, mnist.batch_size) == \
+        ("small_cnn", 0.3, 40, 0.01, 0.02, 0.01, 128)
+    cifar = resolve_config({"data": "cifar10", "budget": "full"})
+    assert (cifar.model, cifar.eps, cifar.steps, cifar.step_size, cifar.lam, cifar.lr, cifar.weight_decay) == \
+        ("resnet20", 0.031, 10, 0.007, 0.03, 0.1, 2e-4)
+    fashion = resolve_config({"budget": "full"})
+    assert (fashion.data, fashion.eps, fashion.train_subset) == ("fashion-mnist", 0.1, 0)
+    quick = resolve_config({})
+    assert quick.budget == "quick" and quick.train_subset > 0 and quick.step_size == pytest.approx(2.5 * 0.1 / quick.steps)
+    assert resolve_config({"eps": 0.2, "lam": 0.5, "model": "resnet20"}).eps == 0.2
+    assert set(PRESETS) == {"fashion-mnist", "mnist", "cifar10"}
+    with pytest.raises(ValueError, match="method must be one of"):
+        resolve_config({"method": "mart"})
+    with pytest.raises(ValueError, match="val_robust_size"):
+        resolve_config({"val_size": 10, "val_robust_size": 20})
+
+
+def test_cli_reports_missing_data_clearly(tmp_path, capsys):
+    from lfr_ext.train import main
+
+    code = main(["--data", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2
+    assert "CIFAR-10 not found" in capsys.readouterr().err
