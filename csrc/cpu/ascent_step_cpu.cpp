@@ -107,21 +107,14 @@ inline void update_range(const scalar_t* __restrict__ x, const scalar_t* __restr
   }
 }
 
-// The element loop is the CPU kernel's hot spot, and PyTorch's own kernels use AVX2 where the
-// CPU has it. An extension is compiled for baseline x86-64 (SSE2), so the fp32 and bf16 loops
-// are also compiled for AVX2 and picked at load time (GCC function multi-versioning, an ifunc).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define LFR_EXT_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LFR_EXT_AVX2_CLONES
-#endif
-
-LFR_EXT_AVX2_CLONES void update_range_f32(const float* x, const float* x_adv, const float* h, float* x_new, int64_t n,
+// The element loop is the CPU kernel's hot spot: also compiled for AVX-512 and AVX2
+// (LFR_EXT_SIMD_CLONES, per_sample_norm.h) for fp32 and bf16.
+LFR_EXT_SIMD_CLONES void update_range_f32(const float* x, const float* x_adv, const float* h, float* x_new, int64_t n,
                                           float eps, float step, float lo, float hi) {
   update_range<float>(x, x_adv, h, x_new, n, eps, step, lo, hi);
 }
 
-LFR_EXT_AVX2_CLONES void update_range_bf16(const c10::BFloat16* x, const c10::BFloat16* x_adv, const c10::BFloat16* h,
+LFR_EXT_SIMD_CLONES void update_range_bf16(const c10::BFloat16* x, const c10::BFloat16* x_adv, const c10::BFloat16* h,
                                            c10::BFloat16* x_new, int64_t n, float eps, float step, float lo,
                                            float hi) {
   update_range<c10::BFloat16>(x, x_adv, h, x_new, n, eps, step, lo, hi);
