@@ -85,13 +85,16 @@ def test_launch_plan():
 def test_registration_kind():
     """A triton_op (kernels visible to Inductor) on GPU; an opaque custom_op under the interpreter."""
     kernels = _kernels()
-    from torch._library.triton import triton_ops_to_kernels
+    try:  # a private registry of torch (2.7+): triton_op records the kernels it launches, for Inductor
+        from torch._library.triton import triton_ops_to_kernels
+    except ImportError:
+        triton_ops_to_kernels = None
 
     for name in ("lfr_ext::ascent_step_triton", "lfr_ext::grad_norm_triton"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd") or \
             torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
-        # triton_op records the kernels it launches, for Inductor; custom_op does not.
-        assert (name in triton_ops_to_kernels) == (not kernels.INTERPRETED)
+        if triton_ops_to_kernels is not None:
+            assert (name in triton_ops_to_kernels) == (not kernels.INTERPRETED)
 
 
 def test_bf16_rounding_is_round_to_nearest_even():
