@@ -23,11 +23,13 @@ from .training.loop import resolve_device
 # Flags that override EvalConfig fields: (flag, type, help).
 EVAL_FLAGS = [
     ("n", int, "test images attacked (the first n)"),
+    ("clean-n", int, "test images for the whole-set clean accuracy (0: all)"),
     ("pgd-steps", int, "PGD steps"),
     ("pgd-restarts", int, "PGD random restarts (a sample must survive all)"),
     ("square-queries", int, "queries of the black-box Square attack (0: skip)"),
     ("curve-n", int, "test images for the accuracy-vs-eps curve"),
     ("lf-n", int, "test images for the local-flatness metric"),
+    ("landscape-points", int, "test points of the loss-landscape slices"),
     ("batch-size", int, "evaluation batch size"),
     ("seed", int, "seed of every attack's randomness"),
 ]

@@ -219,7 +219,7 @@ def render_markdown(runs: list[dict], evaluated: list[dict], figures: list[tuple
             "",
             results_table([r["evaluation"] for r in evaluated], [r.get("summary") for r in evaluated]),
             "",
-            "Clean accuracy on the whole test set: "
+            f"Clean accuracy on {e0['clean_n']} test images: "
             + ", ".join(f"{_label(r)} {r['evaluation']['clean_full_test']:.4f}" for r in evaluated) + ".",
             "",
             "## Gradient-masking checks",

@@ -30,6 +30,7 @@ class EvalConfig:
     plus ``eps_max`` (an attacker that must win)."""
 
     n: int = 500
+    clean_n: int = 0  # test images for the whole-test-set clean accuracy (0: all)
     pgd_steps: int = 20
     pgd_restarts: int = 2
     square_queries: int = 1000
@@ -94,7 +95,8 @@ def evaluate_run(run_dir: str, ecfg: EvalConfig, *, which: str = "best", eps: fl
     log(f"{run_dir} ({cfg.method}, {which} epoch {ckpt['epoch']}): eps {eps:g} on {n} test images")
 
     started = time.perf_counter()
-    clean_full = accuracy(model, x_test.to(device), y_test.to(device), ecfg.batch_size)
+    clean_n = ecfg.clean_n or len(x_test)
+    clean_full = accuracy(model, x_test[:clean_n].to(device), y_test[:clean_n].to(device), ecfg.batch_size)
     suite = AttackSuite(eps=eps, pgd_steps=ecfg.pgd_steps, pgd_restarts=ecfg.pgd_restarts,
                         square_queries=ecfg.square_queries, autoattack=ecfg.autoattack, num_classes=info.num_classes,
                         seed=ecfg.seed)
@@ -119,7 +121,8 @@ def evaluate_run(run_dir: str, ecfg: EvalConfig, *, which: str = "best", eps: fl
     ]
     result = {
         "run_dir": run_dir, "method": cfg.method, "data": cfg.data, "model": cfg.model, "eps": eps,
-        "checkpoint": ckpt, "n": n, "clean_full_test": clean_full, "accuracy": accuracies, "worst_case": worst,
+        "checkpoint": ckpt, "n": n, "clean_full_test": clean_full, "clean_n": clean_n, "accuracy": accuracies,
+        "worst_case": worst,
         "attack_seconds": attacks.seconds, "attack_order": suite.names(),
         "accuracy_vs_eps": {"eps": grid, "accuracy": curve, "n": len(x[:ecfg.curve_n]),
                             "attack": f"PGD-{ecfg.curve_steps}"},

@@ -1,0 +1,165 @@
+"""Evaluation: torchattacks without torchvision, attack numbers on a toy model checked by hand,
+the gradient-masking checks, the end-to-end evaluation of a trained run, and the report."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lfr_ext.evaluation.attacks import INSTALL_COMMAND, AttackSuite, accuracy_vs_eps, require_torchattacks, run_attacks
+from lfr_ext.evaluation.sanity import accuracy_reaches_zero, black_box_not_better, stronger_attacks_not_weaker
+
+HAVE_TORCHATTACKS = importlib.util.find_spec("torchattacks") is not None
+needs_torchattacks = pytest.mark.skipif(
+    not HAVE_TORCHATTACKS, reason=f"torchattacks not installed (optional extra; CI installs it: {INSTALL_COMMAND})")
+
+
+@needs_torchattacks
+def test_torchattacks_imports_without_torchvision():
+    """torchattacks 3.5.1 declares torchvision but must not need it: import every attack we use
+    with torchvision made unimportable."""
+    code = ("import sys; sys.modules['torchvision'] = None\n"
+            "import torchattacks\n"
+            "from torchattacks import APGD, APGDT, FAB, FGSM, PGD, MultiAttack, Square, AutoAttack\n"
+            "print(torchattacks.__version__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "3.5.1"
+
+
+def test_missing_torchattacks_names_the_install_command(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # makes `import torchattacks` fail
+    with pytest.raises(ImportError, match="--no-deps torchattacks==3.5.1"):
+        require_torchattacks()
+    from lfr_ext.evaluate import main
+
+    assert main(["runs/does-not-matter"]) == 2
+    assert INSTALL_COMMAND in capsys.readouterr().err
+
+
+class LinearToy(nn.Module):
+    """Score s = w . (x - 0.5) over 4 pixels with w = 1: logits (s, -s, -10, -10). Classes 2
+    and 3 never win (they are there because AutoAttack's targeted DLR loss needs 4 classes).
+    For an L-inf attacker of radius eps, a sample is robust iff it is correct and |s| > 4 eps."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))  # torchattacks finds the device through the parameters
+
+    def forward(self, x):
+        s = ((x - 0.5).flatten(1) * self.w).sum(1)
+        never = torch.full_like(s, -10.0)
+        return torch.stack([s, -s, never, never], dim=1)
+
+
+# Scores and labels: sample 3 is misclassified (s > 0 but label 1).
+TOY_SCORES = [0.1, 0.15, 0.3, 0.6, -0.05, -0.15, -0.35, -0.8]
+TOY_LABELS = [0, 0, 0, 1, 1, 1, 1, 1]
+
+
+def toy_data():
+    x = torch.tensor(TOY_SCORES).view(-1, 1, 1, 1).expand(-1, 1, 2, 2) / 4 + 0.5
+    return x.contiguous(), torch.tensor(TOY_LABELS)
+
+
+@needs_torchattacks
+def test_attack_accuracies_on_a_linear_toy_match_hand_computation():
+    """eps 0.05 moves s by at most 4 * 0.05 = 0.2: clean 7/8 correct; robust only |s| in
+    {0.3, 0.35, 0.8} -> 3/8 under every attack (FGSM is optimal for a linear model)."""
+    x, y = toy_data()
+    suite = AttackSuite(eps=0.05, pgd_steps=10, pgd_restarts=2, square_queries=300, num_classes=4)
+    result = run_attacks(LinearToy(), x, y, suite)
+    expected_robust = [False, False, True, False, False, False, True, True]
+    assert result.correct["clean"].tolist() == [True, True, True, False, True, True, True, True]
+    for name in ("FGSM", "PGD-10x2", "AutoAttack"):
+        assert result.correct[name].tolist() == expected_robust, name
+    # Square is a random search: it cannot break the provably robust samples, and it may or
+    # may not find the corner that breaks the others within its queries.
+    square = result.correct["Square-300"]
+    assert square[torch.tensor(expected_robust)].all() and not square[3]
+    assert result.worst_case().float().mean().item() == 3 / 8
+    assert result.accuracy("clean") == 7 / 8
+
+
+@needs_torchattacks
+def test_accuracy_vs_eps_on_the_toy():
+    """Robust iff correct and |s| > 4 eps: thresholds 0, 0.08, 0.2, 0.4, 1.0."""
+    x, y = toy_data()
+    curve = accuracy_vs_eps(LinearToy(), x, y, [0.0, 0.02, 0.05, 0.1, 0.25], steps=10)
+    assert curve == [7 / 8, 6 / 8, 3 / 8, 1 / 8, 0.0]
+
+
+def test_gradient_masking_checks_flag_what_they_should():
+    order = ["clean", "FGSM", "PGD", "AutoAttack"]
+    healthy = {"clean": 0.9, "FGSM": 0.6, "PGD": 0.5, "AutoAttack": 0.45, "Square": 0.55}
+    assert stronger_attacks_not_weaker(healthy, order, 0.005).passed
+    masked = dict(healthy, PGD=0.7)  # PGD weaker than FGSM: a masking symptom
+    check = stronger_attacks_not_weaker(masked, order, 0.005)
+    assert not check.passed and "FGSM 0.6000 < PGD 0.7000" in check.detail
+    assert black_box_not_better(healthy, "Square", ["FGSM", "PGD", "AutoAttack"], 0.005).passed
+    assert not black_box_not_better(dict(healthy, Square=0.3), "Square", ["FGSM", "PGD", "AutoAttack"], 0.005).passed
+    assert accuracy_reaches_zero([0, 0.1, 0.3, 0.5], [0.9, 0.5, 0.1, 0.0], max_final=0.05, tolerance=0.01).passed
+    assert not accuracy_reaches_zero([0, 0.1, 0.5], [0.9, 0.5, 0.3], max_final=0.05, tolerance=0.01).passed
+    assert not accuracy_reaches_zero([0, 0.1, 0.5], [0.9, 0.5, 0.6], max_final=0.7, tolerance=0.01).passed
+
+
+@pytest.fixture(scope="module")
+def two_trained_runs(tmp_path_factory):
+    """An LFR run and a plain run, trained for one tiny epoch."""
+    from lfr_ext.data import FASHION_MNIST_DIR
+    from lfr_ext.training import resolve_config, train
+
+    if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+        pytest.skip("needs Debian's dataset-fashion-mnist (scripts/install.sh installs it)")
+    root = tmp_path_factory.mktemp("runs")
+    dirs = []
+    for method in ("lfr", "plain"):
+        cfg = resolve_config(dict(method=method, train_subset=64, batch_size=32, epochs=1, val_size=32,
+                                  val_robust_size=16, val_attack_steps=2, steps=2, milestones=[1], lr=0.05))
+        train(cfg, str(root / method), device="cpu", progress=False, log=lambda s: None)
+        dirs.append(str(root / method))
+    return dirs
+
+
+@needs_torchattacks
+def test_evaluate_and_report_end_to_end(two_trained_runs, tmp_path):
+    from lfr_ext.evaluate import main
+    from lfr_ext.report import load_run
+
+    report_dir = tmp_path / "report"
+    code = main([*two_trained_runs, "--checkpoint", "last", "--n", "16", "--pgd-steps", "3", "--pgd-restarts", "1",
+                 "--square-queries", "20", "--no-autoattack", "--curve-n", "16", "--lf-n", "8", "--clean-n", "64", "--landscape-points", "2",
+                 "--device", "cpu",
+                 "--report", str(report_dir)])
+    assert code == 0
+    result = json.loads(open(os.path.join(two_trained_runs[0], "evaluation.json")).read())
+    assert result["method"] == "lfr" and result["n"] == 16
+    assert result["attack_order"] == ["clean", "FGSM", "PGD-3x1", "Square-20"]
+    accuracies = result["accuracy"]
+    assert result["worst_case"] <= min(accuracies.values())
+    assert result["local_flatness"]["mean"] > 0
+    curve = result["accuracy_vs_eps"]
+    assert curve["eps"][0] == 0.0 and curve["eps"][-1] == 0.5 and curve["accuracy"][0] == accuracies["clean"]
+    assert len(result["sanity"]) == 3
+    land = result["landscape"]
+    assert len(land["loss_2d"]) == 2 and len(land["loss_2d"][0]) == len(land["grid"]) == 21
+    assert load_run(two_trained_runs[1])["evaluation"]["method"] == "plain"
+    markdown = (report_dir / "report.md").read_text()
+    assert "| LFR |" in markdown and "| plain |" in markdown and "Gradient-masking checks" in markdown
+    for figure in ("training_curves.png", "accuracy_vs_eps.png", "landscape_1d.png", "landscape_2d.png"):
+        assert (report_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+        assert f"]({figure})" in markdown
+
+
+def test_evaluate_reports_a_missing_run_clearly(tmp_path, capsys):
+    if not HAVE_TORCHATTACKS:
+        pytest.skip(f"torchattacks not installed ({INSTALL_COMMAND})")
+    from lfr_ext.evaluate import main
+
+    assert main([str(tmp_path), "--device", "cpu"]) == 2
+    assert "best.pt not found" in capsys.readouterr().err
