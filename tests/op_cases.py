@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 
-import lfr_ext
 from lfr_ext import _registry
 
 from conftest import DEVICES, REQUIRE_COMPILED
@@ -83,7 +82,3 @@ def assert_reduction_accurate(got: torch.Tensor, same_dtype_torch: torch.Tensor,
     theirs = (same_dtype_torch.double() - exact).abs().max()
     ulp = torch.finfo(got.dtype).eps * exact.abs().max()
     assert ours <= 2 * theirs + ulp, f"error {ours:.3g} > 2 x PyTorch's {theirs:.3g} + {ulp:.3g}"
-
-
-def run_op(name: str, impl: str, *args, **kwargs):
-    return getattr(lfr_ext.ops, name)(*args, impl=impl, **kwargs)
