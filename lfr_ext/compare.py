@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.exists(os.path.join(run_dir, "summary.json")):
             print(f"{method}: already trained in {run_dir}, kept", flush=True)
             continue
-        code = train_cli.main(["--method", method, "--out", run_dir, "--resume", *common])
+        resume = ["--resume"] if os.path.exists(os.path.join(run_dir, "last.pt")) else []
+        code = train_cli.main(["--method", method, "--out", run_dir, *resume, *common])
         if code:
             return code
     trained = time.perf_counter()

@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     best = result.history[result.best_epoch - 1] if result.best_epoch else None
     if best is not None:
-        print(f"done: best epoch {result.best_epoch} (val clean {best['val_clean_acc']:.3f}, "
-              f"val robust {best['val_robust_acc']:.3f}); checkpoints in {out_dir}")
+        robust = "" if best["val_robust_acc"] != best["val_robust_acc"] else f", val robust {best['val_robust_acc']:.3f}"
+        print(f"done: best epoch {result.best_epoch} (val clean {best['val_clean_acc']:.3f}{robust}); "
+              f"checkpoints in {out_dir}")
     else:
         print(f"done: no epoch qualified as best (every epoch at chance level); checkpoints in {out_dir}")
     return 0

@@ -29,17 +29,17 @@ class EvalConfig:
     per-sample worst case is meaningful). The eps grid is the run's eps times ``eps_factors``,
     plus ``eps_max`` (an attacker that must win)."""
 
-    n: int = 500
+    n: int = 200
     clean_n: int = 0  # test images for the whole-test-set clean accuracy (0: all)
     pgd_steps: int = 20
     pgd_restarts: int = 2
-    square_queries: int = 1000
+    square_queries: int = 500
     autoattack: bool = True
     curve_n: int = 200
     curve_steps: int = 10
     eps_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
     eps_max: float = 0.5
-    lf_n: int = 500
+    lf_n: int = 200
     lf_steps: int = 10
     landscape_points: int = 8
     batch_size: int = 500
@@ -55,9 +55,13 @@ EVAL_BUDGETS = {
 
 def load_trained_model(run_dir: str, which: str = "best", device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, dict]:
     """(model in eval mode, its TrainConfig, checkpoint info) from ``run_dir/{best,last}.pt``."""
-    path = os.path.join(run_dir, f"{which}.pt")
     if which not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {which!r}")
+    path = os.path.join(run_dir, f"{which}.pt")
+    last = os.path.join(run_dir, "last.pt")
+    if which == "best" and not os.path.exists(path) and os.path.exists(last):
+        # No epoch qualified (every one at chance level): the last model is all there is.
+        path, which = last, "last (no best: every epoch at chance level)"
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {run_dir} a finished lfr-train run folder?")
     checkpoint = load_checkpoint(path, map_location=device)
@@ -92,7 +96,8 @@ def evaluate_run(run_dir: str, ecfg: EvalConfig, *, which: str = "best", eps: fl
     x_test, y_test = load_dataset(cfg.data, "test", data_dir)
     n = min(ecfg.n, len(x_test))
     x, y = x_test[:n].to(device), y_test[:n].to(device)
-    log(f"{run_dir} ({cfg.method}, {which} epoch {ckpt['epoch']}): eps {eps:g} on {n} test images")
+    log(f"{run_dir} ({cfg.method}, {ckpt['checkpoint']} checkpoint, epoch {ckpt['epoch']}): eps {eps:g} "
+        f"on {n} test images")
 
     started = time.perf_counter()
     clean_n = ecfg.clean_n or len(x_test)
