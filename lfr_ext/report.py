@@ -203,7 +203,7 @@ def render_markdown(runs: list[dict], evaluated: list[dict], figures: list[tuple
         collapsed = ", ".join(f"epoch {e}" for e in s.get("collapsed_epochs", [])) or "none"
         lines.append(f"| {_label(run)} | {c['budget']} | {len(run.get('metrics', []))}/{c['epochs']} | "
                      f"{c['train_subset'] or 'all'} | {c['eps']:g} | {c['steps']} x {c['step_size']:g} | {weight} | "
-                     f"{c['lr']:g} | {s.get('best_epoch', '-')} | {_fmt(s.get('mean_epoch_seconds'), 1)} | {collapsed} |")
+                     f"{c['lr']:g} | {s.get('best_epoch') or '-'} | {_fmt(s.get('mean_epoch_seconds'), 1)} | {collapsed} |")
     if evaluated:
         e0 = evaluated[0]["evaluation"]
         ecfg = e0["eval_config"]
@@ -211,8 +211,10 @@ def render_markdown(runs: list[dict], evaluated: list[dict], figures: list[tuple
             "",
             "## Robust accuracy",
             "",
-            f"First {e0['n']} test images, L-inf eps {e0['eps']:g}, {e0['checkpoint']['checkpoint']}-robust "
-            f"checkpoint, attacks from torchattacks (PGD step 2.5 eps / steps, random start, "
+            f"First {e0['n']} test images, L-inf eps {e0['eps']:g}, checkpoints: "
+            + ", ".join(f"{_label(r)} {r['evaluation']['checkpoint']['checkpoint']} (epoch "
+                        f"{r['evaluation']['checkpoint']['epoch']})" for r in evaluated)
+            + ". Attacks from torchattacks (PGD step 2.5 eps / steps, random start, "
             f"{ecfg['pgd_restarts']} restarts; AutoAttack standard). *Worst case*: correct under every attack. "
             f"*Mean LF*: the paper's local flatness, mean over {evaluated[0]['evaluation']['local_flatness']['n']} "
             f"test images ({ecfg['lf_steps']} ascent steps). Device: {e0['device']}, torch {e0['torch']}.",
