@@ -260,7 +260,7 @@ class HVPPlan:
         "finite_difference": grad_and_hvp_finite_difference,
     }
 
-    def __init__(self, hvp: str, model: nn.Module, default_loss: bool):
+    def __init__(self, hvp: str, model: nn.Module, default_loss: bool, norm_fn: Callable = grad_norm_reference):
         if hvp not in HVP_METHODS:
             raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
         if hvp == "linearized" and not default_loss:
@@ -270,6 +270,7 @@ class HVPPlan:
             )
         self.requested = hvp
         self.model = model
+        self.norm_fn = norm_fn  # per-sample ||g||_q of the double-backprop paths (the fused op)
         if hvp == "auto":
             uncovered = _UNCOVERED.get(model)
             self.method = "linearized" if default_loss and uncovered is None else "double_backprop"
@@ -323,6 +324,8 @@ class HVPPlan:
                                                        None))
             if result is not None:
                 return result
+        if self.method == "double_backprop":
+            return grad_and_hvp_double_backprop(model, x_adv, y, loss_fn, q, norm_fn=self.norm_fn)
         return self._INNER[self.method](model, x_adv, y, loss_fn, q)
 
     def penalty(self, model, x_adv, y, loss_fn, q, reduction: str) -> torch.Tensor:
@@ -338,7 +341,7 @@ class HVPPlan:
                 self._refuse_or_skip_coupled()
                 if states is not None:  # same Dropout masks for the exact per-sample pass
                     _restore_rng_states(x_adv.device, states)
-        return penalty_at(model, x_adv, y, q=q, loss_fn=loss_fn)
+        return penalty_at(model, x_adv, y, q=q, loss_fn=loss_fn, norm_fn=self.norm_fn)
 
     def _refuse_or_skip_coupled(self) -> None:
         if self.requested == "linearized":

@@ -18,6 +18,7 @@ Mode and state policy (the same for every function here):
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -80,8 +81,10 @@ def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip
         raise TypeError(f"loss_fn must be callable (logits, y) -> (B,) losses, got {type(loss_fn).__name__}")
     if validate:
         check_model_and_data(model, x, y, clip, default_loss=loss_fn is None, generator=generator)
-    chosen_impl = ops.resolve_impl(impl, x.device)
-    plan = HVPPlan(hvp, model, default_loss=loss_fn is None)
+    chosen_impl = ops.resolve_impl(impl, x.device, x.dtype)
+    # The double-backprop paths take per-sample norms with the fused, twice-differentiable op.
+    norm_fn = grad_norm_reference if chosen_impl == "reference" else functools.partial(ops.grad_norm, impl=chosen_impl)
+    plan = HVPPlan(hvp, model, default_loss=loss_fn is None, norm_fn=norm_fn)
     return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, plan, chosen_impl)
 
 

@@ -129,16 +129,19 @@ def input_gradient(
 
 
 def grad_and_hvp_double_backprop(
-    model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float
+    model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
+    norm_fn: Callable = grad_norm_reference,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``g = \nabla_{x'} \sum l_i`` and ``h = \nabla_{x'} \sum_i \|g_i\|_q`` by double backprop.
 
     ``h = H v`` with ``v = \partial \sum_i\|g_i\|_q / \partial g`` (``sign(g)`` for q=1): the
     Hessian-vector product the authors compute. Both outputs are detached, (B, ...).
+    ``norm_fn(g, q)`` computes the per-sample norms (the fused ``lfr_ext.ops.grad_norm`` in
+    the public path; it must be twice differentiable).
     """
     x_adv = x_adv.detach().requires_grad_(True)
     g = input_gradient(model, x_adv, y, loss_fn, create_graph=True)
-    (h,) = torch.autograd.grad(grad_norm_reference(g, q).sum(), x_adv)
+    (h,) = torch.autograd.grad(norm_fn(g, q).sum(), x_adv)
     return g.detach(), h.detach()
 
 
@@ -187,14 +190,15 @@ def flatness_ascent_reference(
 
 
 def penalty_at(
-    model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, *, q: float = 1, loss_fn: LossFn = default_loss
+    model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, *, q: float = 1, loss_fn: LossFn = default_loss,
+    norm_fn: Callable = grad_norm_reference,
 ) -> torch.Tensor:
     r"""Step 3: per-sample ``||\nabla_{x'} l_i(x')||_q`` (B,), differentiable w.r.t. the
     parameters (double backprop). Runs in whatever mode the model is in."""
     if not x_adv.requires_grad:  # else x' is a function of x whose derivative is kept
         x_adv = x_adv.detach().requires_grad_(True)
     g = input_gradient(model, x_adv, y, loss_fn, create_graph=True)
-    return grad_norm_reference(g, q)
+    return norm_fn(g, q)
 
 
 def flatness_penalty_reference(
