@@ -195,7 +195,8 @@ def _train_one_epoch(model, optimizer, step_fn, x_train, y_train, cfg: TrainConf
         totals["penalty"] += out.penalty.item() * n
         totals["correct"] += (out.logits.argmax(1) == y).sum().item()
         totals["seen"] += n
-        bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}", pen=f"{totals['penalty'] / totals['seen']:.3f}",
+        penalty = totals["penalty"] / totals["seen"]
+        bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}", pen="-" if math.isnan(penalty) else f"{penalty:.3f}",
                         acc=f"{totals['correct'] / totals['seen']:.3f}", refresh=False)
         if batch_hook is not None:
             batch_hook(epoch, index)
