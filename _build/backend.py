@@ -34,8 +34,9 @@ def _torch_requirement() -> list[str]:
 
 
 def get_requires_for_build_wheel(config_settings=None):
-    return _setuptools.get_requires_for_build_wheel(config_settings) + _torch_requirement()
+    # setuptools' own hook runs setup.py, which imports torch: ask for torch first, alone.
+    return _torch_requirement() or _setuptools.get_requires_for_build_wheel(config_settings)
 
 
 def get_requires_for_build_editable(config_settings=None):
-    return _setuptools.get_requires_for_build_editable(config_settings) + _torch_requirement()
+    return _torch_requirement() or _setuptools.get_requires_for_build_editable(config_settings)

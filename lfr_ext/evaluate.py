@@ -1,6 +1,6 @@
 """``python -m lfr_ext.evaluate`` (``lfr-eval``): robustness of trained runs under real attacks.
 
-    lfr-eval runs/fashion-mnist-small_cnn-lfr-quick-seed0            # quick: 200 test images
+    lfr-eval runs/fashion-mnist-small_cnn-lfr-quick-seed0            # quick: 100 test images
     lfr-eval runs/*-full-seed0 --full --report runs/report-full      # all 10k, PGD-40 x 5, + report
 
 For each run folder (from lfr-train): clean accuracy, FGSM, PGD-k with random restarts, the
