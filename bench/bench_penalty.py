@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext.demo import pgd_linf
+from lfr_ext.training.methods import pgd_linf_ce
 from lfr_ext.models import SmallCNN
 
 from conftest import BENCH_DEVICE, environment, synchronized
@@ -45,7 +45,7 @@ def test_penalty_vs_pgd(benchmark, setup, provider):
     if provider == "pgd":
         def fn():
             model.eval()
-            out = pgd_linf(model, x, y, **kw)
+            out = pgd_linf_ce(model, x, y, **kw)
             model.train()
             return out
     elif provider == "authors":

@@ -24,13 +24,12 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     Buffers are compared by their in-place version counter, so a buffer nobody wrote is not
     copied (a copy would bump its version and break any graph of the caller's that saved it).
     """
-    modes = [(module, module.training) for module in model.modules()]
+    modes = module_modes(model)
     buffers = [(buf, buf._version, buf.detach().clone()) for buf in model.buffers()]
     try:
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        restore_modes(modes)
         with torch.no_grad():
             for buf, version, saved in buffers:
                 if buf._version != version:

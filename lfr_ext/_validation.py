@@ -47,6 +47,13 @@ def check_attack_args(*, eps, step_size, steps, init_std, clip) -> tuple[float, 
     return eps, step_size, int(steps), init_std, (lo, hi)
 
 
+def check_lam(lam) -> float:
+    """The penalty weight of lfr_loss: a finite number >= 0."""
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0 <= lam < math.inf:
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    return float(lam)
+
+
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -48,6 +48,7 @@ import warnings
 import torch
 from torch import nn
 
+from ._validation import check_lam, check_penalty_mode
 from .penalty import LFRLoss, _configure, lfr_loss
 
 
@@ -56,11 +57,8 @@ def _check_arguments(model, x, y, lfr_kwargs: dict) -> None:
     bound = inspect.signature(lfr_loss).bind(model, x, y, **lfr_kwargs)
     bound.apply_defaults()
     args = dict(bound.arguments)
-    lam = args.pop("lam")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < float("inf"):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if args.pop("penalty_mode") not in ("caller", "eval"):
-        raise ValueError("penalty_mode must be one of ('caller', 'eval')")
+    check_lam(args.pop("lam"))
+    check_penalty_mode(args.pop("penalty_mode"))
     args["validate"] = True
     _configure(**args)
 

@@ -11,21 +11,11 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 import lfr_ext
 from lfr_ext.data import load_fashion_mnist
 from lfr_ext.models import SmallCNN
-
-
-def pgd_linf(model, x, y, *, eps, step_size, steps):
-    """Plain PGD on the cross-entropy (Madry et al.), the baseline cost of one attack."""
-    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + step_size * g.sign(), x - eps), x + eps).clamp(0, 1)
-    return x_adv.detach()
+from lfr_ext.training.methods import pgd_linf_ce
 
 
 def main(argv=None):
@@ -69,7 +59,7 @@ def main(argv=None):
     penalty = lfr_ext.flatness_penalty(model, x, y, **kw)
     t_penalty = time.perf_counter() - t0
     t0 = time.perf_counter()
-    x_adv = pgd_linf(model, x, y, **kw)
+    x_adv = pgd_linf_ce(model, x, y, **kw)
     t_pgd = time.perf_counter() - t0
     with torch.no_grad():
         robust_acc = (model(x_adv).argmax(1) == y).float().mean().item()

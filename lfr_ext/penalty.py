@@ -30,6 +30,7 @@ from ._state import frozen_running_stats, module_modes, preserved_state, restore
 from ._validation import (
     check_attack_args,
     check_choice,
+    check_lam,
     check_model_and_data,
     check_penalty_mode,
     check_reduction,
@@ -225,8 +226,7 @@ def lfr_loss(
     Returns:
         :class:`LFRLoss` ``(loss, natural_loss, penalty, logits)``: scalars, and logits (B, C).
     """
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or lam == float("inf"):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    check_lam(lam)
     penalty_mode = check_penalty_mode(penalty_mode)
     cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
                      init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate)

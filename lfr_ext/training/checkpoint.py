@@ -7,6 +7,7 @@ either the previous complete checkpoint or the new complete one, never a torn fi
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -37,19 +38,11 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` that never leaves a partial file at ``path`` (serialised in memory,
+    then written by :func:`atomic_write_bytes`)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def capture_rng_states() -> dict:
