@@ -11,11 +11,13 @@ import torch
 
 from lfr_ext import _registry
 
-from conftest import DEVICES, REQUIRE_COMPILED
+from conftest import DEVICES, REQUIRE_COMPILED, REQUIRE_GPU
 
 # CI sets LFR_EXT_REQUIRE_TRITON=1 (with TRITON_INTERPRET=1): then a missing Triton fails the
 # Triton tests instead of skipping them.
 REQUIRE_TRITON = os.environ.get("LFR_EXT_REQUIRE_TRITON", "0") == "1"
+# The device each compiled implementation takes; the others run on every device.
+_IMPL_DEVICE = {"cpu": "cpu", "cuda": "cuda"}
 
 SHAPES = [
     (1, 1),  # a single sample of a single element
@@ -32,19 +34,24 @@ QS = [1, 2, math.inf]
 
 
 def _required(impl: str, device: str) -> bool:
-    if impl == "cpu" and device == "cpu":
+    if device == "cuda":
+        return REQUIRE_GPU  # every implementation must run on the GPU
+    if impl == "cpu":
         return REQUIRE_COMPILED
-    if impl == "triton" and device == "cpu":
+    if impl == "triton":
         return REQUIRE_TRITON
     return False
 
 
 def impl_device_cases(impls=("reference", "cpu", "cuda", "triton")):
-    """pytest params (impl, device) for every device here; unavailable ones are skipped with
-    the reason, unless this run requires them (then the test fails)."""
+    """pytest params (impl, device) for every device here (the C++ kernels only on the CPU, the
+    CUDA kernels only on the GPU); unavailable ones are skipped with the reason, unless this run
+    requires them (then the test fails)."""
     cases = []
     for device in DEVICES:
         for impl in impls:
+            if _IMPL_DEVICE.get(impl, device) != device:
+                continue
             reason = _registry.unavailable_reason(impl, torch.device(device))
             marks = [pytest.mark.skip(reason=reason)] if reason and not _required(impl, device) else []
             cases.append(pytest.param(impl, device, id=f"{impl}-{device}", marks=marks))
@@ -71,14 +78,30 @@ def make_inputs(shape, dtype, device, contiguous=True):
 
 def assert_reduction_accurate(got: torch.Tensor, same_dtype_torch: torch.Tensor, exact: torch.Tensor) -> None:
     """flash-attention's rule: max |got - exact| <= 2 max |torch - exact| + one ulp of the largest
-    value, where ``exact`` is the fp64 reference and ``torch`` PyTorch's chain in got's dtype."""
+    value, where ``exact`` is the fp64 reference and ``torch`` PyTorch's chain in got's dtype.
+
+    The rule is judged on finite values only (inf - inf would pass vacuously): where the exact
+    value overflows got's dtype, got must be +inf like PyTorch's; elsewhere both must be finite.
+    NaN in ``exact`` (a NaN input) must be NaN in ``got``.
+    """
     assert got.shape == exact.shape and got.dtype == same_dtype_torch.dtype
     if got.numel() == 0:
         return
+    nan = exact.isnan()
+    assert torch.equal(got.isnan(), nan), "NaN where the fp64 reference has none, or the reverse"
+    overflows = ~nan & (exact.abs() > torch.finfo(got.dtype).max)
+    assert torch.equal(got[overflows], same_dtype_torch[overflows]) and bool((got[overflows] == math.inf).all()), \
+        "a norm beyond the dtype's range must be +inf, as PyTorch's"
+    finite = ~nan & ~overflows
+    assert bool(got[finite].isfinite().all()), "inf where the exact norm fits the dtype"
+    if not finite.any():
+        return
+    got, same_dtype_torch, exact = got[finite], same_dtype_torch[finite], exact[finite]
     if got.dtype == torch.float64:
         torch.testing.assert_close(got, exact, rtol=1e-12, atol=0)
         return
     ours = (got.double() - exact).abs().max()
     theirs = (same_dtype_torch.double() - exact).abs().max()
+    assert theirs.isfinite(), "PyTorch's own same-dtype result is not finite: not a usable yardstick"
     ulp = torch.finfo(got.dtype).eps * exact.abs().max()
     assert ours <= 2 * theirs + ulp, f"error {ours:.3g} > 2 x PyTorch's {theirs:.3g} + {ulp:.3g}"

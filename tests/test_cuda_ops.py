@@ -12,18 +12,22 @@ import lfr_ext
 from lfr_ext import _registry
 from lfr_ext.reference import ascent_step_reference, grad_norm_reference
 
-from conftest import requires_cuda
+from conftest import CUDA_MARKS, HAS_CUDA, REQUIRE_GPU
 from op_cases import LOW_PRECISION, QS, assert_reduction_accurate, make_inputs
 
-pytestmark = requires_cuda
+pytestmark = CUDA_MARKS
 
 
 def gpu_impls():
-    if not torch.cuda.is_available():
+    """The GPU implementations, each skipped with its reason when unavailable (a failure under
+    LFR_EXT_REQUIRE_GPU=1, see conftest.py)."""
+    if not HAS_CUDA:
         return []
-    return [pytest.param(impl, marks=[pytest.mark.skip(reason=_registry.unavailable_reason(impl, torch.device("cuda")))]
-                         if _registry.unavailable_reason(impl, torch.device("cuda")) else [])
-            for impl in ("cuda", "triton")]
+    cases = []
+    for impl in ("cuda", "triton"):
+        reason = _registry.unavailable_reason(impl, torch.device("cuda"))
+        cases.append(pytest.param(impl, marks=[pytest.mark.skip(reason=reason)] if reason and not REQUIRE_GPU else []))
+    return cases
 
 
 ARGS = dict(eps=0.03, step_size=0.007, lo=0.0, hi=1.0)
@@ -36,6 +40,8 @@ def test_large_samples_and_batches(impl, shape, q):
     """Few large samples: several blocks per sample and a fold; many samples: one launch."""
     for dtype in LOW_PRECISION:
         x, x_adv, h, g = make_inputs(shape, dtype, "cuda")
+        if dtype == torch.float16:
+            g = g / 8  # |g| <= 1/4: the q=1 norm of 100003 entries fits fp16 (max 65504), so accuracy is judged
         got = lfr_ext.ops.ascent_step(x, x_adv, h, g, q=q, return_sign_g=True, impl=impl, **ARGS)
         expected = ascent_step_reference(x, x_adv, h, g, 0.03, 0.007, 0.0, 1.0, q, True)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])

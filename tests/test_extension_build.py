@@ -11,7 +11,9 @@ import torch
 import lfr_ext
 from lfr_ext import _extension
 
-from conftest import REQUIRE_COMPILED
+from conftest import REQUIRE_COMPILED, requires_cuda
+
+COMPILED_OPS = ("lfr_ext::ascent_step", "lfr_ext::grad_norm")
 
 
 def test_installed_library_built_against_running_torch():
@@ -23,6 +25,25 @@ def test_installed_library_built_against_running_torch():
     assert status.build_info["cxx11_abi"] == torch._C._GLIBCXX_USE_CXX11_ABI
     assert hasattr(torch.ops.lfr_ext, "ascent_step")
     assert "cpu" in lfr_ext.ops.available_impls("cpu")
+
+
+@requires_cuda
+def test_cuda_sources_compiled_for_this_gpu():
+    """On a GPU the library must hold the CUDA kernels, built for this GPU's architecture (or
+    as PTX for an older one that the driver can JIT)."""
+    status = _extension.status()
+    assert status.loaded, status.error
+    assert status.with_cuda and status.build_info["cuda_sources"], (
+        f"the compiled library has no CUDA kernels (build_info {status.build_info}); rebuild with a CUDA toolkit "
+        "(LFR_EXT_BUILD_CUDA=1 makes its absence an error)")
+    for op in COMPILED_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
+    major, minor = torch.cuda.get_device_capability()
+    archs = status.build_info["cuda_arch_list"].replace(" ", ";").split(";")
+    native = f"{major}.{minor}" in (a.removesuffix("+PTX") for a in archs)
+    ptx = any(a.endswith("+PTX") and tuple(map(int, a.removesuffix("+PTX").split("."))) <= (major, minor) for a in archs)
+    assert native or ptx, f"built for {archs}, but this GPU is sm_{major}{minor}"
+    assert "cuda" in lfr_ext.ops.available_impls("cuda")
 
 
 def test_library_for_other_torch_is_refused(monkeypatch):
@@ -84,3 +105,28 @@ def test_mismatched_build_warns_once(tmp_path):
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and messages[0].startswith("lfr_ext: compiled library was built for torch 0.0.1")
     assert not first.loaded and first is second
+
+
+def test_uninstalled_source_tree_names_the_missing_install(tmp_path):
+    """Importing the package from a checkout that was never installed: the Triton kernels
+    (``kernels/`` in the repository, ``lfr_ext.kernels`` once installed) are missing, and the
+    reason says so and how to fix it, instead of a bare "triton unavailable"."""
+    import shutil
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    checkout = tmp_path / "checkout"
+    for part in ("lfr_ext", "kernels"):
+        shutil.copytree(os.path.join(root, part), checkout / part, ignore=shutil.ignore_patterns("__pycache__", "_C*"))
+    code = (
+        "import sys\n"
+        # what an editable install adds to the import system maps lfr_ext.kernels; a plain
+        # checkout has none of it
+        "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+        "import torch, lfr_ext\n"
+        "assert lfr_ext.__file__.startswith(sys.argv[1]), lfr_ext.__file__\n"
+        "print(lfr_ext._registry.unavailable_reason('triton', torch.device('cpu')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(checkout)], capture_output=True, text=True, timeout=300,
+                         cwd=checkout, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(checkout)})
+    assert out.returncode == 0, out.stderr
+    assert "without being installed" in out.stdout and "pip install --no-build-isolation -e ." in out.stdout, out.stdout

@@ -38,6 +38,28 @@ def test_same_norms_as_ascent_step(impl, device):
         assert torch.equal(lfr_ext.ops.grad_norm(g, q, impl=impl), from_step)
 
 
+@pytest.mark.parametrize("impl, device", impl_device_cases())
+def test_fp16_norm_beyond_the_range_is_inf_like_pytorch(impl, device):
+    """Sample 0's q=1 norm (80000) overflows fp16, sample 1's (10000) fits: inf where PyTorch
+    gives inf, and the accuracy rule on the finite one."""
+    g = torch.full((2, 40000), 2.0, dtype=torch.float16, device=device)
+    g[1] /= 8
+    got = lfr_ext.ops.grad_norm(g, 1, impl=impl)
+    assert got[0] == math.inf and torch.isfinite(got[1])
+    assert_reduction_accurate(got, grad_norm_reference(g, 1), grad_norm_reference(g.double(), 1))
+
+
+def test_accuracy_rule_is_not_vacuous_at_inf():
+    """inf against a finite exact norm fails, even where PyTorch's own result is inf too."""
+    exact = torch.tensor([1.0, 60000.0], dtype=torch.float64)
+    inf_both = torch.tensor([1.0, math.inf], dtype=torch.float16)
+    with pytest.raises(AssertionError, match="inf where the exact norm fits"):
+        assert_reduction_accurate(inf_both, inf_both, exact)
+    finite = torch.tensor([1.0, 60000.0], dtype=torch.float16)
+    with pytest.raises(AssertionError, match="must be \\+inf"):
+        assert_reduction_accurate(finite, finite, torch.tensor([1.0, 1e6], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("impl, device", impl_device_cases(("cpu", "cuda", "triton")))
 def test_nan_propagates(impl, device):
     g = _g((3, 11), torch.float32, device)
