@@ -18,6 +18,7 @@ from lfr_ext.linearized import TangentTape, UnsupportedOpError
 from lfr_ext.models import SmallCNN
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalty_at
 
+from conftest import DEVICES
 from models_for_tests import BNNet, GeluLayerNormNet, LeakyAvgNet, ReLUNet, TinyResNet
 
 MODELS = {
@@ -28,12 +29,12 @@ MODELS = {
 }
 
 
-def _make(name, dtype=torch.float64, train=False, seed=0):
+def _make(name, dtype=torch.float64, train=False, seed=0, device="cpu"):
     torch.manual_seed(seed)
     factory, shape, classes = MODELS[name]
-    model = factory().to(dtype).train(train)
-    x = torch.rand(shape, dtype=dtype)
-    y = torch.randint(0, classes, (shape[0],))
+    model = factory().to(device=device, dtype=dtype).train(train)
+    x = torch.rand(shape, dtype=dtype).to(device)
+    y = torch.randint(0, classes, (shape[0],)).to(device)
     return model, x, y
 
 
@@ -52,10 +53,11 @@ def _double_vjp_jvp(model, x, v, seed):
     return jv
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("train", [False, True])
-def test_tangent_pass_is_the_jacobian(name, train):
-    model, x, _ = _make(name, train=train)
+def test_tangent_pass_is_the_jacobian(name, train, device):
+    model, x, _ = _make(name, train=train, device=device)
     v = torch.randn_like(x)
     x = x.requires_grad_(True)
     torch.manual_seed(1)
@@ -67,10 +69,11 @@ def test_tangent_pass_is_the_jacobian(name, train):
     assert tape.couples_samples == (train and name in ("resnet_bn", "bn_residual_avgpool"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("q", [1, 2, math.inf])
-def test_inner_step_gradient_and_hvp(name, q):
-    model, x, y = _make(name, train=False)
+def test_inner_step_gradient_and_hvp(name, q, device):
+    model, x, y = _make(name, train=False, device=device)
     g_ref, h_ref = grad_and_hvp_double_backprop(model, x, y, default_loss, q)
     g, h = grad_and_hvp_linearized(model, x, y, default_loss, q)
     assert _rel_err(g, g_ref) < 1e-12
@@ -94,13 +97,15 @@ def _params_grads(model, value):
     return torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("q", [1, 2, math.inf])
 @pytest.mark.parametrize("penalty_mode", ["caller", "eval"])
-def test_flatness_penalty_linearized_equals_double_backprop_fp64(name, q, penalty_mode):
+def test_flatness_penalty_linearized_equals_double_backprop_fp64(name, q, penalty_mode, device):
     """The final x', the penalty and its gradient w.r.t. every parameter, train mode (BN
-    batch statistics, Dropout with the same mask on both sides) and eval mode."""
-    model, x, y = _make(name, train=True)
+    batch statistics, Dropout with the same mask on both sides) and eval mode; on every device
+    (on a GPU, Dropout is the fused native_dropout)."""
+    model, x, y = _make(name, train=True, device=device)
     results = {}
     for hvp in ("double_backprop", "linearized"):
         torch.manual_seed(5)  # same start noise and Dropout masks
@@ -112,13 +117,14 @@ def test_flatness_penalty_linearized_equals_double_backprop_fp64(name, q, penalt
     _assert_grads_close(got_grads, ref_grads, 1e-10)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["small_cnn", "resnet_bn"])
-def test_ascended_point_identical(name):
-    model, x, y = _make(name, train=False)
+def test_ascended_point_identical(name, device):
+    model, x, y = _make(name, train=False, device=device)
     points = {}
     for hvp in ("double_backprop", "linearized"):
         points[hvp], _ = lfr_ext.reference.flatness_ascent_reference(
-            model, x, y, eps=0.1, step_size=0.02, steps=5, generator=torch.Generator().manual_seed(0),
+            model, x, y, eps=0.1, step_size=0.02, steps=5, generator=torch.Generator(device).manual_seed(0),
             grad_and_hvp=lambda *a, h=hvp: lfr_ext.hvp.HVPPlan(h, model, True).grad_and_hvp(*a),
         )
     assert torch.equal(points["linearized"], points["double_backprop"])

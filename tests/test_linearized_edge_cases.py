@@ -11,7 +11,7 @@ from torch import nn
 import lfr_ext
 from lfr_ext.linearized import TangentTape
 
-from conftest import requires_cuda
+from conftest import DEVICES
 from test_linearized import _assert_grads_close, _double_vjp_jvp, _params_grads, _rel_err
 
 
@@ -166,18 +166,29 @@ def test_recorded_tangent_matches_oracle(cls):
     assert _rel_err(tape.tangent(v, out), _double_vjp_jvp(model, x, v, seed=0)) < 1e-12
 
 
-@requires_cuda
-def test_dropout_mask_on_cuda_misaligned_input():
-    """On CUDA F.dropout is the fused native_dropout, whose draws depend on alignment: the rule
-    must reproduce the same output and mask on a misaligned, non-contiguous slice."""
-    base = torch.rand(6, 33, device="cuda", dtype=torch.float32)
-    x = base[:, 1:].requires_grad_(False)
-    source = x.clone().requires_grad_(True)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "in_place"])
+@pytest.mark.parametrize("layout", ["contiguous", "misaligned"])
+def test_dropout_rule_draws_what_the_unrecorded_call_draws(device, inplace, layout):
+    """F.dropout's kernel, hence its RNG draws, depend on the device, the in-place flag (on CUDA
+    the fused native_dropout out of place, bernoulli_ in place) and the layout (the fused
+    kernel vectorises aligned inputs only): the tape must see the same output and mask.
+    The taped source has the layout of the untaped input."""
+    base = torch.rand(6, 33, device=device)
+    x = base[:, 1:] if layout == "misaligned" else base[:, :32].contiguous()
+    source = (base.clone()[:, 1:] if layout == "misaligned" else x.clone()).requires_grad_(True)
+    assert source.stride() == x.stride() and source.data_ptr() % 16 == x.data_ptr() % 16
+
+    def forward(t):
+        if inplace:
+            t = t * 1.0  # in-place dropout on a fresh tensor (the tape refuses in-place writes into views)
+        return F.dropout(t, 0.4, True, inplace)
+
     torch.manual_seed(3)
-    expected = F.dropout(x, 0.4, True)
+    expected = forward(x)
     torch.manual_seed(3)
     with TangentTape(source) as tape:
-        out = F.dropout(source, 0.4, True)
+        out = forward(source)
     assert torch.equal(out, expected)
     v = torch.randn_like(x)
     torch.testing.assert_close(tape.tangent(v, out), v * (expected != 0) / 0.6)

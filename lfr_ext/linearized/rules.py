@@ -355,9 +355,17 @@ def max_pool(tape, func, name, args, kwargs):
 # Dropout and BatchNorm
 # ---------------------------------------------------------------------------------------
 def dropout(tape, func, name, args, kwargs):
-    """Train-mode dropout is ``x * mask / (1 - p)``. The scaled mask is drawn by the same
-    function on a tensor of ones (same shape, same RNG draws, so the same mask and the same
-    output as the unrecorded call), and kept for the tangent."""
+    """Train-mode dropout is ``x * mask / (1 - p)``. The rule makes the same RNG draws as the
+    unrecorded call, so output and mask are the same as without the tape, and keeps the mask:
+
+    * ``F.dropout`` out of place on a GPU tensor (0 < p < 1, non-empty) is ATen's fused
+      ``native_dropout``, whose kernel (hence its draws) depends on the layout of ``x``
+      (``get_vector_size`` in ATen's Dropout.cu): call it on ``x`` itself and take its mask.
+    * Everything else (CPU, in place on any device, feature dropout) draws ``bernoulli_`` on a
+      fresh tensor shaped like ``x`` (``empty_like(x)``, or (N, C, 1, ...) for feature dropout)
+      and multiplies: the same function on ``ones_like(x)`` with the same ``inplace`` flag
+      returns the scaled mask from the same draws.
+    """
     arguments = _arguments(func, args, kwargs)
     x, p, training, inplace = (arguments[k] for k in ("input", "p", "training", "inplace"))
     if not training or p == 0:
@@ -366,18 +374,14 @@ def dropout(tape, func, name, args, kwargs):
         return out
     if inplace:
         tape.check_inplace_target(x, name)
-    if name == "torch.nn.functional.dropout" and x.device.type != "cpu" and 0 < p < 1 and x.numel() > 0:
-        # On GPUs F.dropout is the fused native_dropout: call it directly for the same output
-        # and RNG draws, and take its mask (a redraw on ones_like(x) could vectorise differently).
+    fused = (name == "torch.nn.functional.dropout" and not inplace and x.device.type != "cpu" and 0 < p < 1
+             and x.numel() > 0)
+    if fused:
         out, mask = torch.native_dropout(x, p, True)
-        if inplace:
-            out = x.copy_(out)
         scale = 1.0 / (1.0 - p)
         tape.emit([out], lambda t: torch.ops.aten.native_dropout_backward(t, mask, scale), [x])
         return out
-    # CPU (and feature dropout): the noise is drawn by bernoulli_ on a fresh tensor of x's
-    # shape, so a redraw on ones_like(x) gives the same scaled mask and the same output.
-    scaled_mask = func(torch.ones_like(x), p, True, False)
+    scaled_mask = func(torch.ones_like(x), p, True, bool(inplace))
     out = x.mul_(scaled_mask) if inplace else x * scaled_mask
     tape.emit([out], lambda t: t * scaled_mask, [x])
     return out
