@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .common import (
     accumulate_norm,
@@ -31,7 +32,7 @@ from .common import (
     to_fp32,
 )
 from .grad_norm import SUPPORTED_DTYPES
-from .launch import fold_partial_norms, plan_launch
+from .launch import INTERPRETED, device_guard, fold_partial_norms, plan_launch
 
 
 @triton.jit
@@ -116,11 +117,25 @@ def check_ascent_step_args(x, x_adv, h, g, q) -> None:
         raise ValueError(f"ascent_step: q must be 1, 2 or -1 (inf), got {q}")
 
 
-def ascent_step_fwd(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g, launch, chunks=None):
-    """Launch the kernel; returns ``(x_new (B, ...), g_norm (B,), sign_g (B, ...) or (0,))``.
+def ascent_step_triton(
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    h: torch.Tensor,
+    g: torch.Tensor,
+    eps: float,
+    step_size: float,
+    lo: float,
+    hi: float,
+    q: int,
+    return_sign_g: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op ``lfr_ext::ascent_step_triton``: ``(x_new (B, ...), g_norm (B,), sign_g (B, ...)
+    or (0,))``; q is 1, 2 or -1 (inf).
 
-    ``launch`` wraps the kernel (``wrap_triton`` under torch.library); ``chunks`` forces the
-    number of programs per sample (tests of the split path)."""
+    The launch is written ``wrap_triton(kernel)[grid](...)`` in this body on purpose:
+    ``torch.library.triton_op`` finds the kernels of an op by reading its source, and the
+    AOTAutograd cache keys on them, so an edited kernel invalidates compiled graphs.
+    """
     check_ascent_step_args(x, x_adv, h, g, q)
     x, x_adv, h, g = x.contiguous(), x_adv.contiguous(), h.contiguous(), g.contiguous()
     batch = x.shape[0]
@@ -130,15 +145,19 @@ def ascent_step_fwd(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g, la
     sign_g = torch.empty_like(x) if return_sign_g else x.new_empty(0)
     if batch == 0:
         return x_new, g_norm, sign_g
-    plan = plan_launch(batch, per_sample, x.device, chunks)
+    plan = plan_launch(batch, per_sample, x.device)
     split = plan.chunks > 1
-    partial = x.new_empty((batch, plan.chunks), dtype=torch.float32) if split else g_norm
-    launch(_ascent_step_fwd_kernel)[(batch, plan.chunks)](
-        x, x_adv, h, g, x_new, sign_g if return_sign_g else x_new, g_norm, partial,
-        per_sample, plan.chunk_len, float(eps), float(step_size), float(lo), float(hi),
-        Q=q, WRITE_SIGN=return_sign_g, ROUND_SCALARS=x.device.type == "cpu", SPLIT=split,
-        BLOCK=plan.block, num_warps=plan.num_warps,
-    )
+    partial = x.new_empty((batch, plan.chunks), dtype=torch.float32) if split else x.new_empty(1, dtype=torch.float32)
+    # Unused outputs get a one-element dummy, never an alias of another argument.
+    sign_out = sign_g if return_sign_g else x.new_empty(1)
+    kernel = _ascent_step_fwd_kernel if INTERPRETED else wrap_triton(_ascent_step_fwd_kernel)
+    with device_guard(x.device):
+        kernel[(batch, plan.chunks)](
+            x, x_adv, h, g, x_new, sign_out, g_norm, partial,
+            per_sample, plan.chunk_len, float(eps), float(step_size), float(lo), float(hi),
+            Q=q, WRITE_SIGN=return_sign_g, ROUND_SCALARS=x.device.type == "cpu", SPLIT=split,
+            BLOCK=plan.block, num_warps=plan.num_warps,
+        )
     if split:
         g_norm = fold_partial_norms(partial, q, x.dtype)
     return x_new, g_norm, sign_g

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .common import accumulate_norm, finish_norm, reduce_norm, round_to_storage
-from .launch import fold_partial_norms, plan_launch
+from .launch import INTERPRETED, device_guard, fold_partial_norms, plan_launch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -55,9 +56,9 @@ def check_grad_norm_args(g: torch.Tensor, q: int) -> None:
         raise ValueError(f"grad_norm: q must be 1, 2 or -1 (inf), got {q}")
 
 
-def grad_norm_fwd(g: torch.Tensor, q: int, launch, chunks: int | None = None) -> torch.Tensor:
-    """Launch the kernel; ``launch`` wraps it (``wrap_triton`` under torch.library, identity
-    otherwise). ``chunks`` forces programs per sample (tests of the split path)."""
+def grad_norm_triton(g: torch.Tensor, q: int) -> torch.Tensor:
+    """The op ``lfr_ext::grad_norm_triton``: (B,) norms in g's dtype; q is 1, 2 or -1 (inf).
+    The launch is written literally in this body (see :func:`.ascent_step.ascent_step_triton`)."""
     check_grad_norm_args(g, q)
     g = g.contiguous()
     batch = g.shape[0]
@@ -65,10 +66,12 @@ def grad_norm_fwd(g: torch.Tensor, q: int, launch, chunks: int | None = None) ->
     out = g.new_empty(batch)
     if batch == 0:
         return out
-    plan = plan_launch(batch, per_sample, g.device, chunks)
+    plan = plan_launch(batch, per_sample, g.device)
     split = plan.chunks > 1
-    partial = g.new_empty((batch, plan.chunks), dtype=torch.float32) if split else out
-    launch(_grad_norm_fwd_kernel)[(batch, plan.chunks)](
-        g, out, partial, per_sample, plan.chunk_len, Q=q, SPLIT=split, BLOCK=plan.block, num_warps=plan.num_warps
-    )
+    partial = g.new_empty((batch, plan.chunks), dtype=torch.float32) if split else g.new_empty(1, dtype=torch.float32)
+    kernel = _grad_norm_fwd_kernel if INTERPRETED else wrap_triton(_grad_norm_fwd_kernel)
+    with device_guard(g.device):
+        kernel[(batch, plan.chunks)](
+            g, out, partial, per_sample, plan.chunk_len, Q=q, SPLIT=split, BLOCK=plan.block, num_warps=plan.num_warps
+        )
     return fold_partial_norms(partial, q, g.dtype) if split else out

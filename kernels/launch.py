@@ -8,12 +8,18 @@ which a torch reduction folds in a fixed order (deterministic, no atomics).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
 MAX_BLOCK = 2048  # elements per program per loop iteration
+# triton.jit reads the variable when the kernels are defined, i.e. when this package is imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_FORCED_CHUNKS: contextvars.ContextVar[int | None] = contextvars.ContextVar("lfr_ext_forced_chunks", default=None)
 
 
 @dataclass(frozen=True)
@@ -30,8 +36,27 @@ def _multiprocessors(device: torch.device) -> int:
     return 1  # CPU tensors run through the interpreter: never split (tests force it with `chunks`)
 
 
+@contextlib.contextmanager
+def forced_chunks(chunks: int):
+    """Inside the block, every launch splits each sample over ``chunks`` programs (tests of the
+    split path on inputs too small to split by themselves)."""
+    token = _FORCED_CHUNKS.set(chunks)
+    try:
+        yield
+    finally:
+        _FORCED_CHUNKS.reset(token)
+
+
+def device_guard(device: torch.device):
+    """Make the tensors' GPU current for a launch: Triton launches on the current CUDA device,
+    not on the device of its arguments (tensors on cuda:1 would otherwise be read from cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def plan_launch(batch: int, per_sample: int, device: torch.device, chunks: int | None = None) -> LaunchPlan:
-    """Launch plan for ``batch`` samples of ``per_sample`` elements; ``chunks`` forces the split."""
+    """Launch plan for ``batch`` samples of ``per_sample`` elements; ``chunks`` (or an enclosing
+    :func:`forced_chunks`) forces the split."""
+    chunks = _FORCED_CHUNKS.get() if chunks is None else chunks
     block = min(MAX_BLOCK, max(128, triton.next_power_of_2(max(per_sample, 1))))
     if chunks is None:
         sms = _multiprocessors(device)

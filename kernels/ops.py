@@ -6,49 +6,20 @@ On a GPU they are ``torch.library.triton_op``s whose kernels are launched throug
 ``wrap_triton``: ``torch.compile`` sees the kernels themselves (and can fuse around them), and
 the op body doubles as the fake kernel. Under ``TRITON_INTERPRET=1`` (how CI runs them on CPU
 tensors) ``@triton.jit`` returns interpreter functions that ``wrap_triton`` cannot trace, so the
-same launchers are registered as opaque ``torch.library.custom_op``s with explicit fake
+same functions are registered as opaque ``torch.library.custom_op``s with explicit fake
 kernels; the kernel code that runs is the same. Autograd of ``grad_norm_triton`` is registered
 in :mod:`lfr_ext.ops`.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .ascent_step import ascent_step_fwd
-from .grad_norm import grad_norm_fwd
+from .ascent_step import ascent_step_triton
+from .grad_norm import grad_norm_triton
+from .launch import INTERPRETED
 
-# triton.jit reads the variable when the kernels are defined, i.e. when this package is imported.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _launch(kernel):
-    if INTERPRETED:
-        return kernel
-    return torch.library.wrap_triton(kernel)
-
-
-def ascent_step_triton(
-    x: torch.Tensor,
-    x_adv: torch.Tensor,
-    h: torch.Tensor,
-    g: torch.Tensor,
-    eps: float,
-    step_size: float,
-    lo: float,
-    hi: float,
-    q: int,
-    return_sign_g: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """See :mod:`lfr_ext.kernels.ascent_step`; q is 1, 2 or -1 (inf)."""
-    return ascent_step_fwd(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g, _launch)
-
-
-def grad_norm_triton(g: torch.Tensor, q: int) -> torch.Tensor:
-    """See :mod:`lfr_ext.kernels.grad_norm`; q is 1, 2 or -1 (inf)."""
-    return grad_norm_fwd(g, q, _launch)
+__all__ = ["INTERPRETED", "ascent_step_op", "grad_norm_op"]
 
 
 def _ascent_step_fake(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g):

@@ -7,6 +7,9 @@ test_ascent_step_op.py and test_grad_norm_op.py with the other implementations.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,14 +18,17 @@ import lfr_ext
 from lfr_ext import _registry
 from lfr_ext.reference import ascent_step_reference, grad_norm_reference, q_code
 
+from conftest import HAS_CUDA, REQUIRE_GPU
 from op_cases import LOW_PRECISION, QS, REQUIRE_TRITON, assert_reduction_accurate, make_inputs
 
-TRITON_DEVICES = [d for d in (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
+TRITON_DEVICES = [d for d in (["cuda"] if HAS_CUDA else []) + ["cpu"]
                   if _registry.unavailable_reason("triton", torch.device(d)) is None]
-if not TRITON_DEVICES and not REQUIRE_TRITON:
+if not TRITON_DEVICES and not (REQUIRE_TRITON or REQUIRE_GPU):
     pytest.skip(f"Triton kernels unavailable: {_registry.unavailable_reason('triton', torch.device('cpu'))}",
                 allow_module_level=True)
-DEVICE = TRITON_DEVICES[0] if TRITON_DEVICES else "cpu"
+DEVICE = TRITON_DEVICES[0] if TRITON_DEVICES else ("cuda" if HAS_CUDA else "cpu")
+if DEVICE == "cuda":
+    pytestmark = pytest.mark.cuda  # on a GPU machine these run on CUDA tensors: GPU tests
 
 import triton  # noqa: E402  (after the skip: importable from here on)
 import triton.language as tl  # noqa: E402
@@ -43,26 +49,22 @@ def _kernels():
     return kernels
 
 
-def _identity_launch(kernel):
-    return kernel
-
-
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("q", QS)
 @pytest.mark.parametrize("chunks", [2, 3])
 def test_split_launch_matches_reference(dtype, q, chunks):
     """Programs sharing a sample write fp32 partials that are folded afterwards."""
-    from lfr_ext.kernels.ascent_step import ascent_step_fwd
-    from lfr_ext.kernels.grad_norm import grad_norm_fwd
+    from lfr_ext.kernels.launch import forced_chunks
 
     _kernels()
     x, x_adv, h, g = make_inputs((3, 5000), dtype, DEVICE)  # 5000 = 2 blocks of 2048 + a partial one
-    got = ascent_step_fwd(x, x_adv, h, g, 0.03, 0.007, 0.0, 1.0, q_code(q), True, _identity_launch, chunks=chunks)
+    with forced_chunks(chunks):
+        got = torch.ops.lfr_ext.ascent_step_triton(x, x_adv, h, g, 0.03, 0.007, 0.0, 1.0, q_code(q), True)
+        norms = torch.ops.lfr_ext.grad_norm_triton(g, q_code(q))
     expected = ascent_step_reference(x, x_adv, h, g, 0.03, 0.007, 0.0, 1.0, q, True)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
     exact = grad_norm_reference(g.double(), q)
     assert_reduction_accurate(got[1], expected[1], exact)
-    norms = grad_norm_fwd(g, q_code(q), _identity_launch, chunks=chunks)
     assert_reduction_accurate(norms, expected[1], exact)
 
 
@@ -84,17 +86,59 @@ def test_launch_plan():
 
 def test_registration_kind():
     """A triton_op (kernels visible to Inductor) on GPU; an opaque custom_op under the interpreter."""
-    kernels = _kernels()
-    try:  # a private registry of torch (2.7+): triton_op records the kernels it launches, for Inductor
-        from torch._library.triton import triton_ops_to_kernels
-    except ImportError:
-        triton_ops_to_kernels = None
-
     for name in ("lfr_ext::ascent_step_triton", "lfr_ext::grad_norm_triton"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd") or \
             torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
-        if triton_ops_to_kernels is not None:
-            assert (name in triton_ops_to_kernels) == (not kernels.INTERPRETED)
+
+
+def test_triton_op_knows_its_kernels():
+    """torch.library.triton_op finds an op's kernels by reading its source (the AOTAutograd cache
+    keys on them, so an edited kernel invalidates compiled graphs). That needs the launch spelled
+    ``wrap_triton(kernel)[grid]`` in the op body. Checked without the interpreter, where the ops
+    are triton_ops, in a subprocess (the interpreter is chosen at import). No GPU is needed."""
+    code = (
+        "import torch\n"
+        "try:\n"
+        "    from torch._library.triton import get_triton_kernels_for_op\n"
+        "except ImportError:\n"
+        "    print('SKIP: this torch does not track the kernels of triton_ops'); raise SystemExit\n"
+        "from lfr_ext.kernels import ops\n"
+        "from lfr_ext.kernels.ascent_step import _ascent_step_fwd_kernel\n"
+        "from lfr_ext.kernels.grad_norm import _grad_norm_fwd_kernel\n"
+        "assert not ops.INTERPRETED\n"
+        "assert get_triton_kernels_for_op('lfr_ext::ascent_step_triton') == [_ascent_step_fwd_kernel], "
+        "get_triton_kernels_for_op('lfr_ext::ascent_step_triton')\n"
+        "assert get_triton_kernels_for_op('lfr_ext::grad_norm_triton') == [_grad_norm_fwd_kernel]\n"
+        "print('OK')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(out.stdout.strip())
+    assert out.stdout.strip().endswith("OK"), out.stdout
+
+
+def test_device_guard_targets_the_tensors_device():
+    """Triton launches on the current CUDA device: the launchers make the tensors' device
+    current (checked here without a GPU: the guard object for cuda:1, never entered)."""
+    import contextlib
+
+    from lfr_ext.kernels.launch import device_guard
+
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launch_on_the_second_gpu():
+    x, x_adv, h, g = make_inputs((4, 3, 7, 5), torch.float32, "cuda:1")
+    got = lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.03, step_size=0.007, q=2, return_sign_g=True, impl="triton")
+    expected = ascent_step_reference(x, x_adv, h, g, 0.03, 0.007, 0.0, 1.0, 2, True)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
+    assert_reduction_accurate(got[1], expected[1], grad_norm_reference(g.double(), 2))
+    assert_reduction_accurate(lfr_ext.ops.grad_norm(g, 2, impl="triton"), expected[1], grad_norm_reference(g.double(), 2))
 
 
 def test_bf16_rounding_is_round_to_nearest_even():
