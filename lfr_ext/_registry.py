@@ -42,9 +42,25 @@ def triton_kernels():
         return "Triton needs a CUDA GPU here (or TRITON_INTERPRET=1 for CPU tensors, set before importing lfr_ext)"
     try:
         from .kernels import ops as kernel_ops
+    except ModuleNotFoundError as exc:
+        if exc.name == __package__ + ".kernels":
+            return _not_installed_reason()
+        return f"importing the Triton kernels failed: {type(exc).__name__}: {exc}"
     except Exception as exc:  # a broken triton install must not break `import lfr_ext`
         return f"importing the Triton kernels failed: {type(exc).__name__}: {exc}"
     return kernel_ops
+
+
+def _not_installed_reason() -> str:
+    """Why ``lfr_ext.kernels`` is missing: the Triton kernels are the top-level ``kernels/``
+    directory of the repository, which only an install maps to ``lfr_ext.kernels``
+    (``package_dir`` in setup.py). Importing ``lfr_ext`` from an uninstalled checkout (a
+    ``PYTHONPATH`` pointing at it, or its root as the working directory) cannot see them."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    kernels_dir = os.path.join(os.path.dirname(package_dir), "kernels")
+    where = f"; the kernels are in {kernels_dir}" if os.path.isdir(kernels_dir) else ""
+    return (f"lfr_ext was imported from {package_dir} without being installed, so lfr_ext.kernels (the Triton "
+            f"kernels) does not exist{where}: install the checkout with `pip install --no-build-isolation -e .`")
 
 
 def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
