@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 
 from . import ops, reference  # noqa: E402  (ops loads the compiled library, once)
 from .penalty import LFRLoss, flatness_penalty, lfr_loss, local_flatness  # noqa: E402
+from .graphed_step import GraphedStep  # noqa: E402
 from .captured import CapturedStep  # noqa: E402
 from . import hvp  # noqa: E402
 
-__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "CapturedStep", "hvp", "ops", "reference",
-           "__version__"]
+__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "CapturedStep", "GraphedStep", "hvp", "ops",
+           "reference", "__version__"]
