@@ -2,8 +2,9 @@
 CIFAR-10's python batches.
 
 The default dataset is the full Fashion-MNIST (60k train / 10k test) shipped by Debian's
-``dataset-fashion-mnist`` package in ``/usr/share/datasets/fashion-mnist``. MNIST and CIFAR-10
-are read from a folder the user already has, in torchvision's layouts.
+``dataset-fashion-mnist`` package in ``/usr/share/datasets/fashion-mnist`` (or the directory in
+``$LFR_EXT_FASHION_MNIST_DIR``, holding the same four ``.gz`` files). MNIST and CIFAR-10 are
+read from a folder the user already has, in torchvision's layouts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_DIR = os.environ.get("LFR_EXT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_INSTALL = "sudo apt-get install dataset-fashion-mnist"
 
 # IDX type codes -> numpy dtypes (big-endian), from the format's definition.

@@ -38,6 +38,7 @@ from .config import TrainConfig
 from .data_order import epoch_batches, generator_for, random_crop_flip, split_train_val
 from .methods import METHOD_STEPS
 from .monitor import collapse_message, nan_to_none, validation_accuracies, write_metrics
+from .step import GPU_SYNC_EVERY, RunningTotals, TrainingStep
 
 BatchHook = Callable[[int, int], None]  # (epoch, batch index) -> None, called after each optimizer step
 
@@ -115,6 +116,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str =
         log(f"{out_dir}: no checkpoint yet, starting from epoch 1")
 
     x_train, y_train, x_val, y_val = load_run_data(cfg, data_dir)
+    _check_inputs(x_train, "training")
     seed_everything(cfg.seed)
     model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes,
                         image_size=info.image_size).to(dev)
@@ -130,11 +132,10 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str =
         log(f"{out_dir}: resuming after epoch {checkpoint['epoch']} of {cfg.epochs}")
     atomic_write_text(os.path.join(out_dir, "config.json"), cfg.to_json())
 
-    step_fn = METHOD_STEPS[cfg.method]
+    training_step = TrainingStep(model, optimizer, METHOD_STEPS[cfg.method], cfg, dev)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        train_stats = _train_one_epoch(model, optimizer, step_fn, x_train, y_train, cfg, epoch, dev, progress,
-                                       batch_hook)
+        train_stats = _train_one_epoch(model, training_step, x_train, y_train, cfg, epoch, dev, progress, batch_hook)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val_clean, val_robust = validation_accuracies(
@@ -165,20 +166,29 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str =
                "best": history[best_epoch - 1] if best_epoch else None,
                "collapsed_epochs": [h["epoch"] for h in history if h["collapse"].startswith("COLLAPSE")],
                "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),
-               "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads()}
+               "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "steps_ran": training_step.describe()}
     atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(nan_to_none(summary), indent=2))
     return TrainResult(out_dir, cfg, history, best_epoch, model)
 
 
-def _train_one_epoch(model, optimizer, step_fn, x_train, y_train, cfg: TrainConfig, epoch: int, dev, progress: bool,
-                     batch_hook: BatchHook | None) -> dict:
+def _check_inputs(x: torch.Tensor, split: str) -> None:
+    """The inputs lie in [0, 1] (the box every method projects onto) and are finite: checked
+    once per run, so that the steps need not sync to check every batch."""
+    if len(x) and not bool(((x >= 0) & (x <= 1)).all()):
+        raise ValueError(f"the {split} images must lie in [0, 1]; got values in [{x.min().item():g}, {x.max().item():g}]")
+
+
+def _train_one_epoch(model, training_step: TrainingStep, x_train, y_train, cfg: TrainConfig, epoch: int, dev,
+                     progress: bool, batch_hook: BatchHook | None) -> dict:
     """One pass over the epoch's batches; returns mean loss, penalty and accuracy."""
     from tqdm.auto import tqdm
 
     model.train()
     batches = epoch_batches(len(x_train), cfg.batch_size, seed=cfg.seed, epoch=epoch)
     augment_rng = generator_for(cfg.seed, epoch, 0xA06) if cfg.augment else None
-    totals = {"loss": 0.0, "penalty": 0.0, "correct": 0, "seen": 0}
+    totals = RunningTotals(dev)
+    sync_every = GPU_SYNC_EVERY if dev.type == "cuda" else 1  # reading the totals is a host sync
     bar = tqdm(batches, desc=f"{cfg.method} {epoch}/{cfg.epochs}", disable=not progress, leave=False,
                dynamic_ncols=True)
     for index, batch in enumerate(bar):
@@ -186,24 +196,16 @@ def _train_one_epoch(model, optimizer, step_fn, x_train, y_train, cfg: TrainConf
         if augment_rng is not None:
             x = random_crop_flip(x, augment_rng)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        out = step_fn(model, x, y, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        n = len(y)
-        totals["loss"] += out.loss.item() * n
-        totals["penalty"] += out.penalty.item() * n
-        totals["correct"] += (out.logits.argmax(1) == y).sum().item()
-        totals["seen"] += n
-        penalty = totals["penalty"] / totals["seen"]
-        bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}", pen="-" if math.isnan(penalty) else f"{penalty:.3f}",
-                        acc=f"{totals['correct'] / totals['seen']:.3f}", refresh=False)
+        totals.add(training_step(x, y), y)
+        if progress and (index + 1) % sync_every == 0:
+            means = totals.means()
+            penalty = means["train_penalty"]
+            bar.set_postfix(loss=f"{means['train_loss']:.3f}", pen="-" if math.isnan(penalty) else f"{penalty:.3f}",
+                            acc=f"{means['train_acc']:.3f}", refresh=False)
         if batch_hook is not None:
             batch_hook(epoch, index)
     bar.close()
-    seen = totals["seen"]
-    return {"train_loss": totals["loss"] / seen, "train_penalty": totals["penalty"] / seen,
-            "train_acc": totals["correct"] / seen}
+    return totals.means()
 
 
 def _epoch_line(cfg: TrainConfig, row: dict) -> str:

@@ -94,7 +94,9 @@ def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
 
 def lfr_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
     """Xu et al. (2020): mean CE + lam * local-flatness penalty, via :func:`lfr_ext.lfr_loss`."""
-    out = lfr_ext.lfr_loss(model, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
+    # validate=False: the trainer checks the data once (validation would sync every step).
+    out = lfr_ext.lfr_loss(model, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+                           validate=False)
     return StepOutput(out.loss, out.logits, out.penalty.detach())
 
 
