@@ -10,21 +10,26 @@ Shapes (B, C, H, W): MNIST (128, 1, 28, 28), CIFAR (128, 3, 32, 32), ImageNet (2
 fp32 and bf16; q = 1, no sign(g) output. A provider that cannot run here is skipped, and so is
 Triton on CPU tensors (the interpreter is a testing aid, not a fast path).
 
-Timing: pytest-benchmark's own rounds (``synchronized``: the device work is inside the timed
-call). On a GPU ``extra_info`` also holds ``triton.testing.do_bench`` quantiles (CUDA events,
-L2 flushed between runs). ``extra_info`` reports the median time, the achieved bandwidth
-``bytes / time`` where ``bytes`` are the step's unavoidable traffic (read x, x', h, g; write x'
-and the (B,) norms: 5 tensors), and that bandwidth as a fraction of the measured copy bandwidth
-(``dst.copy_(src)`` of a 1 GiB buffer on the same device, 2 bytes moved per byte copied), i.e.
+Timing, two figures per provider, both in ``extra_info``:
+
+* ``device_us``: device time per call (``triton.testing.do_bench``: CUDA events, L2 flushed,
+  median), what the kernel itself costs;
+* ``host_inclusive_us``: N calls back to back, one sync, divided by N: what a training loop
+  pays per call, Python, dispatch and launch included (``do_bench`` hides these: the launch
+  overlaps the cache-clearing kernel it runs before each call). The <= 10 us goal at MNIST size
+  is judged on this one.
+
+pytest-benchmark's own rounds time one call plus a sync. The copy-bandwidth ceiling
+(``dst.copy_(src)`` of a 1 GiB buffer on a GPU, 256 MiB on a CPU, 2 bytes moved per byte copied)
+is timed the same two ways; ``fraction_of_copy_bandwidth`` compares the step's achieved
+bandwidth ``bytes / device time``, where ``bytes`` are the step's unavoidable traffic (read x,
+x', h, g; write x' and the (B,) norms: 5 tensors), with the copy's ``bytes / device time``:
 how close the step is to the memory-bandwidth floor.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import statistics
-import time
 
 import pytest
 import torch
@@ -32,9 +37,18 @@ import torch
 import lfr_ext
 from lfr_ext.reference import ascent_step_reference
 
-from conftest import BENCH_DEVICE, environment, synchronized
+from conftest import (
+    BENCH_DEVICE,
+    TINY,
+    device_seconds_per_call,
+    environment,
+    host_inclusive_seconds_per_call,
+    synchronized,
+)
 
 SHAPES = {"mnist": (128, 1, 28, 28), "cifar": (128, 3, 32, 32), "imagenet": (256, 3, 224, 224)}
+if TINY:
+    SHAPES = {"mnist": (8, 1, 28, 28), "cifar": (4, 3, 32, 32), "imagenet": (2, 3, 64, 64)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ["reference", "compiled", "cpu", "cuda", "triton"]
 EPS, STEP_SIZE, LO, HI, Q = 8 / 255, 2 / 255, 0.0, 1.0, 1
@@ -50,19 +64,17 @@ def _skip_reason(provider: str, dtype: torch.dtype) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def copy_bandwidth_bytes_per_s() -> float:
-    """Measured ``dst.copy_(src)`` bandwidth on the bench device: 2 x bytes / median time."""
-    n = 2**30 // 4 if BENCH_DEVICE == "cuda" else 2**28 // 4  # 1 GiB on a GPU, 256 MiB on a CPU
+def copy_bandwidth() -> dict:
+    """``dst.copy_(src)`` on the bench device, timed as the ops are: bytes moved per second of
+    device time and of host-inclusive time."""
+    n = (2**30 if BENCH_DEVICE == "cuda" else 2**28) // 4 // (64 if TINY else 1)
     src = torch.rand(n, device=BENCH_DEVICE)
     dst = torch.empty_like(src)
-    copy = synchronized(lambda: dst.copy_(src))
-    copy()
-    times = []
-    for _ in range(20 if BENCH_DEVICE == "cuda" else 5):
-        start = time.perf_counter()
-        copy()
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * src.element_size() / statistics.median(times)
+    moved = 2 * src.numel() * src.element_size()
+    calls = 2 if TINY else (20 if BENCH_DEVICE == "cuda" else 5)
+    device_s = device_seconds_per_call(lambda: dst.copy_(src), calls)
+    host_s = host_inclusive_seconds_per_call(lambda: dst.copy_(src), calls)
+    return {"bytes": moved, "device_Bps": moved / device_s, "host_inclusive_Bps": moved / host_s}
 
 
 def _inputs(shape, dtype):
@@ -87,50 +99,48 @@ def _step_fn(provider: str, inputs):
                                            impl=provider)
 
 
-def _do_bench_quantiles(fn) -> list[float] | None:
-    """GPU: [median, q20, q80] in ms from triton.testing.do_bench (CUDA events), if triton is here."""
-    if BENCH_DEVICE != "cuda" or importlib.util.find_spec("triton") is None:
-        return None
-    from triton.testing import do_bench
-
-    return list(do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8]))
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_ascent_step(benchmark, shape_name, dtype_name, provider):
     shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
     reason = _skip_reason(provider, dtype)
+    if provider == "compiled" and dtype_name != "fp32":
+        reason = "torch.compile of the chain is compared in fp32 only (each compile costs seconds)"
+    if TINY and provider == "compiled" and shape_name != "mnist":
+        reason = "tiny run: torch.compile is exercised at one size only"
     if reason:
         pytest.skip(reason)
     inputs = _inputs(shape, dtype)
-    fn = synchronized(_step_fn(provider, inputs))
+    step = _step_fn(provider, inputs)
+    fn = synchronized(step)
     fn()  # compile / warm up outside the timing
 
     numel = inputs[0].numel()
     useful_bytes = (5 * numel + shape[0]) * inputs[0].element_size()
     big = numel > 10**7
-    rounds = (5 if big else 50) if BENCH_DEVICE == "cpu" else (20 if big else 200)
+    rounds = 1 if TINY else ((5 if big else 50) if BENCH_DEVICE == "cpu" else (20 if big else 200))
     benchmark.group = f"ascent_step {shape_name} {tuple(shape)} {dtype_name} ({BENCH_DEVICE})"
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0 if TINY else 2)
 
-    median_s = benchmark.stats.stats.median
-    quantiles = _do_bench_quantiles(_step_fn(provider, inputs))
-    if quantiles is not None:
-        median_s = quantiles[0] / 1e3  # CUDA-event timing supersedes the host clock on a GPU
-    copy_bw = copy_bandwidth_bytes_per_s()
+    calls = 2 if TINY else (10 if big else (500 if BENCH_DEVICE == "cuda" else 50))
+    device_s = device_seconds_per_call(step, calls)
+    host_s = host_inclusive_seconds_per_call(step, calls)
+    copy = copy_bandwidth()
+    achieved = useful_bytes / device_s
     benchmark.extra_info.update(
         environment(),
         provider=provider,
         shape=list(shape),
         dtype=dtype_name,
         cpu_threads=torch.get_num_threads(),
-        median_us=median_s * 1e6,
-        do_bench_ms_median_q20_q80=quantiles,
+        device_us=device_s * 1e6,
+        host_inclusive_us=host_s * 1e6,
+        host_inclusive_calls=calls,
         useful_bytes=useful_bytes,
-        achieved_GBps=useful_bytes / median_s / 1e9,
-        copy_bandwidth_GBps=copy_bw / 1e9,
-        fraction_of_copy_bandwidth=useful_bytes / median_s / copy_bw,
-        floor_us=useful_bytes / copy_bw * 1e6,
+        achieved_GBps=achieved / 1e9,
+        copy_bandwidth_GBps=copy["device_Bps"] / 1e9,
+        copy_bandwidth_host_inclusive_GBps=copy["host_inclusive_Bps"] / 1e9,
+        fraction_of_copy_bandwidth=achieved / copy["device_Bps"],
+        floor_us=useful_bytes / copy["device_Bps"] * 1e6,
     )

@@ -18,12 +18,12 @@ import lfr_ext
 from lfr_ext.training.methods import pgd_linf_ce
 from lfr_ext.models import SmallCNN
 
-from conftest import BENCH_DEVICE, environment, synchronized
+from conftest import BENCH_DEVICE, TINY, environment, synchronized
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from authors_lfr import authors_lfr_loss  # noqa: E402  (the transcription the tests check against)
 
-BATCH, STEPS, EPS, STEP_SIZE = 128, int(os.environ.get("LFR_BENCH_STEPS", 40)), 0.3, 0.01
+BATCH, STEPS, EPS, STEP_SIZE = (4, 1, 0.3, 0.01) if TINY else (128, int(os.environ.get("LFR_BENCH_STEPS", 40)), 0.3, 0.01)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,6 @@ def test_penalty_vs_pgd(benchmark, setup, provider):
 
     benchmark.group = f"penalty SmallCNN b{BATCH} K={STEPS} ({BENCH_DEVICE})"
     benchmark.extra_info.update(environment(), provider=provider, batch=BATCH, steps=STEPS)
-    rounds = 3 if BENCH_DEVICE == "cpu" else 10
-    benchmark.pedantic(synchronized(fn), rounds=rounds, iterations=1, warmup_rounds=1)
+    rounds = 1 if TINY else (3 if BENCH_DEVICE == "cpu" else 10)
+    benchmark.pedantic(synchronized(fn), rounds=rounds, iterations=1, warmup_rounds=0 if TINY else 1)
     benchmark.extra_info["images_per_s"] = BATCH / benchmark.stats.stats.median

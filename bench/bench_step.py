@@ -13,7 +13,9 @@ Setups (the issue's): the authors' MNIST SmallCNN, batch 128, K=40; CIFAR ResNet
 K=10; the authors' CIFAR ResNet-20, batch 128, K=10. On a CPU the ResNets run with a smaller batch
 (``LFR_BENCH_CPU_BATCH``, default 16) so the suite finishes; every result records its batch.
 ``extra_info`` holds images/s, the ratio to PGD-AT at the same K and capture mode (PGD-AT runs
-first), and the peak CUDA memory of the step.
+first), and the peak CUDA memory of the step: ``peak_memory_mb`` is the peak allocated from
+before the step is built (so a captured step's warm-up and capture, whose allocations become the
+graph's private pool, are counted), ``graph_pool_mb`` the memory a graph's pool holds.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from lfr_ext.models import ResNet18, ResNet20, SmallCNN
 from lfr_ext.training.config import TrainConfig
 from lfr_ext.training.methods import pgd_at_step, plain_step, trades_step
 
-from conftest import BENCH_DEVICE, environment, synchronized
+from conftest import BENCH_DEVICE, TINY, environment, synchronized
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from authors_lfr import authors_lfr_loss  # noqa: E402  (the transcription the tests check against)
@@ -43,6 +45,9 @@ SETUPS = {
     "resnet18_cifar_k10": (ResNet18, (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031, 0.007, 0.03),
     "resnet20_cifar_k10": (ResNet20, (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031, 0.007, 0.03),
 }
+if TINY:
+    SETUPS = {name: (factory, shape, 4, 1, eps, step_size, lam)
+              for name, (factory, shape, _, _, eps, step_size, lam) in SETUPS.items()}
 SELECTED = [s for s in SETUPS if s in os.environ.get("LFR_BENCH_SETUPS", ",".join(SETUPS)).split(",")]
 
 PROVIDERS = ["pgd_at", "plain", "trades", "authors_lfr", "lfr_ext_double_backprop", "lfr_ext"]
@@ -92,6 +97,12 @@ def _eager_step(provider, model, optimizer, cfg):
     return step
 
 
+def _graph_pool_bytes(graph: torch.cuda.CUDAGraph) -> int:
+    """Bytes reserved by the segments of ``graph``'s private memory pool."""
+    pool = tuple(graph.pool())
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", ())) == pool)
+
+
 def _graphed_step(step, x, y, warmup=3):
     """PyTorch's whole-step capture recipe for a baseline: side-stream warm-up, then capture."""
     side = torch.cuda.Stream()
@@ -103,7 +114,7 @@ def _graphed_step(step, x, y, warmup=3):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(x, y)
-    return graph.replay
+    return graph
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -112,23 +123,26 @@ def test_training_step(benchmark, setup, provider):
     model, optimizer, x, y, cfg = _problem(setup)
     captured = provider.endswith("_captured")
     base = provider.removesuffix("_captured")
+    if ON_GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    graph = None
     if captured and base == "lfr_ext":
         step = lfr_ext.CapturedStep(model, optimizer, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size,
                                     steps=cfg.steps)
         assert step.captured, step.reason
+        graph = step.graph
         fn = lambda: step(x, y)  # noqa: E731
     elif captured:
-        fn = _graphed_step(_eager_step(base, model, optimizer, cfg), x, y)
+        graph = _graphed_step(_eager_step(base, model, optimizer, cfg), x, y)
+        fn = graph.replay
     else:
         eager = _eager_step(base, model, optimizer, cfg)
         fn = lambda: eager(x, y)  # noqa: E731
 
-    if ON_GPU:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     benchmark.group = f"step {setup} b{x.shape[0]} ({BENCH_DEVICE})"
-    rounds = 10 if ON_GPU else 2
-    benchmark.pedantic(synchronized(fn), rounds=rounds, iterations=1, warmup_rounds=1)
+    rounds = 1 if TINY else (10 if ON_GPU else 2)
+    benchmark.pedantic(synchronized(fn), rounds=rounds, iterations=1, warmup_rounds=0 if TINY else 1)
     median = benchmark.stats.stats.median
     if base == "pgd_at":
         _PGD_MEDIAN[(setup, captured)] = median
@@ -138,4 +152,5 @@ def test_training_step(benchmark, setup, provider):
         images_per_s=x.shape[0] / median,
         ratio_to_pgd_at=None if pgd is None else median / pgd,
         peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if ON_GPU else None,
+        graph_pool_mb=_graph_pool_bytes(graph) / 2**20 if graph is not None else None,
     )

@@ -8,9 +8,10 @@ The inner step needs ``g = grad_x sum_i l_i`` and ``h = H v`` at the current poi
   tangent replay, VJP);
 * ``double_backprop``: the authors' ``create_graph=True`` + gradient of a gradient;
 * ``forward_over_reverse``: ``torch.func.jvp`` of ``torch.func.grad``;
-* ``forward``/``forward_recorded``: a plain forward against the same forward under
-  :class:`lfr_ext.linearized.TangentTape` (the recording overhead that justifies recording at
-  the ``torch.nn.functional`` level: see ``extra_info["ops_recorded"]``).
+* ``forward``/``forward_recorded``: the forward of an inner step (input requiring grad, grad
+  mode on, so autograd builds its graph) plain and under :class:`lfr_ext.linearized.TangentTape`:
+  the Python cost of recording. ``extra_info["ops_recorded"]`` must be > 0 (under
+  ``torch.no_grad()`` the tape records nothing, which would time nothing).
 
 Setups: SmallCNN (b128, MNIST shapes), ResNet-20 (CIFAR shapes; b128 on GPU,
 ``LFR_BENCH_CPU_BATCH`` (default 16) on CPU). ``extra_info["ratio_to_gradient"]`` is the
@@ -30,13 +31,13 @@ from lfr_ext.linearized import TangentTape
 from lfr_ext.models import ResNet20, SmallCNN
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, input_gradient
 
-from conftest import BENCH_DEVICE, environment, synchronized
+from conftest import BENCH_DEVICE, TINY, environment, synchronized
 
 ON_GPU = BENCH_DEVICE == "cuda"
 CPU_BATCH = int(os.environ.get("LFR_BENCH_CPU_BATCH", 16))
 SETUPS = {
-    "smallcnn_b128": (lambda: SmallCNN(zero_init_last=False), (1, 28, 28), 128),
-    "resnet20": (ResNet20, (3, 32, 32), 128 if ON_GPU else CPU_BATCH),
+    "smallcnn_b128": (lambda: SmallCNN(zero_init_last=False), (1, 28, 28), 4 if TINY else 128),
+    "resnet20": (ResNet20, (3, 32, 32), 4 if TINY else (128 if ON_GPU else CPU_BATCH)),
 }
 PROVIDERS = ["gradient", "linearized", "double_backprop", "forward_over_reverse", "forward", "forward_recorded"]
 _GRADIENT_MEDIAN: dict[str, float] = {}
@@ -66,19 +67,21 @@ def test_inner_step(benchmark, setup, provider):
             return grad_and_hvp_forward(model, x, y, default_loss, 1)
     elif provider == "forward":
         def fn():
-            with torch.no_grad():
-                return F.cross_entropy(model(x), y)
+            source = x.detach().requires_grad_(True)
+            return F.cross_entropy(model(source), y)
     else:
         def fn():
             source = x.detach().requires_grad_(True)
-            with torch.no_grad():
-                with TangentTape(source) as tape:
-                    logits = model(source)
-                recorded_ops["n"] = len(tape._program)
-                return F.cross_entropy(logits, y)
+            with TangentTape(source) as tape:
+                logits = model(source)
+            recorded_ops["n"] = len(tape._program)
+            return F.cross_entropy(logits, y)
 
     benchmark.group = f"inner step {setup} b{batch} ({BENCH_DEVICE})"
-    benchmark.pedantic(synchronized(fn), rounds=10 if ON_GPU else 3, iterations=1, warmup_rounds=1)
+    rounds = 1 if TINY else (10 if ON_GPU else 3)
+    benchmark.pedantic(synchronized(fn), rounds=rounds, iterations=1, warmup_rounds=0 if TINY else 1)
+    if provider == "forward_recorded":
+        assert recorded_ops["n"] > 0, "the tape recorded nothing: the timing would measure no recording"
     median = benchmark.stats.stats.median
     if provider == "gradient":
         _GRADIENT_MEDIAN[setup] = median

@@ -22,13 +22,9 @@ if [ "${LFR_EXT_SKIP_CUDA_CHECK:-0}" = 1 ]; then
   echo "check_cuda_build: skipped (LFR_EXT_SKIP_CUDA_CHECK=1)"
   exit 0
 fi
-if [ -z "${CUDA_HOME:-}" ]; then
-  command -v nvcc >/dev/null || { echo "check_cuda_build: no nvcc on PATH and no CUDA_HOME" >&2; exit 1; }
-  # nvcc --dryrun prints the directory it really runs from as TOP=<toolkit>/bin/..
-  top=$(echo '__global__ void k() {}' > /tmp/lfr_ext_probe.cu && nvcc --dryrun -c /tmp/lfr_ext_probe.cu -o /dev/null 2>&1 \
-        | sed -n 's/^#\$ TOP=//p' | head -1)
-  CUDA_HOME=$(cd "$top" && pwd)
-fi
+# shellcheck source=scripts/cuda_home.sh
+. scripts/cuda_home.sh
+lfr_ext_find_cuda_home || { echo "check_cuda_build: cannot find the CUDA toolkit" >&2; exit 1; }
 export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}

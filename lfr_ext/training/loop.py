@@ -19,6 +19,7 @@ same weights and metrics as a run that was never interrupted.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -182,30 +183,37 @@ def _check_inputs(x: torch.Tensor, split: str) -> None:
 def _train_one_epoch(model, training_step: TrainingStep, x_train, y_train, cfg: TrainConfig, epoch: int, dev,
                      progress: bool, batch_hook: BatchHook | None) -> dict:
     """One pass over the epoch's batches; returns mean loss, penalty and accuracy."""
-    from tqdm.auto import tqdm
-
     model.train()
     batches = epoch_batches(len(x_train), cfg.batch_size, seed=cfg.seed, epoch=epoch)
     augment_rng = generator_for(cfg.seed, epoch, 0xA06) if cfg.augment else None
     totals = RunningTotals(dev)
     sync_every = GPU_SYNC_EVERY if dev.type == "cuda" else 1  # reading the totals is a host sync
-    bar = tqdm(batches, desc=f"{cfg.method} {epoch}/{cfg.epochs}", disable=not progress, leave=False,
-               dynamic_ncols=True)
-    for index, batch in enumerate(bar):
+    bar = _progress_bar(batches, f"{cfg.method} {epoch}/{cfg.epochs}") if progress else None
+    for index, batch in enumerate(batches if bar is None else bar):
         x, y = x_train[batch], y_train[batch]
         if augment_rng is not None:
             x = random_crop_flip(x, augment_rng)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         totals.add(training_step(x, y), y)
-        if progress and (index + 1) % sync_every == 0:
+        if bar is not None and (index + 1) % sync_every == 0:
             means = totals.means()
             penalty = means["train_penalty"]
             bar.set_postfix(loss=f"{means['train_loss']:.3f}", pen="-" if math.isnan(penalty) else f"{penalty:.3f}",
                             acc=f"{means['train_acc']:.3f}", refresh=False)
         if batch_hook is not None:
             batch_hook(epoch, index)
-    bar.close()
+    if bar is not None:
+        bar.close()
     return totals.means()
+
+
+def _progress_bar(batches, description: str):
+    """A tqdm bar over the batches, or None when tqdm is not installed (the ``train`` extra)."""
+    if importlib.util.find_spec("tqdm") is None:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=description, leave=False, dynamic_ncols=True)
 
 
 def _epoch_line(cfg: TrainConfig, row: dict) -> str:

@@ -1,0 +1,242 @@
+"""The Markdown summary of one ``scripts/gpu_check.sh`` run: stages, headline figures against the
+goals, and the supporting tables, read from the suites' pytest-benchmark JSON files.
+
+    python bench/summarize.py OUT_DIR --prefix PREFIX [--stages OUT_DIR/stages.tsv]
+
+reads ``OUT_DIR/PREFIX-{ops,step,tangent,penalty,precision}.json`` (missing suites are reported
+as missing) and the training runs under ``OUT_DIR/PREFIX-train/``, prints the summary and writes
+it to ``OUT_DIR/summary.md`` and ``OUT_DIR/PREFIX-summary.md``. Every figure is a ratio or a
+time measured in this run, on the machine named at the top; nothing is filled in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass
+
+SUITES = ("ops", "step", "tangent", "penalty", "precision")
+METHODS = ("lfr", "pgd_at", "trades", "plain")
+
+
+@dataclass
+class Goal:
+    figure: str
+    goal: str
+    value: float | None
+    shown: str
+    met: bool | None
+
+
+def _load(out_dir: str, prefix: str) -> dict[str, dict | None]:
+    suites = {}
+    for suite in SUITES:
+        path = os.path.join(out_dir, f"{prefix}-{suite}.json")
+        try:
+            with open(path) as f:
+                suites[suite] = json.load(f)
+        except (OSError, ValueError):
+            suites[suite] = None
+    return suites
+
+
+def _rows(data: dict | None) -> list[dict]:
+    return [] if data is None else data.get("benchmarks", [])
+
+
+def _median(row: dict) -> float:
+    return row["stats"]["median"]
+
+
+def _find(rows, **match) -> dict | None:
+    for row in rows:
+        info = {**row.get("params", {}), **row.get("extra_info", {})}
+        if all(info.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def _machine(suites: dict) -> str:
+    for data in suites.values():
+        if data:
+            env = data["machine_info"].get("lfr_ext_environment", {})
+            cpu = data["machine_info"].get("cpu", {}).get("brand_raw", "CPU")
+            device = env.get("gpu") or f"{cpu} (no GPU)"
+            return (f"{device}; torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
+                    f"lfr_ext {env.get('lfr_ext')} at {env.get('git_sha')}")
+    return "unknown (no benchmark results)"
+
+
+def _ratio(a: dict | None, b: dict | None) -> float | None:
+    return None if a is None or b is None else _median(a) / _median(b)
+
+
+def _fmt(value: float | None, unit: str = "x", digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}{unit}"
+
+
+def _goal(figure: str, goal: str, value: float | None, *, at_most: float | None = None, at_least: float | None = None,
+          unit: str = "x", digits: int = 2) -> Goal:
+    met = None
+    if value is not None:
+        met = value <= at_most if at_most is not None else value >= at_least
+    return Goal(figure, goal, value, _fmt(value, unit, digits), met)
+
+
+def headline(suites: dict) -> list[Goal]:
+    """The goals of the GPU check, each computed from this run's results."""
+    step, ops = _rows(suites["step"]), _rows(suites["ops"])
+    goals = []
+    for setup, label in (("smallcnn_mnist_k40", "SmallCNN K=40"), ("resnet18_cifar_k10", "ResNet-18 K=10")):
+        lfr = _find(step, setup=setup, provider="lfr_ext_captured")
+        pgd = _find(step, setup=setup, provider="pgd_at_captured")
+        goals.append(_goal(f"captured LFR step / captured PGD-AT step, {label}", "<= 2.2x", _ratio(lfr, pgd), at_most=2.2))
+    for setup, label, target in (("smallcnn_mnist_k40", "SmallCNN", 4.0), ("resnet18_cifar_k10", "ResNet-18", 2.5)):
+        authors = _find(step, setup=setup, provider="authors_lfr")
+        lfr = _find(step, setup=setup, provider="lfr_ext_captured")
+        goals.append(_goal(f"authors' eager LFR step / lfr_ext captured, {label}", f">= {target:g}x faster",
+                           _ratio(authors, lfr), at_least=target))
+    for setup, label in (("smallcnn_mnist_k40", "SmallCNN"), ("resnet18_cifar_k10", "ResNet-18")):
+        lfr = _find(step, setup=setup, provider="lfr_ext_captured")
+        pgd = _find(step, setup=setup, provider="pgd_at_captured")
+        value = None
+        if lfr and pgd and lfr["extra_info"].get("peak_memory_mb") and pgd["extra_info"].get("peak_memory_mb"):
+            value = lfr["extra_info"]["peak_memory_mb"] / pgd["extra_info"]["peak_memory_mb"]
+        goals.append(_goal(f"peak memory, captured LFR step / PGD-AT's, {label}", "<= 1.5x", value, at_most=1.5))
+    fractions = [r["extra_info"]["fraction_of_copy_bandwidth"] for r in ops
+                 if r["params"].get("shape_name") == "imagenet" and r["params"].get("dtype_name") == "fp32"
+                 and r["params"].get("provider") in ("cuda", "triton")]
+    goals.append(_goal("fused ascent_step (256,3,224,224) fp32, best of cuda/triton, of copy bandwidth",
+                       ">= 90%", 100 * max(fractions) if fractions else None, at_least=90, unit="%", digits=1))
+    host = [r["extra_info"]["host_inclusive_us"] for r in ops
+            if r["params"].get("shape_name") == "mnist" and r["params"].get("dtype_name") == "fp32"
+            and r["params"].get("provider") in ("cuda", "triton")]
+    goals.append(_goal("fused ascent_step (128,1,28,28) fp32, best of cuda/triton, host-inclusive per call",
+                       "<= 10 us", min(host) if host else None, at_most=10, unit=" us", digits=1))
+    return goals
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def step_table(suites: dict) -> list[str]:
+    rows = []
+    for row in _rows(suites["step"]):
+        info = row["extra_info"]
+        rows.append([info["setup"], f"b{info['batch']} K={info['steps']}", info["provider"],
+                     _fmt(_median(row) * 1e3, " ms"), _fmt(info.get("ratio_to_pgd_at")),
+                     _fmt(info.get("peak_memory_mb"), " MB", 0), _fmt(info.get("graph_pool_mb"), " MB", 0)])
+    return _table(["setup", "batch", "provider", "median", "vs PGD-AT (same capture mode)", "peak memory",
+                   "graph pool"], rows)
+
+
+def ops_table(suites: dict) -> list[str]:
+    rows = []
+    for row in _rows(suites["ops"]):
+        info = row["extra_info"]
+        rows.append([f"{tuple(info['shape'])} {info['dtype']}", info["provider"], _fmt(info["device_us"], " us", 1),
+                     _fmt(info["host_inclusive_us"], " us", 1), _fmt(100 * info["fraction_of_copy_bandwidth"], "%", 1)])
+    return _table(["shape", "provider", "device time", "host-inclusive per call", "of copy bandwidth"], rows)
+
+
+def tangent_table(suites: dict) -> list[str]:
+    rows = []
+    for row in _rows(suites["tangent"]):
+        info = row["extra_info"]
+        ops = "" if info.get("ops_recorded") is None else f" ({info['ops_recorded']} ops recorded)"
+        rows.append([f"{info['setup']} b{info['batch']}", info["provider"] + ops, _fmt(_median(row) * 1e3, " ms"),
+                     _fmt(info.get("ratio_to_gradient"), "")])
+    return _table(["setup", "provider", "median", "in gradients"], rows)
+
+
+def penalty_table(suites: dict) -> list[str]:
+    rows = []
+    pgd = _find(_rows(suites["penalty"]), provider="pgd")
+    for row in _rows(suites["penalty"]):
+        rows.append([row["extra_info"]["provider"], _fmt(_median(row) * 1e3, " ms"), _fmt(_ratio(row, pgd))])
+    return _table(["provider", "median per call", "vs PGD (same K)"], rows)
+
+
+def precision_table(suites: dict) -> list[str]:
+    rows = []
+    for row in _rows(suites["precision"]):
+        info = row["extra_info"]
+        rows.append([f"{info['setup']} b{info['batch']}", info["setting"], _fmt(_median(row) * 1e3, " ms"),
+                     _fmt(100 * info["sign_agreement_linearized"], "%", 2),
+                     _fmt(100 * info["sign_agreement_double_backprop"], "%", 2)])
+    return _table(["setup", "setting", "linearized inner step", "sign(h) agreement, linearized",
+                   "sign(h) agreement, double backprop"], rows)
+
+
+def training_table(train_dir: str) -> list[str]:
+    rows = []
+    for method in METHODS:
+        path = os.path.join(train_dir, method, "summary.json")
+        if not os.path.exists(path):
+            rows.append([method, "not run (or not finished)", "", "", "", ""])
+            continue
+        with open(path) as f:
+            summary = json.load(f)
+        final = summary["final"]
+        robust = final.get("val_robust_acc")
+        rows.append([method, summary.get("steps_ran", "?"), str(summary["epochs"]), _fmt(summary["mean_epoch_seconds"], " s"),
+                     _fmt(final["val_clean_acc"], "", 3), _fmt(robust, "", 3)])
+    return _table(["method", "steps", "epochs", "s/epoch", "val clean", "val PGD"], rows)
+
+
+def stages_table(path: str | None) -> list[str]:
+    if not path or not os.path.exists(path):
+        return ["(no stage log)"]
+    rows = []
+    with open(path) as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 3:
+                rows.append(parts[:3] + [parts[3] if len(parts) > 3 else ""])
+    return _table(["stage", "result", "seconds", "note"], rows)
+
+
+def render(out_dir: str, prefix: str, stages: str | None) -> str:
+    suites = _load(out_dir, prefix)
+    goals = headline(suites)
+    lines = [f"# lfr_ext GPU check: {prefix}", "", f"Machine: {_machine(suites)}", "", "## Stages", ""]
+    lines += stages_table(stages)
+    lines += ["", "## Headline figures", ""]
+    lines += _table(["figure", "goal", "measured", "met"],
+                    [[g.figure, g.goal, g.shown, {True: "yes", False: "**no**", None: "n/a"}[g.met]] for g in goals])
+    missing = [s for s, data in suites.items() if data is None]
+    if missing:
+        lines += ["", f"Missing suites (failed, timed out or skipped): {', '.join(missing)}."]
+    for title, table in (("Training steps (`bench/bench_step.py`)", step_table),
+                         ("Fused ascent step (`bench/bench_ops.py`)", ops_table),
+                         ("Inner step in gradients (`bench/bench_tangent.py`)", tangent_table),
+                         ("Penalty call (`bench/bench_penalty.py`)", penalty_table),
+                         ("Low precision (`bench/bench_precision.py`)", precision_table)):
+        lines += ["", f"## {title}", ""] + table(suites)
+    lines += ["", "## Training comparison (`lfr-train`, stage 4)", ""]
+    lines += training_table(os.path.join(out_dir, f"{prefix}-train"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--prefix", required=True, help="file prefix of this run's results (<gpu>-<date>)")
+    parser.add_argument("--stages", default=None, help="the stage log written by scripts/gpu_check.sh")
+    args = parser.parse_args(argv)
+    text = render(args.out_dir, args.prefix, args.stages)
+    for name in ("summary.md", f"{args.prefix}-summary.md"):
+        with open(os.path.join(args.out_dir, name), "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
