@@ -7,9 +7,9 @@ One step = inner maximisation + loss + backward + optimizer step, on a fixed bat
 * ``lfr_ext``: ``lfr_ext.lfr_loss`` with its defaults (``hvp="auto"``: the linearized pass);
 * ``lfr_ext_double_backprop``: the same API with ``hvp="double_backprop"``;
 * ``*_captured`` (CUDA only): the step as one CUDA graph (:class:`lfr_ext.CapturedStep` for
-  LFR, the same warm-up + ``torch.cuda.graph`` recipe for the baselines).
+  LFR, :class:`lfr_ext.GraphedStep` for the baselines: the same capture, as in ``lfr-train``).
 
-Setups (the issue's): the authors' MNIST SmallCNN, batch 128, K=40; CIFAR ResNet-18, batch 128,
+Setups: the authors' MNIST SmallCNN, batch 128, K=40; CIFAR ResNet-18, batch 128,
 K=10; the authors' CIFAR ResNet-20, batch 128, K=10. On a CPU the ResNets run with a smaller batch
 (``LFR_BENCH_CPU_BATCH``, default 16) so the suite finishes; every result records its batch.
 ``extra_info`` holds images/s, the ratio to PGD-AT at the same K and capture mode (PGD-AT runs
@@ -59,7 +59,7 @@ _PGD_MEDIAN: dict[tuple[str, bool], float] = {}  # (setup, captured) -> PGD-AT m
 
 def _problem(setup: str):
     factory, shape, batch, steps, eps, step_size, lam = SETUPS[setup]
-    steps = int(os.environ.get("LFR_BENCH_K", steps))  # a quick look; published figures use the issue's K
+    steps = int(os.environ.get("LFR_BENCH_K", steps))  # a quick look; published figures use the setup's K
     torch.manual_seed(0)
     model = factory().to(BENCH_DEVICE).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -67,6 +67,12 @@ def _problem(setup: str):
     y = torch.randint(0, 10, (batch,), device=BENCH_DEVICE)
     cfg = TrainConfig(eps=eps, step_size=step_size, steps=steps, lam=lam)
     return model, optimizer, x, y, cfg
+
+
+def _objective(provider, model, cfg):
+    """A baseline's ``(x, y) -> (loss, ...)``, without the backward and optimizer step."""
+    method = {"plain": plain_step, "pgd_at": pgd_at_step, "trades": trades_step}[provider]
+    return lambda x, y: method(model, x, y, cfg)
 
 
 def _eager_step(provider, model, optimizer, cfg):
@@ -103,20 +109,6 @@ def _graph_pool_bytes(graph: torch.cuda.CUDAGraph) -> int:
     return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", ())) == pool)
 
 
-def _graphed_step(step, x, y, warmup=3):
-    """PyTorch's whole-step capture recipe for a baseline: side-stream warm-up, then capture."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step(x, y)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(x, y)
-    return graph
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("setup", SELECTED)
 def test_training_step(benchmark, setup, provider):
@@ -133,9 +125,11 @@ def test_training_step(benchmark, setup, provider):
         assert step.captured, step.reason
         graph = step.graph
         fn = lambda: step(x, y)  # noqa: E731
-    elif captured:
-        graph = _graphed_step(_eager_step(base, model, optimizer, cfg), x, y)
-        fn = graph.replay
+    elif captured:  # the same capture machinery as LFR's (and lfr-train's): GraphedStep
+        step = lfr_ext.GraphedStep(model, optimizer, _objective(base, model, cfg), x, y)
+        assert step.captured, step.reason
+        graph = step.graph
+        fn = lambda: step(x, y)  # noqa: E731
     else:
         eager = _eager_step(base, model, optimizer, cfg)
         fn = lambda: eager(x, y)  # noqa: E731

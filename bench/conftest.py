@@ -44,6 +44,7 @@ def environment() -> dict:
         "lfr_ext": lfr_ext.__version__,
         "git_sha": _git_sha(),
         "compiled_library": lfr_ext._extension.is_loaded(),
+        "tiny": TINY,
     }
 
 

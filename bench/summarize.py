@@ -19,6 +19,14 @@ from dataclasses import dataclass
 
 SUITES = ("ops", "step", "tangent", "penalty", "precision")
 METHODS = ("lfr", "pgd_at", "trades", "plain")
+# Median ms of one training step at batch 128, measured earlier on an H200 with torch 2.11 (the
+# last row by a prototype of the linearized pass): reference points to read this run against.
+ANCHORS_H200 = {
+    ("smallcnn_mnist_k40", "pgd_at"): 64.3, ("smallcnn_mnist_k40", "pgd_at_captured"): 16.5,
+    ("smallcnn_mnist_k40", "authors_lfr"): 141.6, ("smallcnn_mnist_k40", "lfr_ext_captured"): 33.3,
+    ("resnet18_cifar_k10", "pgd_at"): 52.1, ("resnet18_cifar_k10", "pgd_at_captured"): 44.9,
+    ("resnet18_cifar_k10", "authors_lfr"): 261.8, ("resnet18_cifar_k10", "lfr_ext_captured"): 108.9,
+}
 
 
 @dataclass
@@ -137,6 +145,14 @@ def step_table(suites: dict) -> list[str]:
                    "graph pool"], rows)
 
 
+def anchors_table(suites: dict) -> list[str]:
+    rows = []
+    for (setup, provider), anchor in ANCHORS_H200.items():
+        row = _find(_rows(suites["step"]), setup=setup, provider=provider)
+        rows.append([setup, provider, f"{anchor:.1f} ms", _fmt(None if row is None else _median(row) * 1e3, " ms", 1)])
+    return _table(["setup", "provider", "anchor (H200, torch 2.11; lfr_ext_captured: a prototype)", "this run"], rows)
+
+
 def ops_table(suites: dict) -> list[str]:
     rows = []
     for row in _rows(suites["ops"]):
@@ -206,7 +222,10 @@ def stages_table(path: str | None) -> list[str]:
 def render(out_dir: str, prefix: str, stages: str | None) -> str:
     suites = _load(out_dir, prefix)
     goals = headline(suites)
-    lines = [f"# lfr_ext GPU check: {prefix}", "", f"Machine: {_machine(suites)}", "", "## Stages", ""]
+    lines = [f"# lfr_ext GPU check: {prefix}", "", f"Machine: {_machine(suites)}", ""]
+    if any(data and data["machine_info"].get("lfr_ext_environment", {}).get("tiny") for data in suites.values()):
+        lines += ["**Tiny sizes (LFR_BENCH_TINY=1): a check that every stage runs; the figures measure nothing.**", ""]
+    lines += ["## Stages", ""]
     lines += stages_table(stages)
     lines += ["", "## Headline figures", ""]
     lines += _table(["figure", "goal", "measured", "met"],
@@ -215,6 +234,7 @@ def render(out_dir: str, prefix: str, stages: str | None) -> str:
     if missing:
         lines += ["", f"Missing suites (failed, timed out or skipped): {', '.join(missing)}."]
     for title, table in (("Training steps (`bench/bench_step.py`)", step_table),
+                         ("Against the anchors", anchors_table),
                          ("Fused ascent step (`bench/bench_ops.py`)", ops_table),
                          ("Inner step in gradients (`bench/bench_tangent.py`)", tangent_table),
                          ("Penalty call (`bench/bench_penalty.py`)", penalty_table),
