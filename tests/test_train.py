@@ -197,3 +197,18 @@ def test_gpu_training_captures_every_method(tmp_path, method):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps_ran"] == "captured" and summary["device"].startswith("cuda")
     assert all(math.isfinite(row["train_loss"]) for row in result.history)
+
+
+@requires_cuda
+def test_validation_monitor_same_attack_on_gpu_and_cpu():
+    """The robust monitor's PGD start comes from a private CPU generator: on a GPU it must draw
+    the same start (and so give the same accuracy, up to GPU arithmetic) as on the CPU."""
+    from lfr_ext.models import SmallCNN
+    from lfr_ext.training.monitor import validation_accuracies
+
+    torch.manual_seed(0)
+    model = SmallCNN(zero_init_last=False).eval()
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    on_cpu = validation_accuracies(model, x, y, robust_size=64, eps=0.1, steps=3, seed=0)
+    on_gpu = validation_accuracies(model.cuda(), x.cuda(), y.cuda(), robust_size=64, eps=0.1, steps=3, seed=0)
+    assert on_cpu[0] == on_gpu[0] and abs(on_cpu[1] - on_gpu[1]) <= 2 / 64

@@ -35,8 +35,10 @@ class StepOutput(NamedTuple):
 def pgd_linf_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Madry et al.'s L-inf PGD on the cross-entropy from a uniform random start: (B, ...) in
-    [0, 1]. The model's mode is the caller's business. ``generator`` fixes the start."""
-    delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
+    [0, 1]. The model's mode is the caller's business. ``generator`` fixes the start; it may
+    live on another device than ``x`` (a CPU generator gives the same start on every device)."""
+    noise_device = x.device if generator is None else generator.device
+    delta = torch.empty(x.shape, dtype=x.dtype, device=noise_device).uniform_(-eps, eps, generator=generator).to(x.device)
     x_adv = (x + delta).clamp(0.0, 1.0)
     for _ in range(steps):
         x_adv.requires_grad_(True)
