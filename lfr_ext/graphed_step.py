@@ -53,8 +53,14 @@ What it does on your behalf, and how it undoes it:
   holds that step's gradient, in the graph's own buffers.
 
 It runs the same step eagerly, with one warning saying why, when capture is impossible: CPU
-tensors, an optimizer built with ``capturable=False``, a step that synchronises with the host,
-or a failed capture. A batch whose shape, dtype or device differs from the example's runs
+tensors, an optimizer built with ``capturable=False`` (fused or not: ``Optimizer.step`` refuses
+a capture then), optimizer state kept on the host (Adagrad's step counters), a step that
+synchronises with the host, or a failed capture.
+
+Two things a capture cannot follow: ``model.load_state_dict`` / ``optimizer.load_state_dict``
+after it *replace* tensors the graph reads and writes (load before building the step, or build
+a new one); and hooks on the parameters' gradient accumulators, such as DistributedDataParallel's
+all-reduce hooks, do not fire on the fresh leaves the capture uses. A batch whose shape, dtype or device differs from the example's runs
 eagerly too (one warning; :meth:`GraphedStep.eager` runs a step eagerly without one).
 """
 
@@ -68,6 +74,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from ._cuda import is_host_sync_error
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple]
 
@@ -178,11 +186,16 @@ class GraphedStep:
             with torch.cuda.device(device), fresh_parameter_leaves(self.model) as leaves:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(self.warmup_steps - 1):
-                        self._leaf_step(leaves)
-                    problem = self._host_sync_in_step(leaves)
-                torch.cuda.current_stream().wait_stream(side)
+                try:
+                    with torch.cuda.stream(side):
+                        for _ in range(self.warmup_steps - 1):
+                            self._leaf_step(leaves)
+                        problem = host_state_problem(self.optimizer) or self._host_sync_in_step(leaves)
+                except Exception as error:
+                    self.reason = f"the warm-up step raised {type(error).__name__}: {error}"
+                    raise
+                finally:
+                    torch.cuda.current_stream().wait_stream(side)  # the restore below runs after it
                 if problem is not None:
                     self._give_up(problem)
                     return
@@ -199,11 +212,11 @@ class GraphedStep:
                                   "another stream's work is entangled with the step")
                     return
                 self._static_grads = [(param, leaf.grad) for param, leaf in leaves if leaf.grad is not None]
+                torch.cuda.synchronize()
             self.static_out = _detached(out)
             self.graph = graph
             self._captured_with = baked_settings(self.optimizer, self.model)
             self._replays_since_capture = 0
-            torch.cuda.synchronize()
         finally:
             saved.restore(self.model, self.optimizer, self._static_grads if self.graph is not None else None)
         if not _fresh_state_is_exact(self.optimizer):
@@ -229,7 +242,7 @@ class GraphedStep:
         try:
             self._leaf_step(leaves)
         except RuntimeError as error:
-            if "synchroniz" not in str(error):
+            if not is_host_sync_error(error):
                 raise
             return (f"the step synchronises with the host ({error}), which a CUDA graph cannot capture: an .item(), "
                     "a data-dependent shape, or an optimizer reading a tensor hyper-parameter on the host")
@@ -271,7 +284,7 @@ def _reads_device_tensors_in_the_graph(optimizer: torch.optim.Optimizer, group: 
     if isinstance(optimizer, torch.optim.SGD):
         return bool(group.get("fused"))
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return bool(group.get("capturable") or group.get("fused"))
+        return bool(group.get("capturable"))
     return None
 
 
@@ -281,13 +294,28 @@ def capture_problem(optimizer: torch.optim.Optimizer, device: torch.device) -> s
         return f"CUDA graphs need CUDA tensors, got {device}"
     name = type(optimizer).__name__
     for group in optimizer.param_groups:
-        if group.get("capturable") is False and not group.get("fused"):
+        # Optimizer.step() raises inside a capture unless capturable=True, fused or not.
+        if group.get("capturable") is False:
             return f"{name} was built with capturable=False; construct it with capturable=True to capture its step"
         on_device = sorted(k for k, v in group.items() if k != "params" and _holds_device_tensor(v))
         if on_device and _reads_device_tensors_in_the_graph(optimizer, group) is False:
             fix = "SGD(..., fused=True)" if isinstance(optimizer, torch.optim.SGD) else f"{name}(..., capturable=True)"
             return (f"{name} reads its GPU tensor {', '.join(on_device)} on the host (.item()) in every step, which a "
                     f"CUDA graph cannot do; construct {fix}, which reads it from device memory")
+    return None
+
+
+def host_state_problem(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why the optimizer's state, as a warm-up left it, cannot live in a graph: state tensors on
+    the CPU next to GPU parameters (step counters of optimizers without a ``capturable`` mode,
+    such as Adagrad) are updated by host arithmetic that a capture would freeze."""
+    for param, state in optimizer.state.items():
+        if param.device.type == "cpu":
+            continue
+        on_host = sorted(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu")
+        if on_host:
+            return (f"{type(optimizer).__name__} keeps {', '.join(on_host)} on the CPU and updates it on the host, "
+                    "which a CUDA graph would freeze; use an optimizer with capturable=True")
     return None
 
 

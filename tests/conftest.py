@@ -23,6 +23,7 @@ def requires_cuda(test):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: expensive checks (large tensors, long runs); run with -m slow")
     config.addinivalue_line("markers", "cuda: a GPU test (select them with -m cuda)")
+    config.addinivalue_line("markers", "multi_gpu: needs several GPUs (may skip under LFR_EXT_REQUIRE_GPU=1)")
     if REQUIRE_GPU and not HAS_CUDA:
         raise pytest.UsageError("LFR_EXT_REQUIRE_GPU=1, but torch sees no CUDA GPU")
 
@@ -44,7 +45,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if REQUIRE_GPU and report.skipped and "cuda" in item.keywords and "slow" not in item.keywords:
+    exempt = "slow" in item.keywords or "multi_gpu" in item.keywords
+    if REQUIRE_GPU and report.skipped and "cuda" in item.keywords and not exempt:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"LFR_EXT_REQUIRE_GPU=1 and this GPU test was skipped: {reason}"

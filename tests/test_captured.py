@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import lfr_ext
-from lfr_ext.graphed_step import GraphedStep, baked_settings, capture_problem, fresh_parameter_leaves
+from lfr_ext.graphed_step import (
+    GraphedStep,
+    baked_settings,
+    capture_problem,
+    fresh_parameter_leaves,
+    host_state_problem,
+)
 from lfr_ext.models import ResNet20, SmallCNN
 
 from conftest import requires_cuda
@@ -139,10 +145,22 @@ def test_capture_problem_names_host_reads_of_tensor_hyperparameters():
     assert capture_problem(_on_device_lr(torch.optim.Adam(_params(), lr=0.1, capturable=True)), cuda) is None
     assert capture_problem(_on_device_lr(torch.optim.AdamW(_params(), lr=0.1, capturable=True)), cuda) is None
     assert "capturable=True" in capture_problem(torch.optim.Adam(_params(), lr=0.1), cuda)
-    assert capture_problem(torch.optim.Adam(_params(), lr=0.1, fused=True), cuda) is None
+    # Optimizer.step() refuses a capture unless capturable=True, fused or not.
+    assert "capturable=True" in capture_problem(torch.optim.Adam(_params(), lr=0.1, fused=True), cuda)
+    assert capture_problem(torch.optim.Adam(_params(), lr=0.1, fused=True, capturable=True), cuda) is None
     # A CPU tensor is read at launch: capturable (its value is baked in, see the next test).
     assert capture_problem(torch.optim.SGD(_params(), lr=torch.tensor(0.1)), cuda) is None
     assert "CUDA graphs need CUDA tensors" in capture_problem(torch.optim.SGD(_params(), lr=0.1), torch.device("cpu"))
+
+
+def test_host_state_problem_names_state_kept_on_the_cpu():
+    """Adagrad keeps its step counters on the CPU and updates them on the host: a graph would
+    freeze them. (A meta parameter stands in for a GPU one.)"""
+    cpu_param = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.Adagrad([cpu_param], lr_decay=0.1)
+    assert host_state_problem(opt) is None
+    opt.state[nn.Parameter(torch.zeros(3, device=META))] = {"step": torch.tensor(1.0), "sum": torch.zeros(3, device=META)}
+    assert "keeps step on the CPU" in host_state_problem(opt)
 
 
 def test_baked_settings_hold_cpu_tensor_values_and_module_modes():
@@ -258,12 +276,13 @@ def test_captured_engine_equals_eager_double_backprop_fp64():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     step = lfr_ext.CapturedStep(model, opt, x, y, **KW)
     assert step.captured, step.reason
+    reference = copy.deepcopy(model)  # before the replay updates the BatchNorm running statistics
     torch.manual_seed(5)
     out = step(x, y)
     grads = [p.grad.clone() for p in model.parameters()]
     torch.manual_seed(5)
-    ref = lfr_ext.lfr_loss(model, x, y, hvp="double_backprop", **KW)
-    ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()))
+    ref = lfr_ext.lfr_loss(reference, x, y, hvp="double_backprop", **KW)
+    ref_grads = torch.autograd.grad(ref.loss, list(reference.parameters()))
     torch.testing.assert_close(out.penalty, ref.penalty.detach(), rtol=1e-10, atol=0)
     torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=1e-10, atol=0)
     for (name, _), got, want in zip(model.named_parameters(), grads, ref_grads):

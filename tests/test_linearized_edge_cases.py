@@ -192,3 +192,21 @@ def test_dropout_rule_draws_what_the_unrecorded_call_draws(device, inplace, layo
     assert torch.equal(out, expected)
     v = torch.randn_like(x)
     torch.testing.assert_close(tape.tangent(v, out), v * (expected != 0) / 0.6)
+
+
+def test_host_sync_error_inside_a_rule_is_not_an_uncovered_op(monkeypatch):
+    """Under torch.cuda.set_sync_debug_mode("error") (GraphedStep's host-sync check) a rule's
+    synchronising call must surface as that error, not as an uncovered op, which would send
+    hvp='auto' to double backprop for good."""
+    from lfr_ext._cuda import SYNC_ERROR
+    from lfr_ext.linearized import rules
+
+    def syncing_relu(tape, func, name, args, kwargs):
+        raise RuntimeError(SYNC_ERROR)
+
+    for name in ("torch.relu", "torch.nn.functional.relu"):
+        monkeypatch.setitem(rules.RULES, name, syncing_relu)
+    x = torch.rand(2, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match=SYNC_ERROR) as caught, TangentTape(x):
+        torch.relu(x * 2.0)
+    assert not isinstance(caught.value, lfr_ext.linearized.UnsupportedOpError)

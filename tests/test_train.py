@@ -188,7 +188,7 @@ def test_gpu_training_captures_every_method(tmp_path, method):
     re-captures); nothing falls back to eager."""
     import warnings
 
-    cfg = tiny_config(method)
+    cfg = tiny_config(method, milestones=[1])  # lr drops after epoch 1: the key changes, a re-capture
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = train(cfg, str(tmp_path), device="cuda", progress=False, log=lambda s: None)

@@ -131,6 +131,7 @@ def test_device_guard_targets_the_tensors_device():
     assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
 
 
+@pytest.mark.multi_gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_launch_on_the_second_gpu():
     x, x_adv, h, g = make_inputs((4, 3, 7, 5), torch.float32, "cuda:1")

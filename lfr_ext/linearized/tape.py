@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch.overrides import TorchFunctionMode, resolve_name
 
+from .._cuda import is_host_sync_error
 from .rules import RULES, UnsupportedOpError, is_metadata_output
 
 _NAMES: dict = {}
@@ -147,7 +148,10 @@ class TangentTape(TorchFunctionMode):
             return rule(self, func, name, args, kwargs)
         except UnsupportedOpError:
             raise
-        except Exception as error:  # a call shape the rule does not know: refuse, never guess
+        except Exception as error:
+            if is_host_sync_error(error):  # torch.cuda.set_sync_debug_mode("error"): not the rule's fault
+                raise
+            # A call shape the rule does not know: refuse, never guess.
             raise UnsupportedOpError(f"{name} ({type(error).__name__}: {error})") from error
 
     # -- replay ----------------------------------------------------------------------
