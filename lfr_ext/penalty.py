@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .distributed import check_data_parallel, unwrapped
 from .hvp import HVP_METHODS, HVPPlan
 from ._state import frozen_running_stats, module_modes, preserved_state, restore_modes, set_eval
 from ._validation import (
@@ -69,8 +70,10 @@ class _Config(NamedTuple):
     impl: str
 
 
-def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip, generator, hvp, impl, validate):
-    """Check every argument (before any work) and resolve the implementation choices."""
+def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip, generator, hvp, impl, validate,
+               penalty_mode=None):
+    """Check every argument (before any work) and resolve the implementation choices. ``model``
+    may be DDP-wrapped; the engine is planned for the module it wraps (see :mod:`lfr_ext.distributed`)."""
     q = normalize_q(q)
     eps, step_size, steps, init_std, clip = check_attack_args(
         eps=eps, step_size=step_size, steps=steps, init_std=init_std, clip=clip
@@ -80,12 +83,13 @@ def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (logits, y) -> (B,) losses, got {type(loss_fn).__name__}")
+    check_data_parallel(model, penalty_mode)
     if validate:
         check_model_and_data(model, x, y, clip, default_loss=loss_fn is None, generator=generator)
     chosen_impl = ops.resolve_impl(impl, x.device, x.dtype)
     # The double-backprop paths take per-sample norms with the fused, twice-differentiable op.
     norm_fn = grad_norm_reference if chosen_impl == "reference" else functools.partial(ops.grad_norm, impl=chosen_impl)
-    plan = HVPPlan(hvp, model, default_loss=loss_fn is None, norm_fn=norm_fn)
+    plan = HVPPlan(hvp, unwrapped(model), default_loss=loss_fn is None, norm_fn=norm_fn)
     return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, plan, chosen_impl)
 
 
@@ -186,14 +190,16 @@ def flatness_penalty(
     reduction = check_reduction(reduction)
     penalty_mode = check_penalty_mode(penalty_mode)
     cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
-                     init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate)
+                     init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate,
+                     penalty_mode=penalty_mode)
+    net = unwrapped(model)  # every pass here runs on the module a DDP wrapper holds
     if x.shape[0] == 0:
-        return _empty_penalty(model, x, reduction)
-    with preserved_state(model):
-        modes = module_modes(model)
-        set_eval(model)
-        x_adv, _ = _ascend(model, x, y, cfg)
-        per_sample = _penalty_pass(model, x_adv, y, cfg, penalty_mode, modes, reduction)
+        return _empty_penalty(net, x, reduction)
+    with preserved_state(net):
+        modes = module_modes(net)
+        set_eval(net)
+        x_adv, _ = _ascend(net, x, y, cfg)
+        per_sample = _penalty_pass(net, x_adv, y, cfg, penalty_mode, modes, reduction)
     return _reduce(per_sample, reduction)
 
 
@@ -229,23 +235,26 @@ def lfr_loss(
     check_lam(lam)
     penalty_mode = check_penalty_mode(penalty_mode)
     cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
-                     init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate)
+                     init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate,
+                     penalty_mode=penalty_mode)
+    net = unwrapped(model)  # the ascent and the penalty pass run on the module a DDP wrapper holds
     if x.shape[0] == 0:
-        zero = _empty_penalty(model, x, "mean")
+        zero = _empty_penalty(net, x, "mean")
         return LFRLoss(zero, zero, zero, x.new_zeros(0))
-    with preserved_state(model):
-        modes = module_modes(model)
-        set_eval(model)
-        x_adv, _ = _ascend(model, x, y, cfg)
+    with preserved_state(net):
+        modes = module_modes(net)
+        set_eval(net)
+        x_adv, _ = _ascend(net, x, y, cfg)
         restore_modes(modes)
-    # The clean forward is outside preserved_state on purpose: it is the caller's own forward.
+    # The clean forward is outside preserved_state on purpose: it is the caller's own forward, and
+    # through a DDP wrapper it prepares the gradient synchronisation of the step's backward.
     logits = model(x)
     natural_loss = cfg.loss_fn(logits, y)
     if natural_loss.shape != (x.shape[0],):
         raise ValueError(f"loss_fn must return one loss per sample, shape ({x.shape[0]},), got {tuple(natural_loss.shape)}")
     natural_loss = natural_loss.mean()
-    with preserved_state(model):
-        penalty = _penalty_pass(model, x_adv, y, cfg, penalty_mode, modes, "mean").mean()
+    with preserved_state(net):
+        penalty = _penalty_pass(net, x_adv, y, cfg, penalty_mode, modes, "mean").mean()
     return LFRLoss(natural_loss + lam * penalty, natural_loss, penalty, logits)
 
 
@@ -275,13 +284,14 @@ def local_flatness(
     """
     cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
                      init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate)
+    net = unwrapped(model)
     if x.shape[0] == 0:
         return x.new_zeros(0)
-    with preserved_state(model), torch.enable_grad():
-        set_eval(model)
-        x_adv, path_norms = _ascend(model, x.detach(), y, cfg)
+    with preserved_state(net), torch.enable_grad():
+        set_eval(net)
+        x_adv, path_norms = _ascend(net, x.detach(), y, cfg)
         x_final = x_adv.detach().requires_grad_(True)
-        final_norm = grad_norm_reference(input_gradient(model, x_final, y, cfg.loss_fn, create_graph=False), cfg.q)
+        final_norm = grad_norm_reference(input_gradient(net, x_final, y, cfg.loss_fn, create_graph=False), cfg.q)
     return torch.cat([path_norms, final_norm[None]]).amax(dim=0).detach()
 
 

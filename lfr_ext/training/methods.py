@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lfr_ext
+from lfr_ext.distributed import unwrapped
 
 from .config import TrainConfig
 
@@ -76,18 +77,20 @@ def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCon
 
 
 def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
-    """Madry et al. (2018): mean CE on PGD adversarial examples only."""
+    """Madry et al. (2018): mean CE on PGD adversarial examples only. The attack runs on the
+    module a DDP wrapper holds (no gradient synchronisation needed), the loss through ``model``."""
     model.eval()
-    x_adv = pgd_linf_ce(model, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
+    x_adv = pgd_linf_ce(unwrapped(model), x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
     model.train()
     logits = model(x_adv)
     return StepOutput(F.cross_entropy(logits, y), logits, _nan(x))
 
 
 def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
-    """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x')) / B."""
+    """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x')) / B; the attack on the module
+    a DDP wrapper holds, both loss forwards through ``model``."""
     model.eval()
-    x_adv = trades_attack(model, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
+    x_adv = trades_attack(unwrapped(model), x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
     model.train()
     logits = model(x)
     kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
@@ -95,7 +98,8 @@ def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
 
 
 def lfr_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
-    """Xu et al. (2020): mean CE + lam * local-flatness penalty, via :func:`lfr_ext.lfr_loss`."""
+    """Xu et al. (2020): mean CE + lam * local-flatness penalty, via :func:`lfr_ext.lfr_loss`
+    (which takes a DDP-wrapped model)."""
     # validate=False: the trainer checks the data once (validation would sync every step).
     out = lfr_ext.lfr_loss(model, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
                            validate=False)
