@@ -57,10 +57,12 @@ tensors, an optimizer built with ``capturable=False`` (fused or not: ``Optimizer
 a capture then), optimizer state kept on the host (Adagrad's step counters), a step that
 synchronises with the host, or a failed capture.
 
-Two things a capture cannot follow: ``model.load_state_dict`` / ``optimizer.load_state_dict``
-after it *replace* tensors the graph reads and writes (load before building the step, or build
-a new one); and hooks on the parameters' gradient accumulators, such as DistributedDataParallel's
-all-reduce hooks, do not fire on the fresh leaves the capture uses. A batch whose shape, dtype or device differs from the example's runs
+A DistributedDataParallel model is captured on its own parameters (DDP's all-reduce hooks live
+on their gradient accumulators, so the fresh leaves cannot be used: build DDP on a side stream,
+as :func:`lfr_ext.training.parallel.wrap` does, and keep no autograd graph alive from an
+earlier step), after at least 11 DDP warm-up steps (PyTorch's CUDA-graphs notes); NCCL captures
+its collectives. ``model.load_state_dict`` / ``optimizer.load_state_dict`` after a capture
+*replace* tensors the graph reads and writes: load before building the step, or build a new one. A batch whose shape, dtype or device differs from the example's runs
 eagerly too (one warning; :meth:`GraphedStep.eager` runs a step eagerly without one).
 """
 
@@ -74,6 +76,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ._cuda import is_host_sync_error
 
@@ -183,12 +186,12 @@ class GraphedStep:
         saved = _TrainingState.save(self.model, self.optimizer, device)
         graph = None
         try:
-            with torch.cuda.device(device), fresh_parameter_leaves(self.model) as leaves:
+            with torch.cuda.device(device), _capture_leaves(self.model) as leaves:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 try:
                     with torch.cuda.stream(side):
-                        for _ in range(self.warmup_steps - 1):
+                        for _ in range(self._warmup_steps() - 1):
                             self._leaf_step(leaves)
                         problem = host_state_problem(self.optimizer) or self._host_sync_in_step(leaves)
                 except Exception as error:
@@ -223,6 +226,10 @@ class GraphedStep:
             self._warn_once("optimizer", f"{type(self).__name__}: the warm-up's {type(self.optimizer).__name__} state "
                             "was reset by zeroing, which equals a fresh state only for SGD without dampening, Adam "
                             "and AdamW")
+
+    def _warmup_steps(self) -> int:
+        # PyTorch's CUDA-graphs notes: DDP needs at least 11 eager iterations before a capture.
+        return max(self.warmup_steps, 11) if isinstance(self.model, DistributedDataParallel) else self.warmup_steps
 
     def _leaf_step(self, leaves: list[tuple[nn.Parameter, nn.Parameter]]):
         """One step on the fresh leaves: their gradients become the parameters' ``.grad``."""
@@ -359,6 +366,14 @@ def _fresh_state_is_exact(optimizer: torch.optim.Optimizer) -> bool:
 # ------------------------------------------------------------------------------------------
 # Fresh leaves and the state a warm-up must leave as it found it
 # ------------------------------------------------------------------------------------------
+def _capture_leaves(model: nn.Module):
+    """The leaves a capture trains: fresh ones (:func:`fresh_parameter_leaves`), except under
+    DDP, whose gradient all-reduce hooks live on the parameters' own accumulators."""
+    if isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext([(p, p) for p in model.parameters() if p.requires_grad])
+    return fresh_parameter_leaves(model)
+
+
 @contextlib.contextmanager
 def fresh_parameter_leaves(model: nn.Module):
     """Inside the block, every trainable parameter of ``model`` is replaced, in every module that

@@ -5,6 +5,7 @@
     lfr-train --data mnist --data-dir ~/data   # the authors' MNIST preset (eps 0.3, 40 x 0.01)
     lfr-train --data cifar10 --data-dir ~/data --full --device cuda   # authors' CIFAR-10 ResNet-20
     lfr-train ... --resume                     # continue the same command's run after a crash
+    torchrun --nproc_per_node=4 -m lfr_ext.train --full --device cuda   # 4 GPUs, DDP (gloo on CPU)
 
 Every preset value can be overridden by its flag; the resolved configuration is saved in the
 run folder (``--out``, default ``runs/<data>-<model>-<method>-<budget>-seed<seed>``).
@@ -22,6 +23,7 @@ from .data import DATASETS
 from .models import MODELS
 from .training import BUDGETS, METHODS, PRESETS, resolve_config, train
 from .training.config import SCHEDULES
+from .training.parallel import launched_by_torchrun
 
 # Flags that map one-to-one onto TrainConfig fields: (flag, type, help).
 CONFIG_FLAGS = [
@@ -89,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         out_dir = args.out or default_out_dir(cfg)
-        print(f"lfr-train: {cfg.method} on {cfg.data} ({cfg.budget} budget), {cfg.model}, eps {cfg.eps:g}, "
-              f"{cfg.steps} x {cfg.step_size:g}, {cfg.epochs} epochs -> {out_dir}", flush=True)
+        say(f"lfr-train: {cfg.method} on {cfg.data} ({cfg.budget} budget), {cfg.model}, eps {cfg.eps:g}, "
+            f"{cfg.steps} x {cfg.step_size:g}, {cfg.epochs} epochs -> {out_dir}"
+            + (f" on {os.environ['WORLD_SIZE']} ranks" if launched_by_torchrun() else ""))
         result = train(cfg, out_dir, resume=args.resume, device=args.device, data_dir=args.data_dir,
                        progress=not args.no_progress)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
@@ -99,11 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     best = result.history[result.best_epoch - 1] if result.best_epoch else None
     if best is not None:
         robust = "" if best["val_robust_acc"] != best["val_robust_acc"] else f", val robust {best['val_robust_acc']:.3f}"
-        print(f"done: best epoch {result.best_epoch} (val clean {best['val_clean_acc']:.3f}{robust}); "
-              f"checkpoints in {out_dir}")
+        say(f"done: best epoch {result.best_epoch} (val clean {best['val_clean_acc']:.3f}{robust}); "
+            f"checkpoints in {out_dir}")
     else:
-        print(f"done: no epoch qualified as best (every epoch at chance level); checkpoints in {out_dir}")
+        say(f"done: no epoch qualified as best (every epoch at chance level); checkpoints in {out_dir}")
     return 0
+
+
+def say(message: str) -> None:
+    """Print on rank 0 only (every process of a torchrun job runs this command)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
 
 
 if __name__ == "__main__":

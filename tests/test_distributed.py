@@ -17,8 +17,10 @@ from lfr_ext.models import SmallCNN
 from lfr_ext.training.config import TrainConfig
 from lfr_ext.training.methods import METHOD_STEPS
 
-from dist_helpers import relative_errors, run_on_ranks
+from conftest import requires_cuda
+from dist_helpers import free_port, relative_errors, run_on_ranks
 from models_for_tests import TinyResNet
+from test_captured import exact_fp32  # noqa: F401  (fixture: TF32 off, restored)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -94,3 +96,71 @@ def _refusals_on_ranks(rank, world):
 
 def test_wrappers_that_would_be_wrong_are_refused():
     run_on_ranks(_refusals_on_ranks, 2)
+
+
+def _running_statistics_on_ranks(rank, world):
+    from lfr_ext.training import parallel
+
+    ranks = parallel.Ranks(rank, world)
+    model = TinyResNet()
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.fill_(float(rank))
+            bn.running_var.fill_(1.0 + 2 * rank)
+    parallel.average_running_statistics(model, ranks)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert torch.equal(bn.running_mean, torch.full_like(bn.running_mean, (world - 1) / 2))
+        assert torch.equal(bn.running_var, torch.full_like(bn.running_var, float(world)))
+    gathered = parallel.gather_objects({"rank": rank}, ranks)
+    assert gathered == [{"rank": r} for r in range(world)]
+
+
+def test_running_statistics_averaged_across_ranks():
+    run_on_ranks(_running_statistics_on_ranks, 2)
+
+
+def test_global_batches_are_split_evenly_and_tiny_ones_skipped():
+    from lfr_ext.training import parallel
+
+    two = [parallel.Ranks(r, 2) for r in range(2)]
+    batch = torch.arange(10, 18)
+    assert [parallel.shard(batch, r).tolist() for r in two] == [[10, 11, 12, 13], [14, 15, 16, 17]]
+    assert parallel.shard(torch.arange(1), two[1]) is None  # fewer images than ranks: skipped
+    assert parallel.shard(batch, parallel.Ranks()) is batch
+    assert len({parallel.rank_seed(0, r) for r in range(8)}) == 8
+
+
+@requires_cuda
+def test_ddp_with_nccl_on_one_gpu_is_captured_and_steps_like_eager(exact_fp32):
+    """The GPU stand-in for many GPUs: NCCL at world size 1. CapturedStep captures a DDP model
+    on its own parameters (DDP's hooks), after DDP's warm-up, and replays what eager steps do."""
+    import torch.distributed as dist
+
+    from lfr_ext.training.parallel import data_parallel
+
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = SmallCNN(drop=0.3, zero_init_last=False).cuda().train()
+        twin = copy.deepcopy(model)
+        x, y = torch.rand(8, 1, 28, 28, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+        kw = dict(lam=0.02, eps=0.1, step_size=0.02, steps=3)
+        ddp = data_parallel(model, torch.device("cuda", 0))
+        step = lfr_ext.CapturedStep(ddp, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), x, y, **kw)
+        assert step.captured, step.reason
+        twin_opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+        torch.manual_seed(3)
+        got = [step(x, y).loss.clone() for _ in range(2)]
+        torch.manual_seed(3)
+        expected = []
+        for _ in range(2):
+            out = lfr_ext.lfr_loss(twin, x, y, **kw)
+            twin_opt.zero_grad()
+            out.loss.backward()
+            twin_opt.step()
+            expected.append(out.loss.detach())
+        torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=1e-4, atol=1e-6)
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

@@ -37,6 +37,7 @@ from ..models import build_model
 from .checkpoint import atomic_torch_save, atomic_write_text, capture_rng_states, load_checkpoint, restore_rng_states
 from .config import TrainConfig
 from .data_order import epoch_batches, generator_for, random_crop_flip, split_train_val
+from . import parallel
 from .methods import METHOD_STEPS
 from .monitor import collapse_message, nan_to_none, validation_accuracies, write_metrics
 from .step import GPU_SYNC_EVERY, RunningTotals, TrainingStep
@@ -96,13 +97,33 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str =
           progress: bool = True, log: Callable[[str], None] = print, batch_hook: BatchHook | None = None) -> TrainResult:
     """Train ``cfg.method`` into ``out_dir``; continue from ``out_dir/last.pt`` if ``resume``.
 
+    Under ``torchrun`` with several processes every rank trains its share of each batch with
+    DistributedDataParallel and rank 0 writes the run folder (see :mod:`.parallel`); a group
+    that torchrun restarted resumes by itself.
+
     Raises FileExistsError when ``out_dir`` already holds a checkpoint and ``resume`` is False,
-    and ValueError when resuming under a different configuration.
+    and ValueError when resuming under a different configuration or world size.
     """
     cfg.validate()
     dev = resolve_device(device)
+    with parallel.process_group(dev) as ranks:
+        return _train(cfg, out_dir, resume=resume or parallel.restarted_by_torchrun(), dev=parallel.device_for(dev, ranks),
+                      ranks=ranks, data_dir=data_dir, progress=progress and ranks.main,
+                      log=log if ranks.main else _silent, batch_hook=batch_hook)
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, ranks: parallel.Ranks,
+           data_dir: str | None, progress: bool, log: Callable[[str], None], batch_hook: BatchHook | None) -> TrainResult:
+    if ranks.parallel and cfg.batch_size % ranks.world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {ranks.world} ranks: every rank trains "
+                         "an equal share of each batch")
     info = DATASETS[cfg.data]
-    os.makedirs(out_dir, exist_ok=True)
+    if ranks.main:
+        os.makedirs(out_dir, exist_ok=True)
     last_path = os.path.join(out_dir, "last.pt")
     checkpoint = None
     if os.path.exists(last_path):
@@ -111,6 +132,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str =
                                   "or choose another --out")
         checkpoint = load_checkpoint(last_path)
         mismatch = _config_mismatch(checkpoint["config"], cfg)
+        if checkpoint.get("world_size", 1) != ranks.world:
+            mismatch.append(f"world size: saved {checkpoint.get('world_size', 1)}, now {ranks.world}")
         if mismatch:
             raise ValueError(f"cannot resume {out_dir} under a different configuration: " + "; ".join(mismatch))
     elif resume:
@@ -121,6 +144,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str =
     seed_everything(cfg.seed)
     model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes,
                         image_size=info.image_size).to(dev)
+    if ranks.parallel:
+        torch.manual_seed(parallel.rank_seed(cfg.seed, ranks.rank))  # each rank its own draws
     optimizer, scheduler = make_optimizer(model, cfg)
     history: list[dict] = []
     best_robust, best_epoch = -math.inf, None
@@ -128,15 +153,19 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str =
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        restore_rng_states(checkpoint["rng"])
+        restore_rng_states(checkpoint["rng_per_rank"][ranks.rank] if ranks.parallel else checkpoint["rng"])
         history, best_robust, best_epoch = checkpoint["history"], checkpoint["best_robust"], checkpoint["best_epoch"]
         log(f"{out_dir}: resuming after epoch {checkpoint['epoch']} of {cfg.epochs}")
-    atomic_write_text(os.path.join(out_dir, "config.json"), cfg.to_json())
+    if ranks.main:
+        atomic_write_text(os.path.join(out_dir, "config.json"), cfg.to_json())
+    wrapped = parallel.wrap(model, dev, ranks)
 
-    training_step = TrainingStep(model, optimizer, METHOD_STEPS[cfg.method], cfg, dev)
+    training_step = TrainingStep(wrapped, optimizer, METHOD_STEPS[cfg.method], cfg, dev)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        train_stats = _train_one_epoch(model, training_step, x_train, y_train, cfg, epoch, dev, progress, batch_hook)
+        train_stats = _train_one_epoch(wrapped, training_step, x_train, y_train, cfg, epoch, dev, ranks, progress,
+                                       batch_hook)
+        parallel.average_running_statistics(model, ranks)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val_clean, val_robust = validation_accuracies(
@@ -151,14 +180,19 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str =
         score = val_robust if not math.isnan(val_robust) else val_clean
         if not row["collapse"] and score > best_robust:
             best_robust, best_epoch, row["is_best"] = score, epoch, True
-            atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "config": json.loads(cfg.to_json()),
-                               "metrics": row}, os.path.join(out_dir, "best.pt"))
-        atomic_torch_save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": capture_rng_states(), "epoch": epoch, "history": history, "best_robust": best_robust,
-            "best_epoch": best_epoch, "config": json.loads(cfg.to_json()),
-        }, last_path)
-        write_metrics(history, os.path.join(out_dir, "metrics.csv"), os.path.join(out_dir, "metrics.json"))
+            if ranks.main:
+                atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "config": json.loads(cfg.to_json()),
+                                   "metrics": row}, os.path.join(out_dir, "best.pt"))
+        rng_per_rank = parallel.gather_objects(capture_rng_states(), ranks)
+        if ranks.main:
+            atomic_torch_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_per_rank[0], "epoch": epoch, "history": history, "best_robust": best_robust,
+                "best_epoch": best_epoch, "config": json.loads(cfg.to_json()), "world_size": ranks.world,
+                **({"rng_per_rank": rng_per_rank} if ranks.parallel else {}),
+            }, last_path)
+            write_metrics(history, os.path.join(out_dir, "metrics.csv"), os.path.join(out_dir, "metrics.json"))
+        parallel.barrier(ranks)  # a rank that dies from here on resumes from this checkpoint
         log(_epoch_line(cfg, row))
         if row["collapse"]:
             log(f"WARNING {cfg.method}: {row['collapse']}")
@@ -168,8 +202,10 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str =
                "collapsed_epochs": [h["epoch"] for h in history if h["collapse"].startswith("COLLAPSE")],
                "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),
                "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "steps_ran": training_step.describe()}
-    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(nan_to_none(summary), indent=2))
+               "steps_ran": training_step.describe(), "world_size": ranks.world,
+               "per_rank_batch_size": cfg.batch_size // ranks.world}
+    if ranks.main:
+        atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(nan_to_none(summary), indent=2))
     return TrainResult(out_dir, cfg, history, best_epoch, model)
 
 
@@ -181,8 +217,9 @@ def _check_inputs(x: torch.Tensor, split: str) -> None:
 
 
 def _train_one_epoch(model, training_step: TrainingStep, x_train, y_train, cfg: TrainConfig, epoch: int, dev,
-                     progress: bool, batch_hook: BatchHook | None) -> dict:
-    """One pass over the epoch's batches; returns mean loss, penalty and accuracy."""
+                     ranks: parallel.Ranks, progress: bool, batch_hook: BatchHook | None) -> dict:
+    """One pass over the epoch's global batches (this rank's share of each); returns mean loss,
+    penalty and accuracy over all ranks."""
     model.train()
     batches = epoch_batches(len(x_train), cfg.batch_size, seed=cfg.seed, epoch=epoch)
     augment_rng = generator_for(cfg.seed, epoch, 0xA06) if cfg.augment else None
@@ -192,7 +229,12 @@ def _train_one_epoch(model, training_step: TrainingStep, x_train, y_train, cfg: 
     for index, batch in enumerate(batches if bar is None else bar):
         x, y = x_train[batch], y_train[batch]
         if augment_rng is not None:
-            x = random_crop_flip(x, augment_rng)
+            x = random_crop_flip(x, augment_rng)  # the global batch: the same draws at every world size
+        if ranks.parallel:
+            share = parallel.shard(torch.arange(len(batch)), ranks)
+            if share is None:
+                continue
+            x, y = x[share], y[share]
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         totals.add(training_step(x, y), y)
         if bar is not None and (index + 1) % sync_every == 0:
@@ -204,6 +246,7 @@ def _train_one_epoch(model, training_step: TrainingStep, x_train, y_train, cfg: 
             batch_hook(epoch, index)
     if bar is not None:
         bar.close()
+    totals.sum_over(ranks)
     return totals.means()
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..graphed_step import GraphedStep
+from . import parallel
 from .config import TrainConfig
 from .methods import StepOutput
 
@@ -71,6 +72,13 @@ class RunningTotals:
         correct = (out.logits.argmax(1) == y).sum()
         self._sums += torch.stack([out.loss.double() * n, out.penalty.double() * n, correct.double()])
         self.seen += n
+
+    def sum_over(self, ranks) -> None:
+        """Sum the totals of every rank into each (a collective: every rank must call it)."""
+        if ranks.parallel:
+            seen = torch.tensor([float(self.seen)], dtype=torch.float64, device=self._sums.device)
+            both = parallel.sum_over_ranks(torch.cat([self._sums, seen]), ranks)
+            self._sums, self.seen = both[:3], int(both[3].item())
 
     def means(self) -> dict:
         """``train_loss``, ``train_penalty`` (NaN for methods without one), ``train_acc``: one host sync."""
