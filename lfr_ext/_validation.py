@@ -68,6 +68,13 @@ def check_penalty_mode(mode) -> str:
     return check_choice("penalty_mode", mode, _PENALTY_MODES)
 
 
+def check_grad_scaler(grad_scaler):
+    """None, or a ``torch.amp.GradScaler`` (its CUDA alias included)."""
+    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+    return grad_scaler
+
+
 def check_model_and_data(model, x, y, clip, *, default_loss: bool, generator) -> None:
     """Types, shapes, devices and values of model, x, y (one host sync for the value checks)."""
     if not isinstance(model, nn.Module):

@@ -60,6 +60,9 @@ class CapturedStep(GraphedStep):
         if lfr_kwargs.get("generator") is not None:
             raise ValueError("CapturedStep draws its randomness from the default CUDA generator; generator= "
                              "is not supported")
+        if lfr_kwargs.get("grad_scaler") is not None:
+            raise ValueError("CapturedStep cannot take a grad_scaler: GradScaler.step reads found_inf on the host, "
+                             "which a CUDA graph cannot capture; use bf16 autocast (no scaler) for a captured step")
         self.lfr_kwargs = {k: v for k, v in lfr_kwargs.items() if k not in ("validate", "generator")}
         _check_arguments(model, example_x, example_y, self.lfr_kwargs)
         super().__init__(model, optimizer, self._lfr_loss, example_x, example_y, warmup_steps=warmup_steps)

@@ -158,8 +158,16 @@ def _restore_rng_states(device: torch.device, states) -> None:
 # ---------------------------------------------------------------------------------------
 # Inner step: (g, h)
 # ---------------------------------------------------------------------------------------
+def _scaled(total: torch.Tensor, loss_scale: torch.Tensor | None) -> torch.Tensor:
+    return total if loss_scale is None else total * loss_scale
+
+
+def _unscaled(grad: torch.Tensor, loss_scale: torch.Tensor | None) -> torch.Tensor:
+    return grad if loss_scale is None else grad / loss_scale
+
+
 def grad_and_hvp_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
-                            verify: bool = False):
+                            verify: bool = False, loss_scale: torch.Tensor | None = None):
     """``g`` and ``h = H v`` by the linearized tangent pass; default cross-entropy only.
 
     One forward (recorded), one backward for ``g`` (graph kept), one tangent pass for
@@ -168,50 +176,55 @@ def grad_and_hvp_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tens
     If the forward used batch statistics (BatchNorm with ``track_running_stats=False``), ``J``
     itself depends on ``x`` and ``H v`` gains the term ``(dJ/dx v)^T (p - e_y)``: then the
     tangent is replayed under autograd and ``h = grad_x[(p - e_y)^T J v]`` (still exact).
-    ``verify`` runs :func:`_verify` first.
+    ``verify`` runs :func:`_verify` first. ``loss_scale`` (fp16 mixed precision): both
+    backwards run scaled and ``g``, ``h`` are unscaled out of place.
     """
     x_adv = x_adv.detach().requires_grad_(True)
     tape, logits = _record(model, x_adv)
     if verify:
         _verify(tape, x_adv, logits)
     losses = F.cross_entropy(logits, y, reduction="none")
-    (g,) = torch.autograd.grad(losses.sum(), x_adv, retain_graph=True)
+    (g,) = torch.autograd.grad(_scaled(losses.sum(), loss_scale), x_adv, retain_graph=True)
+    g = _unscaled(g, loss_scale)
     v = norm_subgradient(g, q)
     if tape.depends_on_source:
         surrogate = (_cross_entropy_residual(logits, y) * tape.tangent(v, logits)).sum()
-        (h,) = torch.autograd.grad(surrogate, x_adv)
-        return g, h
+        (h,) = torch.autograd.grad(_scaled(surrogate, loss_scale), x_adv)
+        return g, _unscaled(h, loss_scale)
     with torch.no_grad():
         jv = tape.tangent(v, logits)
         p = torch.softmax(logits.detach(), dim=-1)
         w = p * jv - p * (p * jv).sum(dim=-1, keepdim=True)  # (diag(p) - p p^T) J v
-    (h,) = torch.autograd.grad(logits, x_adv, grad_outputs=w)
-    return g, h
+    (h,) = torch.autograd.grad(logits, x_adv, grad_outputs=_scaled(w, loss_scale).to(logits.dtype))
+    return g, _unscaled(h, loss_scale)
 
 
-def grad_and_hvp_forward(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float):
+def grad_and_hvp_forward(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
+                         loss_scale: torch.Tensor | None = None):
     """``g`` and ``h`` by ``torch.func``: ``h = jvp(grad(sum l), x', v)`` (forward-over-reverse)."""
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
     def total_loss(z):
         losses = loss_fn(torch.func.functional_call(model, (params, buffers), (z,)), y)
-        return losses.sum()
+        return _scaled(losses.sum(), loss_scale)
 
     x = x_adv.detach()
-    g = torch.func.grad(total_loss)(x)
+    g = _unscaled(torch.func.grad(total_loss)(x), loss_scale)
     v = norm_subgradient(g, q)
     _, h = torch.func.jvp(torch.func.grad(total_loss), (x,), (v,))
-    return g.detach(), h.detach()
+    return g.detach(), _unscaled(h, loss_scale).detach()
 
 
-def grad_and_hvp_finite_difference(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float):
+def grad_and_hvp_finite_difference(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
+                                   loss_scale: torch.Tensor | None = None):
     """Approximate ``h = (g(x' + r v) - g(x' - r v)) / 2r``, ``r`` chosen per sample so the
     largest coordinate moves by ``FINITE_DIFFERENCE_RADIUS``. Eval-mode models only (the
     per-sample radii assume samples do not interact)."""
 
     def grad_at(z):
-        return input_gradient(model, z.detach().requires_grad_(True), y, loss_fn, create_graph=False)
+        return input_gradient(model, z.detach().requires_grad_(True), y, loss_fn, create_graph=False,
+                              loss_scale=loss_scale)
 
     g = grad_at(x_adv)
     v = norm_subgradient(g, q)
@@ -225,19 +238,22 @@ def grad_and_hvp_finite_difference(model: nn.Module, x_adv: torch.Tensor, y: tor
 # Penalty: per-sample ||g_i||_q with the exact gradient w.r.t. the parameters
 # ---------------------------------------------------------------------------------------
 def penalty_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, q: float,
-                       verify: bool = False) -> tuple[torch.Tensor, bool | None]:
+                       verify: bool = False, loss_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, bool | None]:
     """Per-sample ``||g_i||_q`` (B,) whose derivatives (w.r.t. the parameters, and ``x'``
     if it requires grad) are those of ``sum_i (p_i - e_{y_i})^T (J s)_i``, ``s`` fixed.
 
     Returns ``(penalty, couples_samples)``; ``couples_samples`` is None unless ``verify``
     (which runs :func:`_verify` and finds out). When samples couple (train-mode BatchNorm, a
     mean over the batch) only the *sum* of the returned vector has exact derivatives.
+    ``loss_scale``: the backward for ``g`` runs scaled, ``g`` is unscaled (the surrogate's own
+    derivatives are taken by the caller's scaled backward).
     """
     x_in = x_adv if x_adv.requires_grad else x_adv.detach().requires_grad_(True)
     tape, logits = _record(model, x_in)
     couples = _verify(tape, x_in, logits) if verify else None
     losses = F.cross_entropy(logits, y, reduction="none")
-    (g,) = torch.autograd.grad(losses.sum(), x_in, retain_graph=True)
+    (g,) = torch.autograd.grad(_scaled(losses.sum(), loss_scale), x_in, retain_graph=True)
+    g = _unscaled(g, loss_scale)
     norms = grad_norm_reference(g, q)  # the value, exactly as double backprop computes it
     s = norm_subgradient(g, q)
     jvp = tape.tangent(s, logits)  # recorded with grad: depends on the weights (and x')
@@ -260,7 +276,8 @@ class HVPPlan:
         "finite_difference": grad_and_hvp_finite_difference,
     }
 
-    def __init__(self, hvp: str, model: nn.Module, default_loss: bool, norm_fn: Callable = grad_norm_reference):
+    def __init__(self, hvp: str, model: nn.Module, default_loss: bool, norm_fn: Callable = grad_norm_reference,
+                 loss_scale: torch.Tensor | None = None):
         if hvp not in HVP_METHODS:
             raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
         if hvp == "linearized" and not default_loss:
@@ -271,6 +288,7 @@ class HVPPlan:
         self.requested = hvp
         self.model = model
         self.norm_fn = norm_fn  # per-sample ||g||_q of the double-backprop paths (the fused op)
+        self.loss_scale = loss_scale  # GradScaler's scale (fp16 mixed precision), or None
         if hvp == "auto":
             uncovered = _UNCOVERED.get(model)
             self.method = "linearized" if default_loss and uncovered is None else "double_backprop"
@@ -320,13 +338,14 @@ class HVPPlan:
     def grad_and_hvp(self, model, x_adv, y, loss_fn, q):
         if self.method == "linearized":
             result, _, _ = self._attempt(
-                model, x_adv, "inner", lambda verify: (grad_and_hvp_linearized(model, x_adv, y, loss_fn, q, verify),
-                                                       None))
+                model, x_adv, "inner", lambda verify: (grad_and_hvp_linearized(model, x_adv, y, loss_fn, q, verify,
+                                                                               loss_scale=self.loss_scale), None))
             if result is not None:
                 return result
         if self.method == "double_backprop":
-            return grad_and_hvp_double_backprop(model, x_adv, y, loss_fn, q, norm_fn=self.norm_fn)
-        return self._INNER[self.method](model, x_adv, y, loss_fn, q)
+            return grad_and_hvp_double_backprop(model, x_adv, y, loss_fn, q, norm_fn=self.norm_fn,
+                                                loss_scale=self.loss_scale)
+        return self._INNER[self.method](model, x_adv, y, loss_fn, q, loss_scale=self.loss_scale)
 
     def penalty(self, model, x_adv, y, loss_fn, q, reduction: str) -> torch.Tensor:
         """Per-sample penalties (B,) in the model's current mode."""
@@ -334,14 +353,15 @@ class HVPPlan:
             self._refuse_or_skip_coupled()
         elif self.method == "linearized":
             penalty, couples, states = self._attempt(
-                model, x_adv, "penalty", lambda verify: penalty_linearized(model, x_adv, y, q, verify))
+                model, x_adv, "penalty", lambda verify: penalty_linearized(model, x_adv, y, q, verify,
+                                                                           loss_scale=self.loss_scale))
             if penalty is not None:
                 if not (couples and reduction == "none"):
                     return penalty
                 self._refuse_or_skip_coupled()
                 if states is not None:  # same Dropout masks for the exact per-sample pass
                     _restore_rng_states(x_adv.device, states)
-        return penalty_at(model, x_adv, y, q=q, loss_fn=loss_fn, norm_fn=self.norm_fn)
+        return penalty_at(model, x_adv, y, q=q, loss_fn=loss_fn, norm_fn=self.norm_fn, loss_scale=self.loss_scale)
 
     def _refuse_or_skip_coupled(self) -> None:
         if self.requested == "linearized":

@@ -31,6 +31,7 @@ from ._state import frozen_running_stats, module_modes, preserved_state, restore
 from ._validation import (
     check_attack_args,
     check_choice,
+    check_grad_scaler,
     check_lam,
     check_model_and_data,
     check_penalty_mode,
@@ -68,10 +69,11 @@ class _Config(NamedTuple):
     generator: torch.Generator | None
     hvp: HVPPlan
     impl: str
+    loss_scale: torch.Tensor | None  # GradScaler's current scale (fp16 mixed precision), or None
 
 
 def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip, generator, hvp, impl, validate,
-               penalty_mode=None):
+               penalty_mode=None, grad_scaler=None):
     """Check every argument (before any work) and resolve the implementation choices. ``model``
     may be DDP-wrapped; the engine is planned for the module it wraps (see :mod:`lfr_ext.distributed`)."""
     q = normalize_q(q)
@@ -89,23 +91,56 @@ def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip
     chosen_impl = ops.resolve_impl(impl, x.device, x.dtype)
     # The double-backprop paths take per-sample norms with the fused, twice-differentiable op.
     norm_fn = grad_norm_reference if chosen_impl == "reference" else functools.partial(ops.grad_norm, impl=chosen_impl)
-    plan = HVPPlan(hvp, unwrapped(model), default_loss=loss_fn is None, norm_fn=norm_fn)
-    return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, plan, chosen_impl)
+    loss_scale = current_scale(check_grad_scaler(grad_scaler), x.device)
+    plan = HVPPlan(hvp, unwrapped(model), default_loss=loss_fn is None, norm_fn=norm_fn, loss_scale=loss_scale)
+    return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, plan, chosen_impl,
+                   loss_scale)
 
 
-def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 1-2 with the chosen implementations; model modes are the caller's business."""
+def current_scale(grad_scaler, device: torch.device) -> torch.Tensor | None:
+    """The scaler's current scale as a 0-dim fp32 tensor on ``device`` (no host sync), or None
+    for no scaler or a disabled one."""
+    if grad_scaler is None or not grad_scaler.is_enabled():
+        return None
+    return grad_scaler.scale(torch.ones((), dtype=torch.float32, device=device))
+
+
+def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config):
+    """Steps 1-2 with the chosen implementations; model modes are the caller's business.
+
+    Returns ``(x', path_norms, finite)``. ``finite`` is None without a loss scale; with one (fp16)
+    it is a 0-dim bool tensor, True when every inner gradient and HVP was finite: GradScaler sees
+    only parameter gradients, so an overflow inside the ascent would otherwise go unnoticed.
+    """
     track_x = x.requires_grad and torch.is_grad_enabled()
     impl = "reference" if track_x else cfg.impl  # only the eager chain carries d x'/d x
+    finite = None if cfg.loss_scale is None else torch.ones((), dtype=torch.bool, device=x.device)
 
     def step(x_, x_adv, h, g, eps, step_size, lo, hi, q):
         return ops.ascent_step(x_, x_adv, h, g, eps=eps, step_size=step_size, lo=lo, hi=hi, q=q, impl=impl)
 
-    return flatness_ascent_reference(
+    def grad_and_hvp(*args):
+        nonlocal finite
+        g, h = cfg.hvp.grad_and_hvp(*args)
+        if finite is not None:
+            finite = finite & g.isfinite().all() & h.isfinite().all()
+        return g, h
+
+    x_adv, path_norms = flatness_ascent_reference(
         model, x if track_x else x.detach(), y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, q=cfg.q,
         loss_fn=cfg.loss_fn, init_std=cfg.init_std, clip=cfg.clip, generator=cfg.generator,
-        ascent_step=step, grad_and_hvp=cfg.hvp.grad_and_hvp,
+        ascent_step=step, grad_and_hvp=grad_and_hvp,
     )
+    return x_adv, path_norms, finite
+
+
+def _poisoned_if_overflowed(penalty: torch.Tensor, finite: torch.Tensor | None) -> torch.Tensor:
+    """NaN (value and parameter gradients) when the ascent overflowed: the scaled backward then
+    finds non-finite gradients, and GradScaler skips the step and lowers the scale, as for any
+    overflow. Device-side: no host sync."""
+    if finite is None:
+        return penalty
+    return penalty * torch.where(finite, 1.0, float("nan")).to(penalty.dtype)
 
 
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -152,6 +187,7 @@ def flatness_penalty(
     hvp: str = "auto",
     impl: str | None = None,
     validate: bool = True,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     r"""The LFR penalty: the input-gradient norm at the flattest-hostile point near ``x``.
 
@@ -183,6 +219,11 @@ def flatness_penalty(
         impl: implementation of the fused ascent op (``"auto"``, ``"cpu"``, ``"cuda"``,
             ``"triton"``, ``"reference"``; ``None`` reads ``$LFR_EXT_IMPL``). See :mod:`lfr_ext.ops`.
         validate: check values of ``x`` (finite, inside ``clip``); costs one host sync.
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop. The input
+            gradients and HVPs are taken on scaled losses and unscaled out of place (PyTorch's
+            gradient-penalty AMP recipe), so they do not underflow in fp16; the returned penalty
+            is unscaled (backprop ``grad_scaler.scale(loss)`` as usual), and NaN when the ascent
+            overflowed, so that ``grad_scaler.step`` skips the step. bf16 needs no scaler.
     Returns:
         Scalar penalty (``reduction="mean"``/``"sum"``) or per-sample penalties (B,), in
         ``x``'s dtype. An empty batch gives 0 (or an empty (0,)) that still backprops.
@@ -191,16 +232,16 @@ def flatness_penalty(
     penalty_mode = check_penalty_mode(penalty_mode)
     cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
                      init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate,
-                     penalty_mode=penalty_mode)
+                     penalty_mode=penalty_mode, grad_scaler=grad_scaler)
     net = unwrapped(model)  # every pass here runs on the module a DDP wrapper holds
     if x.shape[0] == 0:
         return _empty_penalty(net, x, reduction)
     with preserved_state(net):
         modes = module_modes(net)
         set_eval(net)
-        x_adv, _ = _ascend(net, x, y, cfg)
+        x_adv, _, finite = _ascend(net, x, y, cfg)
         per_sample = _penalty_pass(net, x_adv, y, cfg, penalty_mode, modes, reduction)
-    return _reduce(per_sample, reduction)
+    return _poisoned_if_overflowed(_reduce(per_sample, reduction), finite)
 
 
 def lfr_loss(
@@ -221,13 +262,16 @@ def lfr_loss(
     hvp: str = "auto",
     impl: str | None = None,
     validate: bool = True,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> LFRLoss:
     r"""The authors' training loss ``mean_i l(f(x_i), y_i) + lam * P`` and its parts.
 
     Order as in the authors' code: the ascent (eval mode), then the clean forward ``model(x)``
     in the caller's mode (an ordinary forward: it updates BatchNorm running statistics in
     train mode, like your own training step would), then the penalty pass (which does not).
-    Arguments as in :func:`flatness_penalty`; ``lam >= 0`` weighs the penalty.
+    Arguments as in :func:`flatness_penalty`; ``lam >= 0`` weighs the penalty. With an fp16
+    ``grad_scaler``: ``grad_scaler.scale(out.loss).backward(); grad_scaler.step(opt);
+    grad_scaler.update()``.
 
     Returns:
         :class:`LFRLoss` ``(loss, natural_loss, penalty, logits)``: scalars, and logits (B, C).
@@ -236,7 +280,7 @@ def lfr_loss(
     penalty_mode = check_penalty_mode(penalty_mode)
     cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
                      init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate,
-                     penalty_mode=penalty_mode)
+                     penalty_mode=penalty_mode, grad_scaler=grad_scaler)
     net = unwrapped(model)  # the ascent and the penalty pass run on the module a DDP wrapper holds
     if x.shape[0] == 0:
         zero = _empty_penalty(net, x, "mean")
@@ -244,7 +288,7 @@ def lfr_loss(
     with preserved_state(net):
         modes = module_modes(net)
         set_eval(net)
-        x_adv, _ = _ascend(net, x, y, cfg)
+        x_adv, _, finite = _ascend(net, x, y, cfg)
         restore_modes(modes)
     # The clean forward is outside preserved_state on purpose: it is the caller's own forward, and
     # through a DDP wrapper it prepares the gradient synchronisation of the step's backward.
@@ -254,7 +298,7 @@ def lfr_loss(
         raise ValueError(f"loss_fn must return one loss per sample, shape ({x.shape[0]},), got {tuple(natural_loss.shape)}")
     natural_loss = natural_loss.mean()
     with preserved_state(net):
-        penalty = _penalty_pass(net, x_adv, y, cfg, penalty_mode, modes, "mean").mean()
+        penalty = _poisoned_if_overflowed(_penalty_pass(net, x_adv, y, cfg, penalty_mode, modes, "mean").mean(), finite)
     return LFRLoss(natural_loss + lam * penalty, natural_loss, penalty, logits)
 
 
@@ -289,7 +333,7 @@ def local_flatness(
         return x.new_zeros(0)
     with preserved_state(net), torch.enable_grad():
         set_eval(net)
-        x_adv, path_norms = _ascend(net, x.detach(), y, cfg)
+        x_adv, path_norms, _ = _ascend(net, x.detach(), y, cfg)
         x_final = x_adv.detach().requires_grad_(True)
         final_norm = grad_norm_reference(input_gradient(net, x_final, y, cfg.loss_fn, create_graph=False), cfg.q)
     return torch.cat([path_norms, final_norm[None]]).amax(dim=0).detach()

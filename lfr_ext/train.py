@@ -22,7 +22,7 @@ import torch
 from .data import DATASETS
 from .models import MODELS
 from .training import BUDGETS, METHODS, PRESETS, resolve_config, train
-from .training.config import SCHEDULES
+from .training.config import AMP_MODES, SCHEDULES
 from .training.parallel import launched_by_torchrun
 
 # Flags that map one-to-one onto TrainConfig fields: (flag, type, help).
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated epochs where lr *= gamma")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="random crop + flip (default: on for CIFAR-10)")
+    parser.add_argument("--amp", choices=AMP_MODES, default=None,
+                        help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler (CUDA); default none")
     for flag, kind, text in CONFIG_FLAGS:
         parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
     parser.add_argument("--out", default=None, help="run folder (default runs/<data>-<model>-<method>-<budget>-seed<seed>)")
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in CONFIG_FLAGS}
     overrides.update(method=args.method, data=args.data, model=args.model, preset=args.preset,
-                     schedule=args.schedule, milestones=args.milestones, augment=args.augment,
+                     schedule=args.schedule, milestones=args.milestones, augment=args.augment, amp=args.amp,
                      budget="full" if args.full else None)
     return resolve_config(overrides)
 

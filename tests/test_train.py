@@ -212,3 +212,38 @@ def test_validation_monitor_same_attack_on_gpu_and_cpu():
     on_cpu = validation_accuracies(model, x, y, robust_size=64, eps=0.1, steps=3, seed=0)
     on_gpu = validation_accuracies(model.cuda(), x.cuda(), y.cuda(), robust_size=64, eps=0.1, steps=3, seed=0)
     assert on_cpu[0] == on_gpu[0] and abs(on_cpu[1] - on_gpu[1]) <= 2 / 64
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_autocast_training_on_the_cpu(tmp_path, method):
+    result = train(tiny_config(method, amp="bf16", epochs=1), str(tmp_path), device="cpu", progress=False,
+                   log=lambda s: None)
+    assert math.isfinite(result.history[0]["train_loss"])
+
+
+def test_fp16_needs_a_gpu_and_old_configs_resume(tmp_path):
+    with pytest.raises(ValueError, match="amp='fp16'.*needs a CUDA GPU"):
+        train(tiny_config("plain", amp="fp16", epochs=1), str(tmp_path), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        tiny_config("plain", amp="fp8")
+    from lfr_ext.training.loop import _config_mismatch
+
+    saved = json.loads(tiny_config("plain").to_json())
+    del saved["amp"]  # a run folder written before the field existed
+    assert _config_mismatch(saved, tiny_config("plain")) == []
+    assert _config_mismatch(saved, tiny_config("plain", amp="bf16")) == ["amp: saved 'none', now 'bf16'"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_gpu_mixed_precision_training(tmp_path, amp):
+    """bf16 steps are captured; fp16 steps run eagerly (GradScaler.step reads found_inf on the
+    host), and the scaler's state is in the checkpoint."""
+    result = train(tiny_config("lfr", amp=amp), str(tmp_path), device="cuda", progress=False, log=lambda s: None)
+    assert all(math.isfinite(row["train_loss"]) for row in result.history)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    if amp == "bf16":
+        assert summary["steps_ran"] == "captured"
+    else:
+        assert summary["steps_ran"].startswith("eager (fp16")
+    assert ("grad_scaler" in load_checkpoint(str(tmp_path / "last.pt"))) == (amp == "fp16")

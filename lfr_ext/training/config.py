@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 METHODS = ("lfr", "pgd_at", "trades", "plain")
 SCHEDULES = ("multistep", "cosine", "constant")
+AMP_MODES = ("none", "bf16", "fp16")  # mixed precision of the training step (torch.autocast)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class TrainConfig:
     val_robust_size: int = 500  # first images of the validation split attacked each epoch
     val_attack_steps: int = 10  # PGD steps of that monitor (step 2.5 * eps / steps)
     collapse_margin: float = 0.05  # clean accuracy <= chance + margin counts as a collapse
+    # mixed precision: autocast in bf16, or fp16 with a GradScaler (CUDA only)
+    amp: str = "none"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -78,6 +81,7 @@ class TrainConfig:
             (self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}"),
             (self.budget in BUDGETS, f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),

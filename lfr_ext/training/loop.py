@@ -88,7 +88,10 @@ def load_run_data(cfg: TrainConfig, data_dir: str | None):
 
 
 def _config_mismatch(saved: dict, current: TrainConfig) -> list[str]:
+    """Fields that differ; a field the saved run predates counts as its default value."""
     now = json.loads(current.to_json())
+    defaults = json.loads(TrainConfig().to_json())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     return [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k)]
 
@@ -118,6 +121,8 @@ def _silent(message: str) -> None:
 
 def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, ranks: parallel.Ranks,
            data_dir: str | None, progress: bool, log: Callable[[str], None], batch_hook: BatchHook | None) -> TrainResult:
+    if cfg.amp == "fp16" and dev.type != "cuda":
+        raise ValueError("amp='fp16' (autocast with a GradScaler) needs a CUDA GPU; use amp='bf16' on the CPU")
     if ranks.parallel and cfg.batch_size % ranks.world:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {ranks.world} ranks: every rank trains "
                          "an equal share of each batch")
@@ -161,6 +166,8 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, r
     wrapped = parallel.wrap(model, dev, ranks)
 
     training_step = TrainingStep(wrapped, optimizer, METHOD_STEPS[cfg.method], cfg, dev)
+    if checkpoint is not None and training_step.grad_scaler is not None and checkpoint.get("grad_scaler"):
+        training_step.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         started = time.perf_counter()
         train_stats = _train_one_epoch(wrapped, training_step, x_train, y_train, cfg, epoch, dev, ranks, progress,
@@ -190,6 +197,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, r
                 "rng": rng_per_rank[0], "epoch": epoch, "history": history, "best_robust": best_robust,
                 "best_epoch": best_epoch, "config": json.loads(cfg.to_json()), "world_size": ranks.world,
                 **({"rng_per_rank": rng_per_rank} if ranks.parallel else {}),
+                **({"grad_scaler": training_step.grad_scaler.state_dict()} if training_step.grad_scaler else {}),
             }, last_path)
             write_metrics(history, os.path.join(out_dir, "metrics.csv"), os.path.join(out_dir, "metrics.json"))
         parallel.barrier(ranks)  # a rank that dies from here on resumes from this checkpoint

@@ -1,6 +1,7 @@
 """The four training objectives compared by the trainer, one function per method.
 
-Each method maps a batch to a :class:`StepOutput`; the trainer does the optimizer step. All
+Each method maps a batch to a :class:`StepOutput`; the trainer does the optimizer step (and
+the autocast around the method, and the backward through ``grad_scaler`` in fp16). All
 inner maximisations run with the model in eval mode (Dropout off, BatchNorm on running
 statistics), as in the authors' LFR code and the TRADES code it builds on; the loss is then
 taken in train mode.
@@ -19,6 +20,7 @@ from torch import nn
 
 import lfr_ext
 from lfr_ext.distributed import unwrapped
+from lfr_ext.penalty import current_scale
 
 from .config import TrainConfig
 
@@ -34,10 +36,12 @@ class StepOutput(NamedTuple):
 
 
 def pgd_linf_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, loss_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Madry et al.'s L-inf PGD on the cross-entropy from a uniform random start: (B, ...) in
     [0, 1]. The model's mode is the caller's business. ``generator`` fixes the start; it may
-    live on another device than ``x`` (a CPU generator gives the same start on every device)."""
+    live on another device than ``x`` (a CPU generator gives the same start on every device).
+    ``loss_scale`` (fp16): the input gradient is taken on the scaled loss, against underflow;
+    only its sign is used, so it needs no unscaling."""
     noise_device = x.device if generator is None else generator.device
     delta = torch.empty(x.shape, dtype=x.dtype, device=noise_device).uniform_(-eps, eps, generator=generator).to(x.device)
     x_adv = (x + delta).clamp(0.0, 1.0)
@@ -45,14 +49,16 @@ def pgd_linf_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            (grad,) = torch.autograd.grad(loss if loss_scale is None else loss * loss_scale, x_adv)
         x_adv = x_adv.detach() + step_size * grad.sign()
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
     return x_adv.detach()
 
 
-def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: float, steps: int) -> torch.Tensor:
-    """TRADES's inner maximisation: PGD on KL(f(x) || f(x')) from x + 0.001 * N(0, I)."""
+def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: float, steps: int,
+                  loss_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """TRADES's inner maximisation: PGD on KL(f(x) || f(x')) from x + 0.001 * N(0, I);
+    ``loss_scale`` as in :func:`pgd_linf_ce`."""
     with torch.no_grad():
         p_clean = F.softmax(model(x), dim=1)
     x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0.0, 1.0)
@@ -60,7 +66,7 @@ def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: f
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
-            (grad,) = torch.autograd.grad(kl, x_adv)
+            (grad,) = torch.autograd.grad(kl if loss_scale is None else kl * loss_scale, x_adv)
         x_adv = x_adv.detach() + step_size * grad.sign()
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
     return x_adv.detach()
@@ -70,39 +76,45 @@ def _nan(x: torch.Tensor) -> torch.Tensor:
     return x.new_full((), float("nan"))
 
 
-def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
+def _loss_scale(grad_scaler, x: torch.Tensor) -> torch.Tensor | None:
+    return current_scale(grad_scaler, x.device)
+
+
+def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None) -> StepOutput:
     """Standard training: mean CE on clean inputs."""
     logits = model(x)
     return StepOutput(F.cross_entropy(logits, y), logits, _nan(x))
 
 
-def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
+def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None) -> StepOutput:
     """Madry et al. (2018): mean CE on PGD adversarial examples only. The attack runs on the
     module a DDP wrapper holds (no gradient synchronisation needed), the loss through ``model``."""
     model.eval()
-    x_adv = pgd_linf_ce(unwrapped(model), x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
+    x_adv = pgd_linf_ce(unwrapped(model), x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+                        loss_scale=_loss_scale(grad_scaler, x))
     model.train()
     logits = model(x_adv)
     return StepOutput(F.cross_entropy(logits, y), logits, _nan(x))
 
 
-def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
+def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None) -> StepOutput:
     """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x')) / B; the attack on the module
     a DDP wrapper holds, both loss forwards through ``model``."""
     model.eval()
-    x_adv = trades_attack(unwrapped(model), x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
+    x_adv = trades_attack(unwrapped(model), x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+                          loss_scale=_loss_scale(grad_scaler, x))
     model.train()
     logits = model(x)
     kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return StepOutput(F.cross_entropy(logits, y) + cfg.trades_beta * kl, logits, kl.detach())
 
 
-def lfr_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepOutput:
+def lfr_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None) -> StepOutput:
     """Xu et al. (2020): mean CE + lam * local-flatness penalty, via :func:`lfr_ext.lfr_loss`
     (which takes a DDP-wrapped model)."""
     # validate=False: the trainer checks the data once (validation would sync every step).
     out = lfr_ext.lfr_loss(model, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                           validate=False)
+                           validate=False, grad_scaler=grad_scaler)
     return StepOutput(out.loss, out.logits, out.penalty.detach())
 
 

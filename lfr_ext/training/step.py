@@ -24,20 +24,35 @@ from .methods import StepOutput
 GPU_SYNC_EVERY = 50
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_FP16_NOT_CAPTURED = "fp16: GradScaler.step reads found_inf on the host, which a CUDA graph cannot capture"
+
+
 class TrainingStep:
-    """``(x, y) -> StepOutput`` (detached): the method's loss, backward and optimizer step."""
+    """``(x, y) -> StepOutput`` (detached): the method's loss, backward and optimizer step.
+
+    With ``cfg.amp`` the loss is computed under ``torch.autocast`` (bf16, or fp16 with a
+    ``torch.amp.GradScaler`` that also scales LFR's inner gradients and the attacks'). fp16
+    steps run eagerly (the scaler's step reads found_inf on the host); bf16 steps are captured.
+    Autocast runs with ``cache_enabled=False``, as PyTorch requires for graph capture.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step_fn, cfg: TrainConfig,
                  device: torch.device):
         self.model, self.optimizer, self.step_fn, self.cfg = model, optimizer, step_fn, cfg
         self.device = device
+        self.amp_dtype = AMP_DTYPES.get(cfg.amp)
+        self.grad_scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         self.graphed: GraphedStep | None = None
 
     def _objective(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        return self.step_fn(self.model, x, y, self.cfg)
+        if self.amp_dtype is None:
+            return self.step_fn(self.model, x, y, self.cfg, grad_scaler=self.grad_scaler)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False):
+            return self.step_fn(self.model, x, y, self.cfg, grad_scaler=self.grad_scaler)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.grad_scaler is not None:
             return self._eager(x, y)
         if self.graphed is None:
             self.graphed = GraphedStep(self.model, self.optimizer, self._objective, x, y)
@@ -48,12 +63,19 @@ class TrainingStep:
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         out = self._objective(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
+        if self.grad_scaler is None:
+            out.loss.backward()
+            self.optimizer.step()
+        else:
+            self.grad_scaler.scale(out.loss).backward()
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
         return StepOutput(*(t.detach() for t in out))
 
     def describe(self) -> str:
         """How the steps ran: ``eager`` (CPU), ``captured`` or ``eager (reason)``."""
+        if self.device.type == "cuda" and self.grad_scaler is not None:
+            return f"eager ({_FP16_NOT_CAPTURED})"
         if self.graphed is None:
             return "eager"
         return "captured" if self.graphed.captured else f"eager ({self.graphed.reason})"
