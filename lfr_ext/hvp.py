@@ -24,6 +24,10 @@ the penalty needs ``grad_theta mean_i ||g_i||_q``.
 ``finite_difference``central differences of the gradient along ``v`` (an approximation:
                      O(r^2) inside a linear region, arbitrary across ReLU kinks); the
                      penalty uses double backprop. Never picked by ``auto``.
+``compiled``         double backprop with each inner step and the penalty step compiled
+                     whole by ``torch.compile`` (autograd traced into the graph,
+                     :mod:`lfr_ext.compiled`); penalty exact to first order, batch-reduced
+                     only. Never picked by ``auto``.
 ``auto``             ``linearized`` when the loss is the default cross-entropy and every op
                      of the model is covered, else ``double_backprop`` (with a one-time
                      warning naming the op that is not covered).
@@ -41,12 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import compiled
 from .linearized import TangentTape, UnsupportedOpError
 from .reference import LossFn, grad_and_hvp_double_backprop, grad_norm_reference, input_gradient, penalty_at
 
 logger = logging.getLogger("lfr_ext")
 
-HVP_METHODS = ("auto", "linearized", "double_backprop", "forward", "finite_difference")
+HVP_METHODS = ("auto", "linearized", "double_backprop", "forward", "finite_difference", "compiled")
 FINITE_DIFFERENCE_RADIUS = 1e-3
 
 # Models found not covered by the linearized pass: model -> op name (weak: models may die).
@@ -280,6 +285,8 @@ class HVPPlan:
                  loss_scale: torch.Tensor | None = None):
         if hvp not in HVP_METHODS:
             raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
+        if hvp == "compiled" and loss_scale is not None:
+            raise ValueError("hvp='compiled' does not take a grad_scaler; use hvp='auto' for fp16 mixed precision")
         if hvp == "linearized" and not default_loss:
             raise ValueError(
                 "hvp='linearized' needs the default cross-entropy loss (its Hessian in the logits is "
@@ -345,10 +352,17 @@ class HVPPlan:
         if self.method == "double_backprop":
             return grad_and_hvp_double_backprop(model, x_adv, y, loss_fn, q, norm_fn=self.norm_fn,
                                                 loss_scale=self.loss_scale)
+        if self.method == "compiled":
+            return compiled.engine_for(model, loss_fn, q).grad_and_hvp(x_adv, y)
         return self._INNER[self.method](model, x_adv, y, loss_fn, q, loss_scale=self.loss_scale)
 
     def penalty(self, model, x_adv, y, loss_fn, q, reduction: str) -> torch.Tensor:
         """Per-sample penalties (B,) in the model's current mode."""
+        if self.method == "compiled":
+            if reduction == "none" or x_adv.requires_grad:
+                raise ValueError("hvp='compiled' gives the penalty reduced over the batch (reduction='mean' or 'sum') "
+                                 "and its gradient w.r.t. the parameters only (x must not require grad)")
+            return compiled.engine_for(model, loss_fn, q).penalty(x_adv, y)
         if self.method == "linearized" and reduction == "none" and _VERIFIED.get(model, {}).get(self._key("penalty", model)):
             self._refuse_or_skip_coupled()
         elif self.method == "linearized":

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated epochs where lr *= gamma")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="random crop + flip (default: on for CIFAR-10)")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile: LFR's inner and penalty steps compiled whole (hvp='compiled'), the other "
+                             "methods' model compiled; falls back with a message where this torch cannot")
     parser.add_argument("--amp", choices=AMP_MODES, default=None,
                         help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler (CUDA); default none")
     for flag, kind, text in CONFIG_FLAGS:
@@ -78,6 +81,7 @@ def config_from_args(args: argparse.Namespace):
     overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in CONFIG_FLAGS}
     overrides.update(method=args.method, data=args.data, model=args.model, preset=args.preset,
                      schedule=args.schedule, milestones=args.milestones, augment=args.augment, amp=args.amp,
+                     compile=args.compile,
                      budget="full" if args.full else None)
     return resolve_config(overrides)
 

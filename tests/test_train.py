@@ -247,3 +247,17 @@ def test_gpu_mixed_precision_training(tmp_path, amp):
     else:
         assert summary["steps_ran"].startswith("eager (fp16")
     assert ("grad_scaler" in load_checkpoint(str(tmp_path / "last.pt"))) == (amp == "fp16")
+
+
+@pytest.mark.parametrize("method", ["lfr", "pgd_at"])
+def test_compile_flag_trains_and_falls_back_with_a_message(tmp_path, monkeypatch, method):
+    monkeypatch.setenv("LFR_EXT_COMPILE_BACKEND", "aot_eager")  # seconds to compile, not minutes
+    train(tiny_config(method, compile=True, epochs=1), str(tmp_path / "on"), device="cpu", progress=False,
+          log=lambda s: None)
+    assert json.loads((tmp_path / "on" / "summary.json").read_text())["steps_ran"] == "eager, compiled"
+    monkeypatch.delattr(torch._dynamo.config, "trace_autograd_ops")
+    lines = []
+    train(tiny_config(method, compile=True, epochs=1), str(tmp_path / "off"), device="cpu", progress=False,
+          log=lines.append)
+    assert any(line.startswith("WARNING --compile: this torch cannot trace autograd.grad") for line in lines)
+    assert json.loads((tmp_path / "off" / "summary.json").read_text())["steps_ran"] == "eager"

@@ -57,6 +57,9 @@ class TrainConfig:
     collapse_margin: float = 0.05  # clean accuracy <= chance + margin counts as a collapse
     # mixed precision: autocast in bf16, or fp16 with a GradScaler (CUDA only)
     amp: str = "none"
+    # torch.compile: LFR's inner and penalty steps compiled whole (hvp='compiled'), the other
+    # methods' model compiled
+    compile: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -82,6 +85,8 @@ class TrainConfig:
             (self.budget in BUDGETS, f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}"),
+            (not (self.compile and self.amp == "fp16"),
+             "compile with amp='fp16' is not supported (the compiled LFR engine takes no GradScaler); use amp='bf16'"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),

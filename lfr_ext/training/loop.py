@@ -165,7 +165,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, r
         atomic_write_text(os.path.join(out_dir, "config.json"), cfg.to_json())
     wrapped = parallel.wrap(model, dev, ranks)
 
-    training_step = TrainingStep(wrapped, optimizer, METHOD_STEPS[cfg.method], cfg, dev)
+    training_step = TrainingStep(wrapped, optimizer, METHOD_STEPS[cfg.method], cfg, dev, log=log)
     if checkpoint is not None and training_step.grad_scaler is not None and checkpoint.get("grad_scaler"):
         training_step.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
     for epoch in range(len(history) + 1, cfg.epochs + 1):

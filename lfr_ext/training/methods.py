@@ -1,7 +1,9 @@
 """The four training objectives compared by the trainer, one function per method.
 
 Each method maps a batch to a :class:`StepOutput`; the trainer does the optimizer step (and
-the autocast around the method, and the backward through ``grad_scaler`` in fp16). All
+the autocast around the method, and the backward through ``grad_scaler`` in fp16). With
+``compiled`` LFR uses the compiled engine (``hvp="compiled"``); the trainer compiles the other
+methods' model itself. All
 inner maximisations run with the model in eval mode (Dropout off, BatchNorm on running
 statistics), as in the authors' LFR code and the TRADES code it builds on; the loss is then
 taken in train mode.
@@ -80,13 +82,15 @@ def _loss_scale(grad_scaler, x: torch.Tensor) -> torch.Tensor | None:
     return current_scale(grad_scaler, x.device)
 
 
-def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None) -> StepOutput:
+def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None,
+               compiled: bool = False) -> StepOutput:
     """Standard training: mean CE on clean inputs."""
     logits = model(x)
     return StepOutput(F.cross_entropy(logits, y), logits, _nan(x))
 
 
-def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None) -> StepOutput:
+def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None,
+                compiled: bool = False) -> StepOutput:
     """Madry et al. (2018): mean CE on PGD adversarial examples only. The attack runs on the
     module a DDP wrapper holds (no gradient synchronisation needed), the loss through ``model``."""
     model.eval()
@@ -97,7 +101,8 @@ def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     return StepOutput(F.cross_entropy(logits, y), logits, _nan(x))
 
 
-def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None) -> StepOutput:
+def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None,
+                compiled: bool = False) -> StepOutput:
     """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x')) / B; the attack on the module
     a DDP wrapper holds, both loss forwards through ``model``."""
     model.eval()
@@ -109,12 +114,13 @@ def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     return StepOutput(F.cross_entropy(logits, y) + cfg.trades_beta * kl, logits, kl.detach())
 
 
-def lfr_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None) -> StepOutput:
+def lfr_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None,
+             compiled: bool = False) -> StepOutput:
     """Xu et al. (2020): mean CE + lam * local-flatness penalty, via :func:`lfr_ext.lfr_loss`
     (which takes a DDP-wrapped model)."""
     # validate=False: the trainer checks the data once (validation would sync every step).
     out = lfr_ext.lfr_loss(model, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                           validate=False, grad_scaler=grad_scaler)
+                           validate=False, grad_scaler=grad_scaler, hvp="compiled" if compiled else "auto")
     return StepOutput(out.loss, out.logits, out.penalty.detach())
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compiled import compile_backend, compile_support_problem
 from ..graphed_step import GraphedStep
 from . import parallel
 from .config import TrainConfig
-from .methods import StepOutput
+from .methods import METHOD_STEPS, StepOutput
 
 # Steps between two reads of the running totals (the progress bar) on a GPU.
 GPU_SYNC_EVERY = 50
@@ -38,18 +39,29 @@ class TrainingStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step_fn, cfg: TrainConfig,
-                 device: torch.device):
+                 device: torch.device, log=print):
         self.model, self.optimizer, self.step_fn, self.cfg = model, optimizer, step_fn, cfg
         self.device = device
         self.amp_dtype = AMP_DTYPES.get(cfg.amp)
         self.grad_scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         self.graphed: GraphedStep | None = None
+        self.compiled = False
+        self._method_model = model  # what the method's step runs: the model, compiled for the baselines
+        if cfg.compile:
+            problem = compile_support_problem()
+            if problem is not None:
+                log(f"WARNING --compile: {problem}; training without torch.compile")
+            else:
+                self.compiled = True
+                if step_fn is not METHOD_STEPS["lfr"]:  # first-order methods: the model itself compiles
+                    self._method_model = torch.compile(model, backend=compile_backend())
 
     def _objective(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        options = dict(grad_scaler=self.grad_scaler, compiled=self.compiled)
         if self.amp_dtype is None:
-            return self.step_fn(self.model, x, y, self.cfg, grad_scaler=self.grad_scaler)
+            return self.step_fn(self._method_model, x, y, self.cfg, **options)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False):
-            return self.step_fn(self.model, x, y, self.cfg, grad_scaler=self.grad_scaler)
+            return self.step_fn(self._method_model, x, y, self.cfg, **options)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         if self.device.type != "cuda" or self.grad_scaler is not None:
@@ -73,12 +85,14 @@ class TrainingStep:
         return StepOutput(*(t.detach() for t in out))
 
     def describe(self) -> str:
-        """How the steps ran: ``eager`` (CPU), ``captured`` or ``eager (reason)``."""
+        """How the steps ran: ``eager`` (CPU), ``captured`` or ``eager (reason)``, and
+        ``, compiled`` with torch.compile."""
+        suffix = ", compiled" if self.compiled else ""
         if self.device.type == "cuda" and self.grad_scaler is not None:
-            return f"eager ({_FP16_NOT_CAPTURED})"
+            return f"eager ({_FP16_NOT_CAPTURED}){suffix}"
         if self.graphed is None:
-            return "eager"
-        return "captured" if self.graphed.captured else f"eager ({self.graphed.reason})"
+            return "eager" + suffix
+        return ("captured" if self.graphed.captured else f"eager ({self.graphed.reason})") + suffix
 
 
 class RunningTotals:

@@ -1,0 +1,115 @@
+r"""``hvp="compiled"``: the authors' double backprop, each inner step and the penalty step compiled
+whole with ``torch.compile``.
+
+Compiling the model and then differentiating twice is not supported by PyTorch ("torch.compile
+with aot_autograd does not currently support double backward"). What works is compiling a whole
+function that *contains* the autograd calls, with ``torch._dynamo.config.trace_autograd_ops =
+True``, so that Dynamo traces ``torch.autograd.grad`` into the graph:
+
+* the **inner step** ``x' -> (g, h)`` (:func:`lfr_ext.reference.grad_and_hvp_double_backprop`);
+* the **penalty step** ``x' -> (mean_i ||g_i||_q, d/dtheta of it)``: the compiled function
+  returns the value and the parameter gradients, detached (a compiled region may not return a
+  tensor derived from an input it called ``requires_grad_()`` on), and an autograd Function hands
+  the gradients to the caller's ``backward()``. So the penalty is exact to first order in the
+  weights, which is what training uses, and it is only available reduced over the batch
+  (``reduction="mean"`` / ``"sum"``).
+
+Both run with ``torch._inductor.config.fallback_random = True``: Dropout draws exactly what the
+eager engines draw, so ``hvp="compiled"`` is interchangeable with them (tests compare in fp64).
+Each (model, loss, q) is compiled once (Dynamo recompiles by itself when module modes or shapes
+change). Where the running torch cannot trace autograd calls, or compilation fails, the engine
+is unavailable and ``hvp="compiled"`` raises with the reason (:func:`compile_support_problem`).
+The linearized engine is not compiled: its tape is a ``TorchFunctionMode`` with Python state
+that Dynamo does not trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+
+import torch
+from torch import nn
+
+from .reference import LossFn, grad_and_hvp_double_backprop, grad_norm_reference, penalty_at
+
+def compile_backend() -> str:
+    """``torch.compile``'s backend for these functions: ``$LFR_EXT_COMPILE_BACKEND`` or inductor
+    (``aot_eager`` compiles in seconds and runs the traced graph eagerly: a debugging aid)."""
+    return os.environ.get("LFR_EXT_COMPILE_BACKEND", "inductor")
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def compile_support_problem() -> str | None:
+    """Why whole-step compilation cannot run with this torch, or None."""
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return ("this torch cannot trace autograd.grad into a compiled graph (torch._dynamo.config.trace_autograd_ops "
+                "is missing); use hvp='auto'")
+    return None
+
+
+@contextlib.contextmanager
+def _tracing_autograd():
+    """The settings every compile (and recompile) of these functions needs."""
+    import torch._inductor.config
+
+    with torch._dynamo.config.patch(trace_autograd_ops=True), torch._inductor.config.patch(fallback_random=True):
+        yield
+
+
+class _PenaltyWithGradients(torch.autograd.Function):
+    """``values`` (B,) whose backward is ``mean(grad_out) * grads``: exact when ``grad_out`` is
+    the same for every sample, as the batch mean and sum make it."""
+
+    @staticmethod
+    def forward(ctx, values, grads, *params):
+        ctx.save_for_backward(*grads)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        scale = grad_out.mean()
+        return (None, None, *(scale * g for g in ctx.saved_tensors))
+
+
+class CompiledSecondOrder:
+    """The compiled inner step and penalty step of one model, loss and norm."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, q: float, backend: str):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+        # The per-sample norms are PyTorch's own ops here (Inductor fuses them with the rest).
+        def inner(x_adv, y):
+            return grad_and_hvp_double_backprop(model, x_adv, y, loss_fn, q, norm_fn=grad_norm_reference)
+
+        def penalty(x_adv, y):
+            values = penalty_at(model, x_adv, y, q=q, loss_fn=loss_fn, norm_fn=grad_norm_reference)
+            grads = torch.autograd.grad(values.sum(), self.params, allow_unused=True, materialize_grads=True)
+            return values.detach(), [g.detach() for g in grads]
+
+        self._inner = torch.compile(inner, backend=backend, fullgraph=True)
+        self._penalty = torch.compile(penalty, backend=backend, fullgraph=True)
+
+    def grad_and_hvp(self, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with _tracing_autograd():
+            return self._inner(x_adv.detach(), y)
+
+    def penalty(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample penalties (B,) for a caller that reduces them by mean or sum."""
+        with _tracing_autograd():
+            values, grads = self._penalty(x_adv.detach(), y)
+        return _PenaltyWithGradients.apply(values, grads, *self.params)
+
+
+def engine_for(model: nn.Module, loss_fn: LossFn, q: float, backend: str | None = None) -> CompiledSecondOrder:
+    """The (cached) compiled engine of ``model`` for this loss, norm and backend."""
+    backend = backend or compile_backend()
+    problem = compile_support_problem()
+    if problem is not None:
+        raise RuntimeError(f"hvp='compiled' is not available: {problem}")
+    per_model = _ENGINES.setdefault(model, {})
+    key = (loss_fn, q, backend)
+    if key not in per_model:
+        per_model[key] = CompiledSecondOrder(model, loss_fn, q, backend)
+    return per_model[key]

@@ -1,0 +1,80 @@
+"""hvp='compiled': double backprop with each inner step and the penalty step compiled whole
+(autograd traced into the graph), checked against eager double backprop in fp64: the ascended
+point, the penalty and every parameter gradient; Dropout draws the same masks."""
+
+import pytest
+import torch
+
+import lfr_ext
+from lfr_ext import compiled
+from lfr_ext.models import SmallCNN
+from lfr_ext.reference import flatness_ascent_reference
+
+from models_for_tests import TinyResNet
+from test_linearized import _assert_grads_close, _params_grads, _rel_err
+
+pytestmark = pytest.mark.skipif(compiled.compile_support_problem() is not None,
+                                reason=str(compiled.compile_support_problem()))
+MODELS = {"small_cnn_dropout": (lambda: SmallCNN(drop=0.3, zero_init_last=False), (4, 1, 28, 28), 10),
+          "resnet_bn": (TinyResNet, (4, 3, 10, 10), 5)}
+KW = dict(eps=0.1, step_size=0.02, steps=3)
+
+
+def _problem(name):
+    factory, shape, classes = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().double().train()
+    return model, torch.rand(shape, dtype=torch.float64), torch.randint(0, classes, (shape[0],))
+
+
+def _equals_double_backprop(name):
+    model, x, y = _problem(name)
+    results = {}
+    for hvp in ("double_backprop", "compiled"):
+        torch.manual_seed(5)
+        value = lfr_ext.flatness_penalty(model, x, y, hvp=hvp, **KW)
+        results[hvp] = (value, _params_grads(model, value))
+    assert _rel_err(results["compiled"][0], results["double_backprop"][0]) < 1e-12
+    _assert_grads_close(results["compiled"][1], results["double_backprop"][1], 1e-10)
+    model.eval()
+    points = []
+    for hvp in ("double_backprop", "compiled"):
+        plan = lfr_ext.hvp.HVPPlan(hvp, model, True)
+        points.append(flatness_ascent_reference(model, x, y, generator=torch.Generator().manual_seed(1),
+                                                grad_and_hvp=plan.grad_and_hvp, **KW)[0])
+    assert torch.equal(points[0], points[1])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compiled_equals_double_backprop_fp64_aot_eager(monkeypatch, name):
+    monkeypatch.setenv("LFR_EXT_COMPILE_BACKEND", "aot_eager")
+    _equals_double_backprop(name)
+
+
+def test_compiled_equals_double_backprop_fp64_inductor(monkeypatch):
+    monkeypatch.setenv("LFR_EXT_COMPILE_BACKEND", "inductor")
+    _equals_double_backprop("resnet_bn")
+
+
+def test_what_the_compiled_engine_refuses(monkeypatch):
+    monkeypatch.setenv("LFR_EXT_COMPILE_BACKEND", "aot_eager")
+    model, x, y = _problem("resnet_bn")
+    with pytest.raises(ValueError, match="reduced over the batch"):
+        lfr_ext.flatness_penalty(model, x, y, hvp="compiled", reduction="none", **KW)
+    with pytest.raises(ValueError, match="does not take a grad_scaler"):
+        lfr_ext.flatness_penalty(model, x, y, hvp="compiled", grad_scaler=torch.amp.GradScaler("cpu"), **KW)
+    monkeypatch.delattr(torch._dynamo.config, "trace_autograd_ops")
+    with pytest.raises(RuntimeError, match="cannot trace autograd.grad"):
+        lfr_ext.flatness_penalty(model, x, y, hvp="compiled", **KW)
+
+
+def test_lfr_loss_with_the_compiled_engine_trains(monkeypatch):
+    monkeypatch.setenv("LFR_EXT_COMPILE_BACKEND", "aot_eager")
+    model, x, y = _problem("small_cnn_dropout")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(2):
+        out = lfr_ext.lfr_loss(model, x, y, lam=0.1, hvp="compiled", **KW)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p).all() for p in model.parameters())
