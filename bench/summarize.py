@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 
-SUITES = ("ops", "step", "tangent", "penalty", "precision")
+SUITES = ("ops", "step", "tangent", "penalty", "precision", "scale_out")
 METHODS = ("lfr", "pgd_at", "trades", "plain")
 # Median ms of one training step at batch 128, measured earlier on an H200 with torch 2.11 (the
 # last row by a prototype of the linearized pass): reference points to read this run against.
@@ -191,6 +191,20 @@ def precision_table(suites: dict) -> list[str]:
                    "sign(h) agreement, double backprop"], rows)
 
 
+def scale_out_table(suites: dict) -> list[str]:
+    rows = []
+    for row in _rows(suites["scale_out"]):
+        info = row["extra_info"]
+        if "world_size" in info:
+            label = f"DDP, {info['world_size']} rank(s), global batch {info['global_batch']}"
+            median = info["step_median_s"]
+            note = "" if info.get("scaling_efficiency") is None else f"efficiency {100 * info['scaling_efficiency']:.0f}%"
+        else:
+            label, median, note = f"LFR step, {info['variant']}", _median(row), ""
+        rows.append([label, _fmt(median * 1e3, " ms"), _fmt(info.get("images_per_s"), " img/s", 0), note])
+    return _table(["what", "median step", "throughput", ""], rows)
+
+
 def training_table(train_dir: str) -> list[str]:
     rows = []
     for method in METHODS:
@@ -238,7 +252,8 @@ def render(out_dir: str, prefix: str, stages: str | None) -> str:
                          ("Fused ascent step (`bench/bench_ops.py`)", ops_table),
                          ("Inner step in gradients (`bench/bench_tangent.py`)", tangent_table),
                          ("Penalty call (`bench/bench_penalty.py`)", penalty_table),
-                         ("Low precision (`bench/bench_precision.py`)", precision_table)):
+                         ("Low precision (`bench/bench_precision.py`)", precision_table),
+                         ("Scale out (`bench/bench_scale_out.py`)", scale_out_table)):
         lines += ["", f"## {title}", ""] + table(suites)
     lines += ["", "## Training comparison (`lfr-train`, stage 4)", ""]
     lines += training_table(os.path.join(out_dir, f"{prefix}-train"))

@@ -11,7 +11,7 @@
 #   2 tests        the GPU tests (pytest -m "cuda and not slow") with LFR_EXT_REQUIRE_GPU=1, under which
 #                  a skip is a failure: first the capture, training, Triton and CUDA-kernel tests
 #                  (tests-core), after the headline benchmarks the op and engine matrix (tests-matrix)
-#   3 benchmarks   one JSON per suite: OUT_DIR/<gpu>-<date>-{step,ops,tangent,precision,penalty}.json
+#   3 benchmarks   one JSON per suite: OUT_DIR/<gpu>-<date>-{step,ops,tangent,precision,penalty,scale_out}.json
 #   4 training     if time remains: the four methods with lfr-train on Fashion-MNIST, about 2 minutes
 #   5 summary      bench/summarize.py: Markdown printed last and written to OUT_DIR/summary.md
 # Per-stage logs (with pytest's slowest tests, to size the stages) are in OUT_DIR/logs/.
@@ -116,6 +116,7 @@ if [ "$MODE" = gpu ]; then
   TRAIN_ARGS="--full --epochs 2 --milestones 1 --val-robust-size 500"  # lr drops after epoch 1: a re-capture
 else
   export LFR_EXT_BUILD_CUDA=0 LFR_BENCH_TINY=1
+  export LFR_EXT_COMPILE_BACKEND=${LFR_EXT_COMPILE_BACKEND:-aot_eager}  # Inductor on this CPU: minutes
   DEVICE_NAME="cpu dry run"
   TRAIN_ARGS="--train-subset 128 --epochs 1 --steps 1 --step-size 0.05 --batch-size 32 --val-size 64
               --val-robust-size 16 --val-attack-steps 1"
@@ -188,6 +189,7 @@ stage tests-matrix 120 "$PYTHON" -m pytest tests "${ignore_core[@]}" "${TEST_ARG
 bench tangent 30
 bench precision 25
 bench penalty 30
+bench scale_out 60  # DDP at 1 (and 2) GPUs with NCCL, hvp='compiled', captured, bf16, fp16
 
 # ---------------------------------------------------------------------------------------------
 # 4 training comparison, if time remains

@@ -67,7 +67,7 @@ def test_headline_goals_from_the_right_providers(results):
 
 def test_missing_suites_are_reported_not_invented(tmp_path):
     text = summarize.render(str(tmp_path), "nothing", None)
-    assert "Missing suites (failed, timed out or skipped): ops, step, tangent, penalty, precision" in text
+    assert "Missing suites (failed, timed out or skipped): ops, step, tangent, penalty, precision, scale_out" in text
     assert "yes" not in text.split("## Headline figures")[1].split("##")[0]
 
 
