@@ -22,11 +22,15 @@ Jacobian of the *global* batch statistics; keep per-rank BatchNorm (what large a
 training code bases do, averaging the running statistics each epoch) or pass
 ``penalty_mode="eval"``.
 
-Sharded data parallelism (FSDP2's ``fully_shard``) is not supported: its forward and backward
-hooks all-gather and reduce-scatter around each module's *first-order* backward, and the
-penalty's gradient of a gradient arrives outside them (the double backward fails with
-pytorch/pytorch#172543 by default, and loses every gradient with
-``set_reshard_after_backward(False)``). It is refused with that explanation.
+Sharded data parallelism (FSDP2's ``fully_shard``) is refused. Its hooks all-gather and
+reduce-scatter around each module's *first-order* backward, and the penalty's gradient of a
+gradient arrives outside them. Measured on 2 gloo ranks (torch 2.13, double backprop, fp64): by
+default the double backward fails (pytorch/pytorch#172543); with ``set_reshard_after_backward(False)``
+a model sharded layer by layer gets no gradient at all; only a model sharded as one unit
+(``fully_shard(model)`` alone), with ``set_reshard_after_backward(False)`` and ``model.reshard()``
+after every backward, was exact. That last step belongs to the caller's loop (a forward before it
+would use stale parameters), and the linearized engine cannot see through FSDP's hooks, so
+lfr_ext does not take FSDP2 models until it can own that protocol.
 """
 
 from __future__ import annotations
@@ -56,8 +60,8 @@ def check_data_parallel(model: nn.Module, penalty_mode: str | None) -> None:
     if _is_fully_sharded(net):
         raise NotImplementedError(
             "lfr_ext does not support FSDP2 (fully_shard): its hooks reduce-scatter around each module's first-order "
-            "backward, and the penalty's gradient of a gradient arrives outside them (pytorch/pytorch#172543). "
-            "Use DistributedDataParallel"
+            "backward, and the penalty's gradient of a gradient arrives outside them (the double backward fails, "
+            "pytorch/pytorch#172543, or loses the gradients). Use DistributedDataParallel"
         )
     if penalty_mode == "caller" and _distributed_world_size() > 1:
         synced = [name or type(net).__name__ for name, m in net.named_modules()
