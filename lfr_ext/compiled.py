@@ -26,6 +26,7 @@ that Dynamo does not trace.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import weakref
 
@@ -42,10 +43,27 @@ _ENGINES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictiona
 
 
 def compile_support_problem() -> str | None:
-    """Why whole-step compilation cannot run with this torch, or None."""
+    """Why whole-step compilation cannot run with this torch, or None: the config switch must
+    exist, and a tiny model's inner and penalty steps must compile (Dynamo's ``eager`` backend,
+    once per process: what would fail in Dynamo on a real model fails here, with a reason)."""
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         return ("this torch cannot trace autograd.grad into a compiled graph (torch._dynamo.config.trace_autograd_ops "
                 "is missing); use hvp='auto'")
+    return _trial_compile_problem()
+
+
+@functools.lru_cache(maxsize=None)
+def _trial_compile_problem() -> str | None:
+    from .reference import default_loss
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x, y = torch.rand(2, 3), torch.tensor([0, 1])
+    try:
+        engine = CompiledSecondOrder(model, default_loss, 1, "eager")
+        engine.grad_and_hvp(x, y)
+        engine.penalty(x, y).sum().backward()
+    except Exception as error:  # noqa: BLE001  (whatever Dynamo raises, the answer is: not here)
+        return f"compiling a step with its autograd calls fails with this torch ({type(error).__name__}: {error})"
     return None
 
 
@@ -74,18 +92,23 @@ class _PenaltyWithGradients(torch.autograd.Function):
 
 
 class CompiledSecondOrder:
-    """The compiled inner step and penalty step of one model, loss and norm."""
+    """The compiled inner step and penalty step of one model, loss and norm.
+
+    The model is held weakly (the engine is cached per model) and its trainable parameters are
+    read at every call and passed in: a caller may swap them (``GraphedStep`` captures on fresh
+    leaves), and the penalty's gradients must reach the parameters the forward used.
+    """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, q: float, backend: str):
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._model = weakref.ref(model)
 
         # The per-sample norms are PyTorch's own ops here (Inductor fuses them with the rest).
-        def inner(x_adv, y):
+        def inner(model, x_adv, y):
             return grad_and_hvp_double_backprop(model, x_adv, y, loss_fn, q, norm_fn=grad_norm_reference)
 
-        def penalty(x_adv, y):
+        def penalty(model, params, x_adv, y):
             values = penalty_at(model, x_adv, y, q=q, loss_fn=loss_fn, norm_fn=grad_norm_reference)
-            grads = torch.autograd.grad(values.sum(), self.params, allow_unused=True, materialize_grads=True)
+            grads = torch.autograd.grad(values.sum(), params, allow_unused=True, materialize_grads=True)
             return values.detach(), [g.detach() for g in grads]
 
         self._inner = torch.compile(inner, backend=backend, fullgraph=True)
@@ -93,13 +116,15 @@ class CompiledSecondOrder:
 
     def grad_and_hvp(self, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with _tracing_autograd():
-            return self._inner(x_adv.detach(), y)
+            return self._inner(self._model(), x_adv.detach(), y)
 
     def penalty(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample penalties (B,) for a caller that reduces them by mean or sum."""
+        model = self._model()
+        params = [p for p in model.parameters() if p.requires_grad]
         with _tracing_autograd():
-            values, grads = self._penalty(x_adv.detach(), y)
-        return _PenaltyWithGradients.apply(values, grads, *self.params)
+            values, grads = self._penalty(model, params, x_adv.detach(), y)
+        return _PenaltyWithGradients.apply(values, grads, *params)
 
 
 def engine_for(model: nn.Module, loss_fn: LossFn, q: float, backend: str | None = None) -> CompiledSecondOrder:

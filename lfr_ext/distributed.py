@@ -41,7 +41,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The module a DDP wrapper holds (``model`` itself when it is not wrapped)."""
+    """The module a DDP wrapper holds (``model`` itself when it is not wrapped), also through a
+    ``torch.compile`` of the wrapper (whose module then runs uncompiled)."""
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if isinstance(inner, DistributedDataParallel):
+        return inner.module
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -50,6 +54,12 @@ def check_data_parallel(model: nn.Module, penalty_mode: str | None) -> None:
 
     ``penalty_mode`` is that of the penalty pass (None for the ascent alone, as in
     :func:`lfr_ext.local_flatness`, which runs in eval mode)."""
+    if isinstance(model, (nn.DataParallel, *_fsdp1_classes())):
+        raise NotImplementedError(
+            f"lfr_ext does not take {type(model).__name__} models: use DistributedDataParallel (one process per "
+            "GPU, torchrun). nn.DataParallel replicates the model in every forward, and FSDP's hooks reduce-scatter "
+            "around each module's first-order backward, which the penalty's gradient of a gradient misses"
+        )
     if isinstance(model, DistributedDataParallel) and model.static_graph:
         raise ValueError(
             "DistributedDataParallel(static_graph=True) plans its gradient reduction from the first iteration's "
@@ -73,6 +83,14 @@ def check_data_parallel(model: nn.Module, penalty_mode: str | None) -> None:
                 "Jacobian. Keep per-rank BatchNorm (average the running statistics across ranks each epoch) or pass "
                 "penalty_mode='eval'"
             )
+
+
+def _fsdp1_classes() -> tuple:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return ()
+    return (FullyShardedDataParallel,)
 
 
 def _is_fully_sharded(module: nn.Module) -> bool:

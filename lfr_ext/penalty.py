@@ -91,18 +91,22 @@ def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip
     chosen_impl = ops.resolve_impl(impl, x.device, x.dtype)
     # The double-backprop paths take per-sample norms with the fused, twice-differentiable op.
     norm_fn = grad_norm_reference if chosen_impl == "reference" else functools.partial(ops.grad_norm, impl=chosen_impl)
-    loss_scale = current_scale(check_grad_scaler(grad_scaler), x.device)
+    loss_scale = input_gradient_scale(check_grad_scaler(grad_scaler), x)
     plan = HVPPlan(hvp, unwrapped(model), default_loss=loss_fn is None, norm_fn=norm_fn, loss_scale=loss_scale)
     return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, plan, chosen_impl,
                    loss_scale)
 
 
-def current_scale(grad_scaler, device: torch.device) -> torch.Tensor | None:
-    """The scaler's current scale as a 0-dim fp32 tensor on ``device`` (no host sync), or None
-    for no scaler or a disabled one."""
+def input_gradient_scale(grad_scaler, x: torch.Tensor) -> torch.Tensor | None:
+    """The factor for losses summed over the batch ``x`` whose input gradient is taken: the
+    scaler's current scale divided by the batch size (a 0-dim fp32 tensor, no host sync), so that
+    the gradients reaching the logits are as large as those of the scaled *mean* loss GradScaler
+    tunes its scale for (the full scale on a summed loss would overflow fp16 first). None for no
+    scaler or a disabled one."""
     if grad_scaler is None or not grad_scaler.is_enabled():
         return None
-    return grad_scaler.scale(torch.ones((), dtype=torch.float32, device=device))
+    scale = grad_scaler.scale(torch.ones((), dtype=torch.float32, device=x.device))
+    return scale / max(x.shape[0], 1)
 
 
 def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config):
@@ -134,13 +138,28 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config):
     return x_adv, path_norms, finite
 
 
+class _GradientsNaNUnless(torch.autograd.Function):
+    """The identity, whose backward is NaN when ``finite`` is False."""
+
+    @staticmethod
+    def forward(ctx, value, finite):
+        ctx.save_for_backward(finite)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (finite,) = ctx.saved_tensors
+        return grad * torch.where(finite, 1.0, float("nan")).to(grad.dtype), None
+
+
 def _poisoned_if_overflowed(penalty: torch.Tensor, finite: torch.Tensor | None) -> torch.Tensor:
-    """NaN (value and parameter gradients) when the ascent overflowed: the scaled backward then
-    finds non-finite gradients, and GradScaler skips the step and lowers the scale, as for any
-    overflow. Device-side: no host sync."""
+    """The penalty, whose parameter gradients are NaN when the ascent overflowed: the scaled
+    backward then finds non-finite gradients, and GradScaler skips the step and lowers the
+    scale, as for any overflow. The value is left as computed (so the epoch's running loss is
+    not NaN). Device-side: no host sync."""
     if finite is None:
         return penalty
-    return penalty * torch.where(finite, 1.0, float("nan")).to(penalty.dtype)
+    return _GradientsNaNUnless.apply(penalty, finite)
 
 
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -221,8 +240,9 @@ def flatness_penalty(
         validate: check values of ``x`` (finite, inside ``clip``); costs one host sync.
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop. The input
             gradients and HVPs are taken on scaled losses and unscaled out of place (PyTorch's
-            gradient-penalty AMP recipe), so they do not underflow in fp16; the returned penalty
-            is unscaled (backprop ``grad_scaler.scale(loss)`` as usual), and NaN when the ascent
+            gradient-penalty AMP recipe; the summed losses by ``scale / B``), so they do not
+            underflow in fp16; the returned penalty is unscaled (backprop
+            ``grad_scaler.scale(loss)`` as usual), and its gradients are NaN when the ascent
             overflowed, so that ``grad_scaler.step`` skips the step. bf16 needs no scaler.
     Returns:
         Scalar penalty (``reduction="mean"``/``"sum"``) or per-sample penalties (B,), in

@@ -189,7 +189,7 @@ stage tests-matrix 120 "$PYTHON" -m pytest tests "${ignore_core[@]}" "${TEST_ARG
 bench tangent 30
 bench precision 25
 bench penalty 30
-bench scale_out 60  # DDP at 1 (and 2) GPUs with NCCL, hvp='compiled', captured, bf16, fp16
+bench scale_out 120  # DDP at 1 (and 2) GPUs with NCCL, hvp='compiled' (Inductor compiles), captured, bf16, fp16
 
 # ---------------------------------------------------------------------------------------------
 # 4 training comparison, if time remains

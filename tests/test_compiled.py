@@ -78,3 +78,23 @@ def test_lfr_loss_with_the_compiled_engine_trains(monkeypatch):
         out.loss.backward()
         optimizer.step()
     assert torch.isfinite(out.loss) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_gradients_reach_the_parameters_of_the_call(monkeypatch):
+    """The engine is cached per model; parameters swapped after it was built (GraphedStep's
+    fresh leaves, during and after a capture) still get the penalty's gradients."""
+    from lfr_ext.graphed_step import fresh_parameter_leaves
+
+    monkeypatch.setenv("LFR_EXT_COMPILE_BACKEND", "aot_eager")
+    model, x, y = _problem("resnet_bn")
+    torch.manual_seed(5)
+    expected = _params_grads(model, lfr_ext.flatness_penalty(model, x, y, hvp="double_backprop", **KW))
+    for _ in range(2):
+        with fresh_parameter_leaves(model) as leaves:
+            torch.manual_seed(5)
+            inside = _params_grads(model, lfr_ext.flatness_penalty(model, x, y, hvp="compiled", **KW))
+        _assert_grads_close(inside, expected, 1e-10)
+        torch.manual_seed(5)
+        after = _params_grads(model, lfr_ext.flatness_penalty(model, x, y, hvp="compiled", **KW))
+        _assert_grads_close(after, expected, 1e-10)
+    assert leaves

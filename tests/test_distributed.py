@@ -125,7 +125,8 @@ def test_global_batches_are_split_evenly_and_tiny_ones_skipped():
     two = [parallel.Ranks(r, 2) for r in range(2)]
     batch = torch.arange(10, 18)
     assert [parallel.shard(batch, r).tolist() for r in two] == [[10, 11, 12, 13], [14, 15, 16, 17]]
-    assert parallel.shard(torch.arange(1), two[1]) is None  # fewer images than ranks: skipped
+    assert parallel.shard(torch.arange(1), two[1]) is None  # no equal shares: skipped on every rank
+    assert parallel.shard(torch.arange(7), two[0]) is None
     assert parallel.shard(batch, parallel.Ranks()) is batch
     assert len({parallel.rank_seed(0, r) for r in range(8)}) == 8
 
@@ -164,3 +165,9 @@ def test_ddp_with_nccl_on_one_gpu_is_captured_and_steps_like_eager(exact_fp32):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+def test_data_parallel_is_refused():
+    model, xs, ys = _batch("small_cnn", 1)
+    with pytest.raises(NotImplementedError, match="use DistributedDataParallel"):
+        lfr_ext.flatness_penalty(nn.DataParallel(model), xs[0], ys[0], eps=0.1, step_size=0.03, steps=1)

@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str =
     cfg.validate()
     dev = resolve_device(device)
     with parallel.process_group(dev) as ranks:
-        return _train(cfg, out_dir, resume=resume or parallel.restarted_by_torchrun(), dev=parallel.device_for(dev, ranks),
+        return _train(cfg, out_dir, resume=resume, dev=parallel.device_for(dev, ranks),
                       ranks=ranks, data_dir=data_dir, progress=progress and ranks.main,
                       log=log if ranks.main else _silent, batch_hook=batch_hook)
 
@@ -132,10 +132,12 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, r
     last_path = os.path.join(out_dir, "last.pt")
     checkpoint = None
     if os.path.exists(last_path):
+        checkpoint = load_checkpoint(last_path)
+        # A group torchrun restarted continues its own job's checkpoint without being told.
+        resume = resume or (parallel.restarted_by_torchrun() and checkpoint.get("job") == parallel.job_id())
         if not resume:
             raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it, "
                                   "or choose another --out")
-        checkpoint = load_checkpoint(last_path)
         mismatch = _config_mismatch(checkpoint["config"], cfg)
         if checkpoint.get("world_size", 1) != ranks.world:
             mismatch.append(f"world size: saved {checkpoint.get('world_size', 1)}, now {ranks.world}")
@@ -196,6 +198,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, r
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_per_rank[0], "epoch": epoch, "history": history, "best_robust": best_robust,
                 "best_epoch": best_epoch, "config": json.loads(cfg.to_json()), "world_size": ranks.world,
+                "job": parallel.job_id(),
                 **({"rng_per_rank": rng_per_rank} if ranks.parallel else {}),
                 **({"grad_scaler": training_step.grad_scaler.state_dict()} if training_step.grad_scaler else {}),
             }, last_path)

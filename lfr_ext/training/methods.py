@@ -22,7 +22,7 @@ from torch import nn
 
 import lfr_ext
 from lfr_ext.distributed import unwrapped
-from lfr_ext.penalty import current_scale
+from lfr_ext.penalty import input_gradient_scale
 
 from .config import TrainConfig
 
@@ -79,7 +79,7 @@ def _nan(x: torch.Tensor) -> torch.Tensor:
 
 
 def _loss_scale(grad_scaler, x: torch.Tensor) -> torch.Tensor | None:
-    return current_scale(grad_scaler, x.device)
+    return input_gradient_scale(grad_scaler, x)
 
 
 def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None,

@@ -6,21 +6,22 @@ What changes with N > 1 ranks (and nothing does with one):
 
 * **Data.** Every rank walks the same (seed, epoch) order of global batches of ``batch_size``
   images, augments the global batch (so the augmentation is the single-process one), and trains
-  on its ``1/N`` slice. ``batch_size`` must be a multiple of N; a last batch smaller than N
-  images is skipped.
+  on its ``1/N`` slice. ``batch_size`` must be a multiple of N; a last batch that is not is
+  skipped.
 * **Randomness.** Model initialisation uses ``seed`` on every rank (DDP starts from rank 0's
   weights anyway); then each rank's global RNG is seeded by (seed, rank), so the ranks draw
   different start noise, PGD starts and Dropout masks. Checkpoints hold every rank's RNG states.
-* **Model.** ``DistributedDataParallel`` with ``broadcast_buffers=False``: BatchNorm keeps
-  per-rank statistics (LFR's penalty pass needs per-rank BatchNorm, see
+* **Model.** ``DistributedDataParallel`` without buffer syncing at each forward
+  (``forward_sync_buffers=False`` from torch 2.13, ``broadcast_buffers=False`` before; the former
+  still syncs the identical initial buffers once): BatchNorm keeps per-rank statistics (LFR's penalty pass needs per-rank BatchNorm, see
   :mod:`lfr_ext.distributed`), and the running statistics are averaged across ranks at the end of
   every epoch, so evaluation and checkpoints see one consistent model.
 * **Outputs.** Rank 0 writes the checkpoints, metrics, summary and log lines; the training
   loss, penalty and accuracy are summed over the ranks; the validation monitor runs the same
   attack on every rank (the models are identical), so its figures need no reduction.
 * **Restarts.** A run that ``torchrun`` restarts after a rank died (``--max-restarts``) resumes
-  from the last checkpoint by itself; a checkpoint is resumed only at the world size it was
-  written with.
+  by itself from the last checkpoint *this job* wrote (a folder holding another run still needs
+  ``--resume``); a checkpoint is resumed only at the world size it was written with.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def restarted_by_torchrun() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
+def job_id() -> str | None:
+    """torchrun's id of this job (the same across its restarts), or None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") if launched_by_torchrun() else None
+
+
 @contextlib.contextmanager
 def process_group(device: torch.device):
     """Yield the :class:`Ranks` of this process; under torchrun, with the process group set up
@@ -98,7 +104,10 @@ def _init_process_group(backend: str) -> None:
 
 def device_for(device: torch.device, ranks: Ranks) -> torch.device:
     """One GPU per process: ``cuda`` means ``cuda:LOCAL_RANK`` under torchrun."""
-    if device.type == "cuda" and ranks.parallel and device.index is None:
+    if device.type == "cuda" and ranks.parallel:
+        if device.index is not None:
+            raise ValueError(f"--device {device} under torchrun would put every rank on one GPU; pass --device cuda "
+                             "(each rank takes cuda:LOCAL_RANK)")
         torch.cuda.set_device(ranks.local_rank)
         return torch.device("cuda", ranks.local_rank)
     return device
@@ -125,6 +134,10 @@ def data_parallel(model: nn.Module, device: torch.device) -> DistributedDataPara
     with torch.cuda.stream(side):
         ddp = DistributedDataParallel(model, device_ids=[device.index], **per_rank_buffers)
     torch.cuda.current_stream().wait_stream(side)
+    # DDP samples runtime statistics with CUDA timing events on every 100th iteration; inside a
+    # captured step (re-captured after every schedule change) they would land in the graph.
+    if hasattr(ddp, "_set_ddp_runtime_logging_sample_rate"):
+        ddp._set_ddp_runtime_logging_sample_rate(2**31 - 1)
     return ddp
 
 
@@ -137,11 +150,13 @@ def _per_rank_buffers() -> dict:
 
 
 def shard(batch: torch.Tensor, ranks: Ranks) -> torch.Tensor | None:
-    """This rank's slice of a global batch of indices; None when the batch is too small to give
-    every rank an image (a last, partial batch)."""
+    """This rank's slice of a global batch of indices; None (skip it, on every rank alike) when
+    the batch does not split into equal shares: DDP averages per-rank means, which is the global
+    mean only for equal shares, and ranks whose shares had different shapes could mix a graph
+    replay (with its captured all-reduce) and an eager step."""
     if not ranks.parallel:
         return batch
-    if len(batch) < ranks.world:
+    if len(batch) % ranks.world:
         return None
     return batch.tensor_split(ranks.world)[ranks.rank]
 
