@@ -60,23 +60,30 @@ def _timed_ranks(rank, world, port, result_path):
     device = torch.device("cuda", rank) if ON_GPU else torch.device("cpu")
     dist.init_process_group("nccl" if ON_GPU else "gloo", rank=rank, world_size=world)
     try:
-        model, optimizer, x, y = _problem(device, BATCH)
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if ON_GPU else None)
-        step = _eager_step(ddp, optimizer)
-        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-        times = []
-        for _ in range(ROUNDS + 1):  # the first is warm-up
-            dist.barrier()
-            start = time.perf_counter()
-            step(xs, ys)
-            if ON_GPU:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        median = _median_step_on_this_rank(rank, world, device)
         if rank == 0:
             with open(result_path, "w") as f:
-                f.write(str(statistics.median(times[1:])))
+                f.write(str(median))
     finally:
+        # DDP's reducer must be gone before the process group: freeing it after
+        # destroy_process_group() deadlocks gloo's worker threads on the GIL.
         dist.destroy_process_group()
+
+
+def _median_step_on_this_rank(rank, world, device) -> float:
+    model, optimizer, x, y = _problem(device, BATCH)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if ON_GPU else None)
+    step = _eager_step(ddp, optimizer)
+    xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    times = []
+    for _ in range(ROUNDS + 1):  # the first is warm-up
+        dist.barrier()
+        start = time.perf_counter()
+        step(xs, ys)
+        if ON_GPU:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def _step_seconds_on(world: int) -> float:

@@ -137,34 +137,38 @@ def test_ddp_with_nccl_on_one_gpu_is_captured_and_steps_like_eager(exact_fp32):
     on its own parameters (DDP's hooks), after DDP's warm-up, and replays what eager steps do."""
     import torch.distributed as dist
 
-    from lfr_ext.training.parallel import data_parallel
-
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        torch.manual_seed(0)
-        model = SmallCNN(drop=0.3, zero_init_last=False).cuda().train()
-        twin = copy.deepcopy(model)
-        x, y = torch.rand(8, 1, 28, 28, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
-        kw = dict(lam=0.02, eps=0.1, step_size=0.02, steps=3)
-        ddp = data_parallel(model, torch.device("cuda", 0))
-        step = lfr_ext.CapturedStep(ddp, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), x, y, **kw)
-        assert step.captured, step.reason
-        twin_opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
-        torch.manual_seed(3)
-        got = [step(x, y).loss.clone() for _ in range(2)]
-        torch.manual_seed(3)
-        expected = []
-        for _ in range(2):
-            out = lfr_ext.lfr_loss(twin, x, y, **kw)
-            twin_opt.zero_grad()
-            out.loss.backward()
-            twin_opt.step()
-            expected.append(out.loss.detach())
-        torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=1e-4, atol=1e-6)
-        for a, b in zip(model.parameters(), twin.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        _captured_ddp_steps_like_eager()  # its DDP is freed before the process group (see bench_scale_out)
     finally:
         dist.destroy_process_group()
+
+
+def _captured_ddp_steps_like_eager():
+    from lfr_ext.training.parallel import data_parallel
+
+    torch.manual_seed(0)
+    model = SmallCNN(drop=0.3, zero_init_last=False).cuda().train()
+    twin = copy.deepcopy(model)
+    x, y = torch.rand(8, 1, 28, 28, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    kw = dict(lam=0.02, eps=0.1, step_size=0.02, steps=3)
+    ddp = data_parallel(model, torch.device("cuda", 0))
+    step = lfr_ext.CapturedStep(ddp, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), x, y, **kw)
+    assert step.captured, step.reason
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    torch.manual_seed(3)
+    got = [step(x, y).loss.clone() for _ in range(2)]
+    torch.manual_seed(3)
+    expected = []
+    for _ in range(2):
+        out = lfr_ext.lfr_loss(twin, x, y, **kw)
+        twin_opt.zero_grad()
+        out.loss.backward()
+        twin_opt.step()
+        expected.append(out.loss.detach())
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=1e-4, atol=1e-6)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_data_parallel_is_refused():
