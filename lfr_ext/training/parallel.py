@@ -27,6 +27,7 @@ What changes with N > 1 ranks (and nothing does with one):
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -83,6 +84,10 @@ def process_group(device: torch.device):
         yield Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     finally:
         if created:
+            # DDP's reducer (kept by reference cycles, e.g. a captured step's bound methods) must
+            # be freed before the process group: freed after destroy_process_group() it can
+            # deadlock gloo's worker threads on the GIL.
+            gc.collect()
             dist.destroy_process_group()
 
 
