@@ -1,4 +1,4 @@
-r"""LFR on models wrapped for data parallelism: ``DistributedDataParallel`` (DDP).
+r"""LFR on models wrapped for data parallelism: ``DistributedDataParallel`` (DDP) and FSDP2.
 
 A DDP step is exact when every rank's gradient after one ``backward()`` is the mean of the
 per-rank single-process gradients. LFR adds passes to a step that DDP does not know about:
@@ -22,18 +22,24 @@ Jacobian of the *global* batch statistics; keep per-rank BatchNorm (what large a
 training code bases do, averaging the running statistics each epoch) or pass
 ``penalty_mode="eval"``.
 
-Sharded data parallelism (FSDP2's ``fully_shard``) is refused. Its hooks all-gather and
-reduce-scatter around each module's *first-order* backward, and the penalty's gradient of a
-gradient arrives outside them. Measured on 2 gloo ranks (torch 2.13, double backprop, fp64): by
-default the double backward fails (pytorch/pytorch#172543); with ``set_reshard_after_backward(False)``
-a model sharded layer by layer gets no gradient at all; only a model sharded as one unit
-(``fully_shard(model)`` alone), with ``set_reshard_after_backward(False)`` and ``model.reshard()``
-after every backward, was exact. That last step belongs to the caller's loop (a forward before it
-would use stale parameters), and the linearized engine cannot see through FSDP's hooks, so
-lfr_ext does not take FSDP2 models until it can own that protocol.
+Sharded data parallelism (FSDP2's ``fully_shard``, per layer or as one unit) is exact under one
+rule, which lfr_ext applies itself (:class:`ShardedStep`): the parameters stay unsharded from the
+step's first pass to the end of the backward that consumes its loss. The penalty's second-order
+nodes are built by a first-order backward *inside* the step and read a module's unsharded
+parameters after FSDP has run that module's post-backward; a reshard there frees storage that
+autograd still needs (pytorch/pytorch#172543). So the step all-gathers every parameter group
+once, runs the ascent and the penalty pass without further collectives, and the step's one
+backward reduce-scatters the gradients through FSDP's own hooks; when that backward ends, lfr_ext
+reshards every group and gives back the model's ``reshard_after_forward`` /
+``reshard_after_backward`` settings. Memory during a step is that of the unsharded parameters
+(gradients and optimizer state stay sharded). CUDA-graph capture of an FSDP2 step is refused.
 """
 
 from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -56,9 +62,10 @@ def check_data_parallel(model: nn.Module, penalty_mode: str | None) -> None:
     :func:`lfr_ext.local_flatness`, which runs in eval mode)."""
     if isinstance(model, (nn.DataParallel, *_fsdp1_classes())):
         raise NotImplementedError(
-            f"lfr_ext does not take {type(model).__name__} models: use DistributedDataParallel (one process per "
-            "GPU, torchrun). nn.DataParallel replicates the model in every forward, and FSDP's hooks reduce-scatter "
-            "around each module's first-order backward, which the penalty's gradient of a gradient misses"
+            f"lfr_ext does not take {type(model).__name__} models: use DistributedDataParallel or FSDP2's "
+            "fully_shard (one process per GPU, torchrun). nn.DataParallel replicates the model in every forward, and "
+            "FSDP1's flat-parameter hooks reshard around each module's first-order backward, which the penalty's "
+            "gradient of a gradient reads after"
         )
     if isinstance(model, DistributedDataParallel) and model.static_graph:
         raise ValueError(
@@ -67,12 +74,6 @@ def check_data_parallel(model: nn.Module, penalty_mode: str | None) -> None:
             "static_graph (find_unused_parameters is fine)"
         )
     net = unwrapped(model)
-    if _is_fully_sharded(net):
-        raise NotImplementedError(
-            "lfr_ext does not support FSDP2 (fully_shard): its hooks reduce-scatter around each module's first-order "
-            "backward, and the penalty's gradient of a gradient arrives outside them (the double backward fails, "
-            "pytorch/pytorch#172543, or loses the gradients). Use DistributedDataParallel"
-        )
     if penalty_mode == "caller" and _distributed_world_size() > 1:
         synced = [name or type(net).__name__ for name, m in net.named_modules()
                   if isinstance(m, nn.SyncBatchNorm) and m.training]
@@ -93,12 +94,13 @@ def _fsdp1_classes() -> tuple:
     return (FullyShardedDataParallel,)
 
 
-def _is_fully_sharded(module: nn.Module) -> bool:
+def sharded_modules(module: nn.Module) -> list[nn.Module]:
+    """The FSDP2 (``fully_shard``) modules in ``module``, root first; empty when it is not sharded."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
-    return any(isinstance(m, FSDPModule) for m in module.modules())
+        return []
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
 def _distributed_world_size() -> int:
@@ -107,4 +109,180 @@ def _distributed_world_size() -> int:
     return torch.distributed.get_world_size()
 
 
-__all__ = ["check_data_parallel", "unwrapped"]
+# ------------------------------------------------------------------------------------------
+# FSDP2: one LFR step with the parameters unsharded (see the module docstring)
+# ------------------------------------------------------------------------------------------
+def _param_groups(module: nn.Module) -> list:
+    # FSDP2 has no public getter for a group's reshard settings nor access to its sharded
+    # parameters; this is the one place that reads its state, so that a change in torch's
+    # internals has one place to adapt.
+    return list(module._get_fsdp_state()._fsdp_param_groups)
+
+
+def _initialise_roots(modules: list[nn.Module]) -> None:
+    """Run FSDP's root initialisation, which a first forward would run, before a step reads the
+    reshard settings: it sets the root's own (no reshard after forward)."""
+    states = [m._get_fsdp_state() for m in modules]
+    if all(state._is_root is not None for state in states):
+        return
+    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
+    for module, state in zip(modules, states):
+        if id(module) not in inner:
+            state._lazy_init()
+
+
+class ShardedStep:
+    """An LFR step on an FSDP2 model, from its first pass to the end of its backward.
+
+    Opening it sets ``reshard_after_forward`` and ``reshard_after_backward`` to False on every
+    FSDP2 module of ``net`` and all-gathers every parameter group (FSDP's pre-forward hooks then
+    find them unsharded and communicate nothing). :meth:`close_after_backward` ties the closing
+    to the backward that consumes the step's loss: when that whole backward (FSDP's final
+    callback, which reduce-scatters the last groups, included) has run, every group is resharded
+    and its settings are given back. :meth:`close` does it at once (a step without a backward).
+    """
+
+    def __init__(self, net: nn.Module, modules: list[nn.Module]):
+        _initialise_roots(modules)
+        self._modules = modules
+        self._groups = [group for module in modules for group in _param_groups(module)]
+        self._settings = [(group, group.post_forward_mesh_info, group.reshard_after_backward) for group in self._groups]
+        self._auto = [(state, state._auto_reshard_after_forward) for state in (m._get_fsdp_state() for m in modules)
+                      if hasattr(state, "_auto_reshard_after_forward")]
+        self._closing = False
+        self.close_on_exit = False
+        for module in modules:
+            module.set_reshard_after_forward(False, recurse=False)
+            module.set_reshard_after_backward(False, recurse=False)
+        for module in modules:
+            module.unshard()
+        self._versions = self._sharded_versions()
+        _open_steps[net] = self
+
+    def _sharded_versions(self) -> list[int]:
+        return [fsdp_param.sharded_param._version for group in self._groups for fsdp_param in group.fsdp_params]
+
+    def stale(self) -> bool:
+        """Whether a sharded parameter was written since the all-gather (an optimizer step after a
+        backward that did not reach this step's loss): the unsharded copies are then out of date."""
+        return self._sharded_versions() != self._versions
+
+    def close_after_backward(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` itself, whose backward closes the step when the backward ends. A ``value``
+        that does not require grad (no backward will come) closes it now."""
+        if not value.requires_grad:
+            self.close()
+            return value
+        return _CloseAfterBackward.apply(self, value)
+
+    def close_at_exit(self) -> None:
+        """Close when the :func:`sharded_step` block ends (a step that no backward will follow)."""
+        self.close_on_exit = True
+
+    def _close_when_backward_ends(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        queue = torch.autograd.Variable._execution_engine.queue_callback
+        # Queued from a callback, the close runs after every callback queued during the backward,
+        # FSDP's final one (which reduce-scatters the groups whose inputs needed no gradient) too.
+        queue(lambda: queue(self._close_after_reduction))
+
+    def _close_after_reduction(self) -> None:
+        late = [group for group in self._groups if group.reduce_grads and any(
+            getattr(fsdp_param, "_unsharded_param", None) is not None and fsdp_param.unsharded_param.grad is not None
+            for fsdp_param in group.fsdp_params)]
+        self.close()
+        if late:
+            raise RuntimeError(
+                "lfr_ext: a gradient reached an FSDP2 module's unsharded parameters after FSDP had reduce-scattered "
+                "them, so it would be lost; this backward's gradients are incomplete")
+
+    def close(self) -> None:
+        """Reshard every group and give back the settings found when the step opened."""
+        for module in self._modules:
+            module.reshard()
+        for group, mesh_info, after_backward in self._settings:
+            group.post_forward_mesh_info = mesh_info
+            group.reshard_after_backward = after_backward
+        for state, auto in self._auto:
+            state._auto_reshard_after_forward = auto
+        for net, step in list(_open_steps.items()):
+            if step is self:
+                del _open_steps[net]
+
+
+class _CloseAfterBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, step: ShardedStep, value: torch.Tensor) -> torch.Tensor:
+        ctx.step = step
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.step._close_when_backward_ends()
+        return None, grad
+
+
+_open_steps: "weakref.WeakKeyDictionary[nn.Module, ShardedStep]" = weakref.WeakKeyDictionary()
+
+
+def open_sharded_step(net: nn.Module) -> ShardedStep | None:
+    """The open :class:`ShardedStep` of ``net`` (a second LFR call before the backward joins the
+    same step), a new one, or None when ``net`` has no FSDP2 module."""
+    modules = sharded_modules(net)
+    if not modules:
+        return None
+    step = _open_steps.get(net)
+    if step is not None and step.stale():
+        step.close()
+        step = None
+    return step if step is not None else ShardedStep(net, modules)
+
+
+class _Unsharded:
+    """Stands in for a :class:`ShardedStep` on a model without FSDP2 modules."""
+
+    @staticmethod
+    def close_after_backward(value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    @staticmethod
+    def close_at_exit() -> None:
+        pass
+
+
+@contextlib.contextmanager
+def sharded_step(net: nn.Module) -> Iterator["ShardedStep | _Unsharded"]:
+    """The LFR step on ``net``: an open :class:`ShardedStep` for an FSDP2 model (see
+    :func:`open_sharded_step`), a no-op otherwise. A step this block opened is closed when the
+    block raises, or when it ends after :meth:`ShardedStep.close_at_exit`; a step an earlier call
+    opened stays open for the backward that call's loss is waiting for."""
+    joined = _open_steps.get(net)
+    step = open_sharded_step(net)
+    if step is None:
+        yield _Unsharded()
+        return
+    opened_here = step is not joined
+    try:
+        yield step
+    except BaseException:
+        if opened_here:
+            step.close()
+        raise
+    if step.close_on_exit and opened_here:
+        step.close()
+
+
+def identity_autograd_functions() -> tuple[type, ...]:
+    """Custom ``autograd.Function`` classes that a wrapper puts around module inputs and whose
+    forward and backward are the identity (their backward only runs a hook): FSDP2's
+    post-backward registration. The linearized engine treats their outputs as their inputs."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import RegisterPostBackwardFunction
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return ()
+    return (RegisterPostBackwardFunction,)
+
+
+__all__ = ["ShardedStep", "check_data_parallel", "open_sharded_step", "sharded_modules", "sharded_step", "unwrapped"]

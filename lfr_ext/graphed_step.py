@@ -61,7 +61,8 @@ A DistributedDataParallel model is captured on its own parameters (DDP's all-red
 on their gradient accumulators, so the fresh leaves cannot be used: build DDP on a side stream,
 as :func:`lfr_ext.training.parallel.wrap` does, and keep no autograd graph alive from an
 earlier step), after at least 11 DDP warm-up steps (PyTorch's CUDA-graphs notes); NCCL captures
-its collectives. ``model.load_state_dict`` / ``optimizer.load_state_dict`` after a capture
+its collectives. An FSDP2 (``fully_shard``) model is refused: its hooks keep per-step state in Python
+between their collectives, which a replay would skip. ``model.load_state_dict`` / ``optimizer.load_state_dict`` after a capture
 *replace* tensors the graph reads and writes: load before building the step, or build a new one. A batch whose shape, dtype or device differs from the example's runs
 eagerly too (one warning; :meth:`GraphedStep.eager` runs a step eagerly without one).
 """
@@ -79,6 +80,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._cuda import is_host_sync_error
+from .distributed import sharded_modules, unwrapped
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple]
 
@@ -115,6 +117,11 @@ class GraphedStep:
             raise ValueError(f"example_y is on {example_y.device} but example_x is on {example_x.device}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 2:
             raise ValueError(f"warmup_steps must be an integer >= 2, got {warmup_steps!r}")
+        if sharded_modules(unwrapped(model)):
+            raise NotImplementedError(
+                "a CUDA graph cannot hold an FSDP2 (fully_shard) step: FSDP's hooks keep per-step state in Python "
+                "between their collectives, which a replay skips. Step the FSDP2 model eagerly (lfr_loss, "
+                "flatness_penalty) or capture a DistributedDataParallel model")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.warmup_steps = warmup_steps
         self.static_x = example_x.detach().clone()

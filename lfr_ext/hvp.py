@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import compiled
+from .distributed import identity_autograd_functions, sharded_modules
 from .linearized import TangentTape, UnsupportedOpError
 from .reference import LossFn, grad_and_hvp_double_backprop, grad_norm_reference, input_gradient, penalty_at
 
@@ -79,7 +80,7 @@ def _cross_entropy_residual(logits: torch.Tensor, y: torch.Tensor) -> torch.Tens
 
 
 def _record(model: nn.Module, x: torch.Tensor) -> tuple[TangentTape, torch.Tensor]:
-    with TangentTape(x) as tape:
+    with TangentTape(x) as tape, tape.through_input_aliases(sharded_modules(model)):
         logits = model(x)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         raise UnsupportedOpError("a model output that is not a (B, C) logits tensor")
@@ -97,14 +98,16 @@ _ADJOINT_RTOL = {torch.float64: 1e-8, torch.float32: 1e-2}
 def _custom_functions(root) -> list[str]:
     """Names of custom ``autograd.Function`` nodes in the graph behind ``root``: their
     backward may not be the derivative of the forward the tape recorded (straight-through
-    estimators, gradient reversal), so they are refused."""
+    estimators, gradient reversal), so they are refused. Wrappers' identity functions (FSDP2's
+    post-backward registration) are not counted."""
     found, seen, stack = [], set(), [root.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
+        if isinstance(node, torch.autograd.function.BackwardCFunction) and \
+                not issubclass(node._forward_cls, identity_autograd_functions()):
             found.append(type(node).__name__)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .distributed import check_data_parallel, unwrapped
+from .distributed import check_data_parallel, sharded_step, unwrapped
 from .hvp import HVP_METHODS, HVPPlan
 from ._state import frozen_running_stats, module_modes, preserved_state, restore_modes, set_eval
 from ._validation import (
@@ -256,12 +256,12 @@ def flatness_penalty(
     net = unwrapped(model)  # every pass here runs on the module a DDP wrapper holds
     if x.shape[0] == 0:
         return _empty_penalty(net, x, reduction)
-    with preserved_state(net):
+    with sharded_step(net) as step, preserved_state(net):
         modes = module_modes(net)
         set_eval(net)
         x_adv, _, finite = _ascend(net, x, y, cfg)
         per_sample = _penalty_pass(net, x_adv, y, cfg, penalty_mode, modes, reduction)
-    return _poisoned_if_overflowed(_reduce(per_sample, reduction), finite)
+        return step.close_after_backward(_poisoned_if_overflowed(_reduce(per_sample, reduction), finite))
 
 
 def lfr_loss(
@@ -305,20 +305,24 @@ def lfr_loss(
     if x.shape[0] == 0:
         zero = _empty_penalty(net, x, "mean")
         return LFRLoss(zero, zero, zero, x.new_zeros(0))
-    with preserved_state(net):
-        modes = module_modes(net)
-        set_eval(net)
-        x_adv, _, finite = _ascend(net, x, y, cfg)
-        restore_modes(modes)
-    # The clean forward is outside preserved_state on purpose: it is the caller's own forward, and
-    # through a DDP wrapper it prepares the gradient synchronisation of the step's backward.
-    logits = model(x)
-    natural_loss = cfg.loss_fn(logits, y)
-    if natural_loss.shape != (x.shape[0],):
-        raise ValueError(f"loss_fn must return one loss per sample, shape ({x.shape[0]},), got {tuple(natural_loss.shape)}")
-    natural_loss = natural_loss.mean()
-    with preserved_state(net):
-        penalty = _poisoned_if_overflowed(_penalty_pass(net, x_adv, y, cfg, penalty_mode, modes, "mean").mean(), finite)
+    with sharded_step(net) as step:
+        with preserved_state(net):
+            modes = module_modes(net)
+            set_eval(net)
+            x_adv, _, finite = _ascend(net, x, y, cfg)
+            restore_modes(modes)
+        # The clean forward is outside preserved_state on purpose: it is the caller's own forward, and
+        # through a DDP wrapper it prepares the gradient synchronisation of the step's backward.
+        logits = model(x)
+        natural_loss = cfg.loss_fn(logits, y)
+        if natural_loss.shape != (x.shape[0],):
+            raise ValueError(
+                f"loss_fn must return one loss per sample, shape ({x.shape[0]},), got {tuple(natural_loss.shape)}")
+        natural_loss = step.close_after_backward(natural_loss.mean())
+        with preserved_state(net):
+            penalty = _poisoned_if_overflowed(_penalty_pass(net, x_adv, y, cfg, penalty_mode, modes, "mean").mean(),
+                                              finite)
+        penalty = step.close_after_backward(penalty)
     return LFRLoss(natural_loss + lam * penalty, natural_loss, penalty, logits)
 
 
@@ -351,7 +355,8 @@ def local_flatness(
     net = unwrapped(model)
     if x.shape[0] == 0:
         return x.new_zeros(0)
-    with preserved_state(net), torch.enable_grad():
+    with sharded_step(net) as step, preserved_state(net), torch.enable_grad():
+        step.close_at_exit()
         set_eval(net)
         x_adv, path_norms, _ = _ascend(net, x.detach(), y, cfg)
         x_final = x_adv.detach().requires_grad_(True)

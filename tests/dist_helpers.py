@@ -8,6 +8,7 @@ function (it is pickled into the workers).
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -29,6 +30,9 @@ def _worker(rank: int, world: int, port: int, body, args) -> None:
     try:
         body(rank, world, *args)
     finally:
+        # DDP's and FSDP's reference cycles hold the group's communicators: collect them first
+        # (gloo's destructor, left to the interpreter's exit, can abort the process).
+        gc.collect()
         dist.destroy_process_group()
 
 

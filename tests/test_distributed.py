@@ -87,15 +87,118 @@ def _refusals_on_ranks(rank, world):
     assert lfr_ext.flatness_penalty(synced, x, y, eps=0.1, step_size=0.03, steps=2).isfinite()
     assert lfr_ext.local_flatness(synced.train(), x, y, eps=0.1, step_size=0.03, steps=2).shape == (len(x),)
 
-    from torch.distributed.fsdp import fully_shard
-
-    sharded = fully_shard(copy.deepcopy(model))
-    with pytest.raises(NotImplementedError, match="FSDP2"):
-        lfr_ext.lfr_loss(sharded, x, y, **kw)
 
 
 def test_wrappers_that_would_be_wrong_are_refused():
     run_on_ranks(_refusals_on_ranks, 2)
+
+
+def _fully_sharded(model, layout):
+    """FSDP2 on ``model``: as one unit ("root") or each child with parameters first ("layers")."""
+    from torch.distributed.fsdp import fully_shard
+
+    if layout == "layers":
+        for child in model.children():
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child)
+    return fully_shard(model)
+
+
+def _reshard_settings(model):
+    from lfr_ext.distributed import _param_groups, sharded_modules
+
+    return [(g.post_forward_mesh_info, g.reshard_after_backward) for m in sharded_modules(model) for g in _param_groups(m)]
+
+
+def _fsdp2_exact_on_ranks(rank, world, method, layout):
+    """Two SGD steps of ``method`` on an FSDP2 model against ``world`` single-process replicas
+    (each with its rank's share of the batch and its own BatchNorm buffers) stepping with the
+    mean of their gradients; LFR's replicas use the authors' double backprop."""
+    from torch.distributed.tensor import DTensor
+
+    for name in MODELS:
+        model, xs, ys = _batch(name, world)
+        replicas = [copy.deepcopy(model) for _ in range(world)]
+        sharded = _fully_sharded(model, layout)
+        opt = torch.optim.SGD(sharded.parameters(), lr=0.1)  # on the sharded parameters
+        with torch.no_grad():  # FSDP's root initialisation (its own settings) happens at the first forward
+            sharded.eval()(xs[rank])
+        sharded.train()
+        settings = _reshard_settings(sharded)
+        replica_opts = [torch.optim.SGD(r.parameters(), lr=0.1) for r in replicas]
+        for step in range(2):
+            opt.zero_grad()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = _method_step(method, sharded, xs[rank], ys[rank], rank, "auto")
+                out.loss.backward()
+            fallbacks = [str(w.message) for w in caught if "falls back" in str(w.message)]
+            assert not fallbacks, (name, fallbacks)  # the linearized engine stayed in use
+            assert all(isinstance(p, DTensor) for p in sharded.parameters()), "not resharded after the backward"
+            assert _reshard_settings(sharded) == settings
+            got = [p.grad.full_tensor() for p in sharded.parameters()]
+            per_rank = []
+            for r, (replica, replica_opt) in enumerate(zip(replicas, replica_opts)):
+                replica_out = _method_step(method, replica, xs[r], ys[r], r, "double_backprop")
+                per_rank.append(torch.autograd.grad(replica_out.loss, list(replica.parameters())))
+                if r == rank:
+                    torch.testing.assert_close(out.loss, replica_out.loss, rtol=1e-12, atol=0, msg=f"{name} step {step}")
+            expected = [sum(grads) / world for grads in zip(*per_rank)]
+            errors = relative_errors(got, expected)
+            assert max(errors) < 1e-12, (method, name, layout, step, max(errors))
+            opt.step()
+            for replica, replica_opt in zip(replicas, replica_opts):
+                for p, g in zip(replica.parameters(), expected):
+                    p.grad = g.clone()
+                replica_opt.step()
+
+
+def _method_step(method, model, x, y, rank, hvp):
+    torch.manual_seed(100 + rank)
+    if method == "lfr":
+        return lfr_ext.lfr_loss(model, x, y, lam=CFG.lam, eps=CFG.eps, step_size=CFG.step_size, steps=CFG.steps,
+                                hvp=hvp)
+    return METHOD_STEPS[method](model, x, y, CFG)
+
+
+@pytest.mark.parametrize("layout", ["root", "layers"])
+@pytest.mark.parametrize("method", ["lfr", "pgd_at"])
+def test_fsdp2_steps_like_the_mean_of_per_rank_gradients(method, layout):
+    run_on_ranks(_fsdp2_exact_on_ranks, 2, method, layout)
+
+
+def _fsdp2_protocol_on_ranks(rank, world):
+    """No LFR call leaves an FSDP2 model unsharded or with other settings than it had."""
+    from torch.distributed.tensor import DTensor
+
+    model, xs, ys = _batch("resnet_bn", world)
+    sharded = _fully_sharded(model, "layers")
+    sharded.set_reshard_after_backward(False, recurse=False)  # a setting of the caller's, to be kept
+    settings = _reshard_settings(sharded)
+    kw = dict(eps=0.1, step_size=0.03, steps=2)
+    x, y = xs[rank], ys[rank]
+
+    def resharded():
+        return all(isinstance(p, DTensor) for p in sharded.parameters()) and _reshard_settings(sharded) == settings
+
+    assert lfr_ext.local_flatness(sharded, x, y, **kw).shape == (len(x),) and resharded()
+    with pytest.raises(ValueError, match="one loss per sample"):
+        lfr_ext.lfr_loss(sharded, x, y, lam=0.1, loss_fn=lambda logits, y: logits.sum(), **kw)
+    assert resharded()
+    penalty = lfr_ext.flatness_penalty(sharded, x, y, **kw)
+    assert not resharded()  # open until the backward that consumes it
+    penalty.backward()
+    assert resharded() and all(p.grad is not None for p in sharded.parameters())
+    # Two calls before one backward share one step; the backward closes it.
+    total = lfr_ext.lfr_loss(sharded, x, y, lam=0.1, **kw).loss + lfr_ext.flatness_penalty(sharded, x, y, **kw)
+    total.backward()
+    assert resharded()
+    with pytest.raises(NotImplementedError, match="FSDP2"):
+        lfr_ext.CapturedStep(sharded, torch.optim.SGD(sharded.parameters(), lr=0.1), x, y, lam=0.1, **kw)
+
+
+def test_fsdp2_steps_leave_the_model_sharded_with_its_settings():
+    run_on_ranks(_fsdp2_protocol_on_ranks, 2)
 
 
 def _running_statistics_on_ranks(rank, world):

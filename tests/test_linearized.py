@@ -290,3 +290,36 @@ def test_computation_hidden_from_the_tape_is_caught():
     torch.testing.assert_close(auto, exact, rtol=0, atol=0)
     with pytest.raises(UnsupportedOpError, match="did not record"):
         lfr_ext.flatness_penalty(Hidden().double(), x, y, eps=0.1, step_size=0.02, steps=2, hvp="linearized")
+
+
+def test_input_aliases_made_by_a_pre_hook_carry_the_tangent():
+    """FSDP2's pre-forward hook passes a module's inputs through an identity autograd.Function:
+    views no torch function produced. ``through_input_aliases`` gives them their original's
+    tangent; a replacement that is not an alias (other memory) is not taken for one."""
+
+    def alias_hook(module, args):
+        with torch._C.DisableTorchFunction():  # as an autograd.Function's output: unseen by the tape
+            return tuple(a.view_as(a) for a in args)
+
+    def copy_hook(module, args):
+        with torch._C.DisableTorchFunction():
+            return tuple(a.clone() for a in args)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn_like(x)
+    expected = _double_vjp_jvp(model, x, v, seed=0)
+    handle = model[2].register_forward_pre_hook(alias_hook)
+    with TangentTape(x) as tape, tape.through_input_aliases([model[2]]):
+        logits = model(x)
+    assert _rel_err(tape.tangent(v, logits), expected) < 1e-12
+    with TangentTape(x) as tape:  # without it, the alias breaks the chain
+        logits = model(x)
+    assert not tape.carries(logits)
+    handle.remove()
+    model[2].register_forward_pre_hook(copy_hook)
+    with TangentTape(x) as tape, tape.through_input_aliases([model[2]]):
+        logits = model(x)
+    assert not tape.carries(logits)
+    assert len(model[2]._forward_pre_hooks) == 1  # the tape removed its own hooks

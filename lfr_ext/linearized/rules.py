@@ -455,6 +455,9 @@ _register(["torch.cat", "torch.concat", "torch.concatenate", "torch.stack"], con
 _register([_T + "detach", "torch.detach", "torch.zeros_like", "torch.ones_like", "torch.empty_like", "torch.full_like",
            "torch.rand_like", "torch.randn_like", _T + "new_zeros", _T + "new_ones", _T + "new_empty", _T + "new_full"],
           no_tangent)
+# An accessor returns a tensor that already exists: it keeps whatever tangent the tape gave it
+# (FSDP2's pre-backward hook reads ``output._base`` to warn about views).
+_register([_T + "_base.__get__"], no_tangent)
 _register([_F + "relu", _F + "relu_", "torch.relu", "torch.relu_", _T + "relu", _T + "relu_"], relu)
 _register([_F + "leaky_relu", _F + "leaky_relu_"], leaky_relu)
 _register([_F + "hardtanh", _F + "hardtanh_", _F + "relu6"], hardtanh)

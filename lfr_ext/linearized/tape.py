@@ -17,7 +17,8 @@ Only the ops that actually ran are recorded, so Python control flow in ``forward
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.overrides import TorchFunctionMode, resolve_name
@@ -53,6 +54,11 @@ def _tensors(obj):
     elif isinstance(obj, dict):
         for item in obj.values():
             yield from _tensors(item)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr())
 
 
 class TangentTape(TorchFunctionMode):
@@ -153,6 +159,40 @@ class TangentTape(TorchFunctionMode):
                 raise
             # A call shape the rule does not know: refuse, never guess.
             raise UnsupportedOpError(f"{name} ({type(error).__name__}: {error})") from error
+
+    @contextlib.contextmanager
+    def through_input_aliases(self, modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+        """Inside the block, when a forward pre-hook of one of ``modules`` replaces an input that
+        carries a tangent by an *alias* of it (same storage, offset, sizes, strides and dtype),
+        the alias carries the same tangent.
+
+        FSDP2's pre-forward hook passes each module's inputs through an identity
+        ``autograd.Function`` (its post-backward registration), which returns views that no
+        torch function produced. One hook before the module's own hooks remembers the inputs,
+        one after them pairs the replacements with the originals.
+        """
+        handles = []
+        for module in modules:
+            pending: list = []
+
+            def remember(_module, args, kwargs, pending=pending):
+                pending.append([*_tensors(args), *_tensors(kwargs)])
+
+            def alias(_module, args, kwargs, pending=pending):
+                for before, after in zip(pending.pop(), [*_tensors(args), *_tensors(kwargs)]):
+                    if after is not before and self.carries(before) and not self.carries(after) \
+                            and _same_memory(before, after):
+                        self._slots[id(after)] = self._slots[id(before)]
+                        self._alive.append(after)
+                        self._viewed.add(id(before))  # an in-place write to either changes both
+
+            handles.append(module.register_forward_pre_hook(remember, prepend=True, with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(alias, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # -- replay ----------------------------------------------------------------------
     def tangent(self, v: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
