@@ -114,21 +114,28 @@ def _distributed_world_size() -> int:
 # ------------------------------------------------------------------------------------------
 def _param_groups(module: nn.Module) -> list:
     # FSDP2 has no public getter for a group's reshard settings nor access to its sharded
-    # parameters; this is the one place that reads its state, so that a change in torch's
-    # internals has one place to adapt.
-    return list(module._get_fsdp_state()._fsdp_param_groups)
+    # parameters; this is the one place that reads its groups, so that a change in torch's
+    # internals has one place to adapt (torch 2.11 holds one group, 2.12 on a list).
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
+def _roots(modules: list[nn.Module]) -> list[nn.Module]:
+    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
+    return [m for m in modules if id(m) not in inner]
 
 
 def _initialise_roots(modules: list[nn.Module]) -> None:
     """Run FSDP's root initialisation, which a first forward would run, before a step reads the
     reshard settings: it sets the root's own (no reshard after forward)."""
-    states = [m._get_fsdp_state() for m in modules]
-    if all(state._is_root is not None for state in states):
+    if all(m._get_fsdp_state()._is_root is not None for m in modules):
         return
-    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
-    for module, state in zip(modules, states):
-        if id(module) not in inner:
-            state._lazy_init()
+    for root in _roots(modules):
+        root._get_fsdp_state()._lazy_init()
 
 
 class ShardedStep:
@@ -137,9 +144,14 @@ class ShardedStep:
     Opening it sets ``reshard_after_forward`` and ``reshard_after_backward`` to False on every
     FSDP2 module of ``net`` and all-gathers every parameter group (FSDP's pre-forward hooks then
     find them unsharded and communicate nothing). :meth:`close_after_backward` ties the closing
-    to the backward that consumes the step's loss: when that whole backward (FSDP's final
-    callback, which reduce-scatters the last groups, included) has run, every group is resharded
-    and its settings are given back. :meth:`close` does it at once (a step without a backward).
+    to the backward(s) that consume the step's losses: when the last of them has run (FSDP's final
+    callback, which reduce-scatters the last groups, included), every group is resharded and its
+    settings are given back. :meth:`close` does it at once.
+
+    A step whose losses are never backpropagated (a penalty only logged) would leave the
+    unsharded copies registered, and FSDP's next forward would use them after an optimizer step
+    had changed the sharded parameters. So while a step is open, a forward pre-hook on ``net``
+    closes it first when a sharded parameter has been written since the all-gather.
     """
 
     def __init__(self, net: nn.Module, modules: list[nn.Module]):
@@ -149,7 +161,8 @@ class ShardedStep:
         self._settings = [(group, group.post_forward_mesh_info, group.reshard_after_backward) for group in self._groups]
         self._auto = [(state, state._auto_reshard_after_forward) for state in (m._get_fsdp_state() for m in modules)
                       if hasattr(state, "_auto_reshard_after_forward")]
-        self._closing = False
+        self._pending = 0  # losses of this step whose backward has not run yet
+        self.closed = False
         self.close_on_exit = False
         for module in modules:
             module.set_reshard_after_forward(False, recurse=False)
@@ -157,36 +170,46 @@ class ShardedStep:
         for module in modules:
             module.unshard()
         self._versions = self._sharded_versions()
-        _open_steps[net] = self
+        self._hook = net.register_forward_pre_hook(self._close_if_stale, prepend=True)
+        _open_steps[id(net)] = self
 
     def _sharded_versions(self) -> list[int]:
         return [fsdp_param.sharded_param._version for group in self._groups for fsdp_param in group.fsdp_params]
 
     def stale(self) -> bool:
         """Whether a sharded parameter was written since the all-gather (an optimizer step after a
-        backward that did not reach this step's loss): the unsharded copies are then out of date."""
+        backward that did not reach this step's losses): the unsharded copies are then out of date."""
         return self._sharded_versions() != self._versions
 
-    def close_after_backward(self, value: torch.Tensor) -> torch.Tensor:
-        """``value`` itself, whose backward closes the step when the backward ends. A ``value``
-        that does not require grad (no backward will come) closes it now."""
-        if not value.requires_grad:
+    def _close_if_stale(self, *_) -> None:
+        if self.stale():
             self.close()
+
+    def close_after_backward(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` itself; the step closes when every value passed here has been backpropagated.
+        A ``value`` that does not require grad (no backward will come) counts as done."""
+        if not value.requires_grad:
+            if self._pending == 0:
+                self.close()
             return value
+        self._pending += 1
         return _CloseAfterBackward.apply(self, value)
 
     def close_at_exit(self) -> None:
         """Close when the :func:`sharded_step` block ends (a step that no backward will follow)."""
         self.close_on_exit = True
 
-    def _close_when_backward_ends(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        queue = torch.autograd.Variable._execution_engine.queue_callback
-        # Queued from a callback, the close runs after every callback queued during the backward,
-        # FSDP's final one (which reduce-scatters the groups whose inputs needed no gradient) too.
-        queue(lambda: queue(self._close_after_reduction))
+    def _backward_reached(self) -> None:
+        if self.closed:
+            raise RuntimeError(
+                "lfr_ext: this FSDP2 step was already closed (its parameters resharded) by an earlier backward or an "
+                "optimizer step; backpropagate all of a step's losses in one backward() before stepping")
+        self._pending -= 1
+        if self._pending == 0:
+            queue = torch.autograd.Variable._execution_engine.queue_callback
+            # Queued from a callback, the close runs after every callback queued during the backward,
+            # FSDP's final one (which reduce-scatters the groups whose inputs needed no gradient) too.
+            queue(lambda: queue(self._close_after_reduction))
 
     def _close_after_reduction(self) -> None:
         late = [group for group in self._groups if group.reduce_grads and any(
@@ -198,18 +221,26 @@ class ShardedStep:
                 "lfr_ext: a gradient reached an FSDP2 module's unsharded parameters after FSDP had reduce-scattered "
                 "them, so it would be lost; this backward's gradients are incomplete")
 
-    def close(self) -> None:
-        """Reshard every group and give back the settings found when the step opened."""
-        for module in self._modules:
-            module.reshard()
+    def close(self, after_error: bool = False) -> None:
+        """Give back the settings found when the step opened and reshard every group. After an
+        error inside a forward or backward, FSDP's own recovery (``reset_iter_state``, where this
+        torch has it) resets its per-iteration state first."""
+        if self.closed:
+            return
+        self.closed = True
+        self._hook.remove()
+        _open_steps.pop(next((k for k, v in _open_steps.items() if v is self), None), None)
         for group, mesh_info, after_backward in self._settings:
             group.post_forward_mesh_info = mesh_info
             group.reshard_after_backward = after_backward
         for state, auto in self._auto:
             state._auto_reshard_after_forward = auto
-        for net, step in list(_open_steps.items()):
-            if step is self:
-                del _open_steps[net]
+        if after_error:
+            for root in _roots(self._modules):
+                if hasattr(root, "reset_iter_state"):
+                    root.reset_iter_state()
+        for module in self._modules:
+            module.reshard()
 
 
 class _CloseAfterBackward(torch.autograd.Function):
@@ -220,11 +251,13 @@ class _CloseAfterBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.step._close_when_backward_ends()
+        ctx.step._backward_reached()
         return None, grad
 
 
-_open_steps: "weakref.WeakKeyDictionary[nn.Module, ShardedStep]" = weakref.WeakKeyDictionary()
+# Open steps by id(net), held weakly: a step lives through its net's pre-hook and its losses'
+# graphs, and holds its net, so the id cannot be reused while it is here.
+_open_steps: "weakref.WeakValueDictionary[int, ShardedStep]" = weakref.WeakValueDictionary()
 
 
 def open_sharded_step(net: nn.Module) -> ShardedStep | None:
@@ -233,7 +266,7 @@ def open_sharded_step(net: nn.Module) -> ShardedStep | None:
     modules = sharded_modules(net)
     if not modules:
         return None
-    step = _open_steps.get(net)
+    step = _open_steps.get(id(net))
     if step is not None and step.stale():
         step.close()
         step = None
@@ -258,7 +291,7 @@ def sharded_step(net: nn.Module) -> Iterator["ShardedStep | _Unsharded"]:
     :func:`open_sharded_step`), a no-op otherwise. A step this block opened is closed when the
     block raises, or when it ends after :meth:`ShardedStep.close_at_exit`; a step an earlier call
     opened stays open for the backward that call's loss is waiting for."""
-    joined = _open_steps.get(net)
+    joined = _open_steps.get(id(net))
     step = open_sharded_step(net)
     if step is None:
         yield _Unsharded()
@@ -268,7 +301,7 @@ def sharded_step(net: nn.Module) -> Iterator["ShardedStep | _Unsharded"]:
         yield step
     except BaseException:
         if opened_here:
-            step.close()
+            step.close(after_error=True)
         raise
     if step.close_on_exit and opened_here:
         step.close()

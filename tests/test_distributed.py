@@ -193,8 +193,62 @@ def _fsdp2_protocol_on_ranks(rank, world):
     total = lfr_ext.lfr_loss(sharded, x, y, lam=0.1, **kw).loss + lfr_ext.flatness_penalty(sharded, x, y, **kw)
     total.backward()
     assert resharded()
+    # A step's losses backpropagated one by one: the last backward closes it.
+    out = lfr_ext.lfr_loss(sharded, x, y, lam=0.1, **kw)
+    out.natural_loss.backward(retain_graph=True)
+    assert not resharded()
+    out.penalty.backward()
+    assert resharded()
     with pytest.raises(NotImplementedError, match="FSDP2"):
         lfr_ext.CapturedStep(sharded, torch.optim.SGD(sharded.parameters(), lr=0.1), x, y, lam=0.1, **kw)
+
+    # A penalty only logged, then plain steps: the forward after an optimizer step must not use
+    # the step's stale unsharded copies.
+    opt = torch.optim.SGD(sharded.parameters(), lr=0.5)
+    logged = lfr_ext.flatness_penalty(sharded, x, y, **kw).item()
+    assert logged > 0
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(sharded(x), y).backward()
+        opt.step()
+    replica = _batch("resnet_bn", world)[0]  # the unsharded architecture, given the sharded truth
+    with torch.no_grad():
+        truth = [p.full_tensor() for p in sharded.parameters()]
+        sharded.eval()
+        got = sharded(x)
+        for p, value in zip(replica.parameters(), truth):
+            p.copy_(value)
+        for b, value in zip(replica.buffers(), sharded.buffers()):
+            b.copy_(value)
+        torch.testing.assert_close(got, replica.eval()(x), rtol=1e-12, atol=1e-12)
+    sharded.train()
+
+
+def _fsdp2_mixed_precision_on_ranks(rank, world):
+    """Under a MixedPrecisionPolicy FSDP casts a module's inputs before wrapping them: the
+    linearized engine still sees through (no fallback) and matches double backprop."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model, xs, ys = _batch("small_cnn", world)  # (an fp64 BatchNorm's buffers would not follow the cast)
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32)
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mp_policy=policy)
+    sharded = fully_shard(model, mp_policy=policy)
+    kw = dict(eps=0.1, step_size=0.03, steps=2, init_std=0.0)
+    x, y = xs[rank], ys[rank]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = lfr_ext.flatness_penalty(sharded, x, y, **kw)
+    assert not [w for w in caught if "falls back" in str(w.message)], [str(w.message) for w in caught]
+    fast.backward()
+    exact = lfr_ext.flatness_penalty(sharded, x, y, hvp="double_backprop", **kw)
+    exact.backward()
+    torch.testing.assert_close(fast.double(), exact.double(), rtol=1e-5, atol=0)
+
+
+def test_fsdp2_mixed_precision_keeps_the_fast_engine():
+    run_on_ranks(_fsdp2_mixed_precision_on_ranks, 2)
 
 
 def test_fsdp2_steps_leave_the_model_sharded_with_its_settings():

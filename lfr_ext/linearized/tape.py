@@ -166,10 +166,11 @@ class TangentTape(TorchFunctionMode):
         carries a tangent by an *alias* of it (same storage, offset, sizes, strides and dtype),
         the alias carries the same tangent.
 
-        FSDP2's pre-forward hook passes each module's inputs through an identity
-        ``autograd.Function`` (its post-backward registration), which returns views that no
-        torch function produced. One hook before the module's own hooks remembers the inputs,
-        one after them pairs the replacements with the originals.
+        FSDP2's pre-forward hook passes each module's inputs (cast first under a mixed-precision
+        policy) through an identity ``autograd.Function`` (its post-backward registration), which
+        returns views that no torch function produced. One hook before the module's own hooks
+        remembers the inputs, one after them pairs each replacement with its original: the input
+        itself, or the tensor the replacement views.
         """
         handles = []
         for module in modules:
@@ -180,11 +181,16 @@ class TangentTape(TorchFunctionMode):
 
             def alias(_module, args, kwargs, pending=pending):
                 for before, after in zip(pending.pop(), [*_tensors(args), *_tensors(kwargs)]):
-                    if after is not before and self.carries(before) and not self.carries(after) \
-                            and _same_memory(before, after):
-                        self._slots[id(after)] = self._slots[id(before)]
-                        self._alive.append(after)
-                        self._viewed.add(id(before))  # an in-place write to either changes both
+                    if self.carries(after):
+                        continue
+                    # The original is the input itself or, when a hook first cast it (FSDP2's
+                    # mixed precision, recorded by the tape), the cast tensor the alias views.
+                    for original in (before, after._base):
+                        if original is not None and self.carries(original) and _same_memory(original, after):
+                            self._slots[id(after)] = self._slots[id(original)]
+                            self._alive.append(after)
+                            self._viewed.add(id(original))  # an in-place write to either changes both
+                            break
 
             handles.append(module.register_forward_pre_hook(remember, prepend=True, with_kwargs=True))
             handles.append(module.register_forward_pre_hook(alias, with_kwargs=True))
