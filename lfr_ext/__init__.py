@@ -16,6 +16,8 @@ from .penalty import LFRLoss, flatness_penalty, lfr_loss, local_flatness  # noqa
 from .graphed_step import GraphedStep  # noqa: E402
 from .captured import CapturedStep  # noqa: E402
 from . import hvp  # noqa: E402
+from .classifier import PixelClassifier  # noqa: E402
+from .evaluation.model_eval import EvalConfig, Evaluation, evaluate_model  # noqa: E402
 
-__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "CapturedStep", "GraphedStep", "hvp", "ops",
-           "reference", "__version__"]
+__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "CapturedStep", "GraphedStep", "PixelClassifier",
+           "evaluate_model", "EvalConfig", "Evaluation", "hvp", "ops", "reference", "__version__"]

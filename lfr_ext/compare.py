@@ -8,7 +8,8 @@ report and print the results table.
 
 Any lfr-train flag after ``--train-args`` is passed to every method's training (quote them),
 e.g. ``--train-args "--eps 0.2 --lr 0.02"``. Interrupted? Run the same command again: finished
-runs are kept, an interrupted one resumes from its last checkpoint.
+runs are kept, an interrupted one resumes from its last checkpoint, and evaluations already made
+of the same checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
     trained = time.perf_counter()
     print(f"\ntrained {len(methods)} methods in {trained - started:.0f} s; evaluating", flush=True)
-    eval_argv = [*run_dirs, "--device", args.device, "--report", os.path.join(out, "report"),
+    eval_argv = [*run_dirs, "--device", args.device, "--report", os.path.join(out, "report"), "--resume",
                  *shlex.split(args.eval_args)]
     eval_argv += ["--full"] if args.full else []
     eval_argv += ["--data-dir", args.data_dir] if args.data_dir else []

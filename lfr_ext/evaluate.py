@@ -2,21 +2,27 @@
 
     lfr-eval runs/fashion-mnist-small_cnn-lfr-quick-seed0            # quick: 100 test images
     lfr-eval runs/*-full-seed0 --full --report runs/report-full      # all 10k, PGD-40 x 5, + report
+    lfr-eval --model small_cnn --weights paper.pt --data fashion-mnist --eps 0.1 --out results/paper
 
-For each run folder (from lfr-train): clean accuracy, FGSM, PGD-k with random restarts, the
-black-box Square attack and AutoAttack (standard version), all from torchattacks, per attack
-and as the per-sample worst case; accuracy vs eps; the mean local flatness LF(x); loss-landscape
-slices; and the gradient-masking checks. Results go to ``<run>/evaluation.json``; a table is
-printed; ``--report DIR`` also renders the Markdown + PNG report.
+For each run folder (from lfr-train), or for weights saved by any code (a state_dict, a dict
+holding one under "state_dict" or "model", ``module.`` prefixes allowed) in an lfr_ext.models
+architecture: clean accuracy, FGSM, PGD-k with random restarts and the black-box Square attack
+(torchattacks), and the standard AutoAttack (the reference implementation), per attack and as
+the per-sample worst case; accuracy vs eps; the mean local flatness LF(x); loss-landscape
+slices; and the gradient-masking checks. Results go to ``evaluation.json`` and a RobustBench-
+shaped ``robustbench.json`` in the run folder (or ``--out``); a table is printed; ``--report
+DIR`` also renders the Markdown + PNG report of run folders. ``--mean``/``--std`` for a model
+that normalises its inputs keep the attack radius in pixel space.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
-from .evaluation import EVAL_BUDGETS, evaluate_run
+from .evaluation import EVAL_BUDGETS, evaluate_run, evaluate_weights
 from .evaluation.attacks import require_torchattacks
 from .training.loop import resolve_device
 
@@ -38,7 +44,15 @@ EVAL_FLAGS = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfr-eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("runs", nargs="+", help="run folders written by lfr-train")
+    parser.add_argument("runs", nargs="*", help="run folders written by lfr-train")
+    parser.add_argument("--model", default=None, help="an lfr_ext.models architecture, with --weights")
+    parser.add_argument("--weights", default=None, help="weights file saved by any code, with --model")
+    parser.add_argument("--data", default="fashion-mnist", help="dataset of --weights' model (default fashion-mnist)")
+    parser.add_argument("--out", default=None, help="folder for --weights' results (default: beside the weights)")
+    parser.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean the model normalises by")
+    parser.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std the model normalises by")
+    parser.add_argument("--autoattack-impl", choices=["reference", "torchattacks"], default=None,
+                        help="AutoAttack implementation (default: reference)")
     parser.add_argument("--full", action="store_true", help="whole test set, PGD-40 x 5, Square 5000 (default: quick)")
     parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
                         help="evaluate the best-robust (default) or the last epoch's model")
@@ -48,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
     parser.add_argument("--data-dir", default=None, help="dataset folder, as given to lfr-train")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep a run's evaluation.json made of the same checkpoint file, eps and budget")
     parser.add_argument("--report", default=None, metavar="DIR", help="also write the report (Markdown + PNG) to DIR")
     return parser
 
@@ -58,15 +74,28 @@ def eval_config_from_args(args: argparse.Namespace):
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_autoattack:
         overrides["autoattack"] = False
+    if args.autoattack_impl:
+        overrides["autoattack_impl"] = args.autoattack_impl
     return dataclasses.replace(ecfg, **overrides)
 
 
-def evaluate_runs(run_dirs: list[str], ecfg, *, which="best", eps=None, data_dir=None, device="cpu", log=print) -> list[dict]:
-    return [evaluate_run(run, ecfg, which=which, eps=eps, data_dir=data_dir, device=device, log=log) for run in run_dirs]
+def evaluate_runs(run_dirs: list[str], ecfg, *, which="best", eps=None, data_dir=None, device="cpu", resume=False,
+                  log=print) -> list[dict]:
+    return [evaluate_run(run, ecfg, which=which, eps=eps, data_dir=data_dir, device=device, resume=resume, log=log)
+            for run in run_dirs]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.model) != bool(args.weights):
+        parser.error("--model and --weights go together")
+    if not args.runs and not args.weights:
+        parser.error("give run folders, or --model and --weights")
+    if args.weights and args.eps is None:
+        parser.error("--weights needs --eps (the attack radius in pixel space, e.g. 0.1 or 0.0313725 for 8/255)")
+    if args.report and not args.runs:
+        parser.error("--report renders run folders")
     try:
         require_torchattacks()
     except ImportError as exc:
@@ -78,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         ecfg = eval_config_from_args(args)
         device = resolve_device(args.device)
         results = evaluate_runs(args.runs, ecfg, which=args.checkpoint, eps=args.eps, data_dir=args.data_dir,
-                                device=device)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+                                device=device, resume=args.resume)
+        if args.weights:
+            out = args.out or os.path.splitext(args.weights)[0] + "-evaluation"
+            results.append(evaluate_weights(args.model, args.weights, args.data, ecfg, eps=args.eps, out_dir=out,
+                                            data_dir=args.data_dir, device=device, mean=args.mean, std=args.std))
+            print(f"results: {out}")
+    except (FileNotFoundError, ValueError, RuntimeError, TypeError, KeyError) as exc:
         print(f"lfr-eval: error: {exc}", file=sys.stderr)
         return 2
     print()

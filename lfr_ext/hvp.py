@@ -48,7 +48,8 @@ from torch import nn
 from . import compiled
 from .distributed import identity_autograd_functions, sharded_modules
 from .linearized import TangentTape, UnsupportedOpError
-from .reference import LossFn, grad_and_hvp_double_backprop, grad_norm_reference, input_gradient, penalty_at
+from .reference import (LossFn, grad_and_hvp_double_backprop, grad_norm_reference, input_gradient, logits_hint,
+                        penalty_at)
 
 logger = logging.getLogger("lfr_ext")
 
@@ -82,7 +83,9 @@ def _cross_entropy_residual(logits: torch.Tensor, y: torch.Tensor) -> torch.Tens
 def _record(model: nn.Module, x: torch.Tensor) -> tuple[TangentTape, torch.Tensor]:
     with TangentTape(x) as tape, tape.through_input_aliases(sharded_modules(model)):
         logits = model(x)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(logits_hint(logits))  # the caller's model, not the engine, needs a change
+    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         raise UnsupportedOpError("a model output that is not a (B, C) logits tensor")
     if not tape.carries(logits):
         raise UnsupportedOpError("a model whose output the tape did not see computed (a custom autograd.Function or a "

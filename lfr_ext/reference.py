@@ -40,7 +40,15 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy. logits: (B, C), y: (B,) int64 -> (B,)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(logits_hint(logits))
     return F.cross_entropy(logits, y, reduction="none")
+
+
+def logits_hint(output) -> str:
+    """The error for a model whose forward does not return the logits tensor."""
+    return (f"the model returned a {type(output).__name__}, not a logits tensor: wrap it as "
+            "lfr_ext.PixelClassifier(model, logits=...) to say which part of the output is the logits")
 
 
 def q_code(q: float) -> int:
@@ -149,7 +157,9 @@ def grad_and_hvp_double_backprop(
     x_adv = x_adv.detach().requires_grad_(True)
     g = input_gradient(model, x_adv, y, loss_fn, create_graph=True, loss_scale=loss_scale)
     total = norm_fn(g, q).sum()
-    if loss_scale is None:
+    if not total.requires_grad:  # g does not depend on x' (a model with zero gradients, e.g. quantised inputs)
+        h = torch.zeros_like(x_adv)
+    elif loss_scale is None:
         (h,) = torch.autograd.grad(total, x_adv)
     else:  # the second backward runs scaled too, then h is unscaled out of place
         (h,) = torch.autograd.grad(total * loss_scale, x_adv)

@@ -41,7 +41,7 @@ def _fmt(value, digits: int = 3) -> str:
 def results_table(results: list[dict], summaries: list[dict | None] | None = None) -> str:
     """Markdown table, one row per evaluated run: accuracy per attack, the per-sample worst
     case, mean local flatness, seconds per training epoch and gradient-masking flags."""
-    summaries = summaries or [_summary_of(r["run_dir"]) for r in results]
+    summaries = summaries or [_summary_of(r["run_dir"]) if "run_dir" in r else None for r in results]
     attacks = []
     for result in results:
         attacks += [a for a in result["attack_order"] if a not in attacks]
@@ -49,7 +49,8 @@ def results_table(results: list[dict], summaries: list[dict | None] | None = Non
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result, summary in zip(results, summaries):
         seconds = summary.get("mean_epoch_seconds") if summary else None
-        cells = [METHOD_LABELS.get(result["method"], result["method"]),
+        name = result.get("method") or os.path.basename(result.get("weights", "?"))  # a run, or foreign weights
+        cells = [METHOD_LABELS.get(name, name),
                  *(_fmt(result["accuracy"].get(a)) for a in attacks), _fmt(result["worst_case"]),
                  _fmt(result["local_flatness"]["mean"], 2), _fmt(seconds, 1),
                  str(len(result["flags"])) if result["flags"] else "none"]

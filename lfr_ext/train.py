@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler (CUDA); default none")
     for flag, kind, text in CONFIG_FLAGS:
         parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    parser.add_argument("--mean", type=float, nargs="+", default=None,
+                        help="per-channel mean the model normalises its inputs by, inside the model (with --std); "
+                             "radii and the [0, 1] box stay in pixel space")
+    parser.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std (with --mean)")
     parser.add_argument("--out", default=None, help="run folder (default runs/<data>-<model>-<method>-<budget>-seed<seed>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
@@ -81,7 +85,7 @@ def config_from_args(args: argparse.Namespace):
     overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in CONFIG_FLAGS}
     overrides.update(method=args.method, data=args.data, model=args.model, preset=args.preset,
                      schedule=args.schedule, milestones=args.milestones, augment=args.augment, amp=args.amp,
-                     compile=args.compile,
+                     compile=args.compile, mean=args.mean, std=args.std,
                      budget="full" if args.full else None)
     return resolve_config(overrides)
 

@@ -29,8 +29,9 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "setuptools>=64" wheel ninja pybind11 numpy
 # triton: the Triton kernels (on CPU tensors only through TRITON_INTERPRET=1, how the tests run them).
 "${PIP[@]}" --no-build-isolation -e ".[test,triton,train,eval]"
-# The evaluation attacks: torchattacks without its declared dependencies (torchvision, an old
+# The evaluation attacks: torchattacks (and the reference AutoAttack, pyautoattack, which imports
+# only torch and numpy) without declared dependencies (torchattacks: torchvision, an old
 # requests), which it does not import and which would replace the torch above; the [eval] extra
 # brought what it does import (scipy, tqdm).
-"${PIP[@]}" --no-deps torchattacks==3.5.1
+"${PIP[@]}" --no-deps torchattacks==3.5.1 pyautoattack==0.2.0
 "$VENV/bin/python" -m lfr_ext.info

@@ -127,16 +127,24 @@ def two_trained_runs(tmp_path_factory):
 
 
 @needs_torchattacks
-def test_evaluate_and_report_end_to_end(two_trained_runs, tmp_path):
+def test_evaluate_and_report_end_to_end(two_trained_runs, tmp_path, capsys):
     from lfr_ext.evaluate import main
     from lfr_ext.report import load_run
 
     report_dir = tmp_path / "report"
-    code = main([*two_trained_runs, "--checkpoint", "last", "--n", "16", "--pgd-steps", "3", "--pgd-restarts", "1",
-                 "--square-queries", "20", "--no-autoattack", "--curve-n", "16", "--lf-n", "8", "--clean-n", "64", "--landscape-points", "2",
-                 "--device", "cpu",
-                 "--report", str(report_dir)])
+    budget = ["--checkpoint", "last", "--n", "16", "--pgd-steps", "3", "--pgd-restarts", "1",
+              "--square-queries", "20", "--no-autoattack", "--curve-n", "16", "--lf-n", "8", "--clean-n", "64",
+              "--landscape-points", "2", "--device", "cpu"]
+    code = main([*two_trained_runs, *budget, "--report", str(report_dir)])
     assert code == 0
+    first = json.loads(open(os.path.join(two_trained_runs[0], "evaluation.json")).read())
+    capsys.readouterr()
+    assert main([two_trained_runs[0], *budget, "--resume"]) == 0  # same checkpoint file, eps and budget: kept, not redone
+    assert "kept" in capsys.readouterr().out
+    assert json.loads(open(os.path.join(two_trained_runs[0], "evaluation.json")).read()) == first
+    assert main([two_trained_runs[0], *budget, "--resume", "--n", "12"]) == 0  # another budget: evaluated again
+    assert json.loads(open(os.path.join(two_trained_runs[0], "evaluation.json")).read())["n"] == 12
+    assert main([two_trained_runs[0], *budget]) == 0
     result = json.loads(open(os.path.join(two_trained_runs[0], "evaluation.json")).read())
     assert result["method"] == "lfr" and result["n"] == 16
     assert result["attack_order"] == ["clean", "FGSM", "PGD-3x1", "Square-20"]

@@ -1,4 +1,11 @@
-"""Robustness under attacks from torchattacks, per attack and per sample.
+"""Robustness under attacks from torchattacks and the reference AutoAttack, per attack and per sample.
+
+AutoAttack (Croce & Hein 2020) is the reference implementation by default (fra31/auto-attack,
+packaged on PyPI as ``pyautoattack`` 0.2.0, which imports only torch and numpy): RobustBench's
+numbers come from it, with its checks (randomness, probability outputs, zero gradients, Square
+better than the white-box attacks: its ``flags_doc``), which are collected as flags.
+``autoattack_impl="torchattacks"`` rebuilds the same standard version from torchattacks' APGD,
+APGD-T, FAB-T and Square (:func:`standard_autoattack`).
 
 torchattacks is an optional dependency (extra ``[eval]``). Its 3.5.1 release declares
 torchvision and ``requests~=2.25`` as requirements although its attacks import only torch,
@@ -9,13 +16,25 @@ dependencies (:data:`INSTALL_COMMAND`), which leaves the user's torch alone.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-INSTALL_COMMAND = "pip install --no-deps torchattacks==3.5.1 && pip install scipy tqdm"
+INSTALL_COMMAND = "pip install --no-deps torchattacks==3.5.1 pyautoattack==0.2.0 && pip install scipy tqdm"
+AUTOATTACK_IMPLS = ("reference", "torchattacks")
+
+
+def require_reference_autoattack():
+    """Import the reference AutoAttack (pyautoattack), or raise ImportError saying how to install it."""
+    try:
+        import pyautoattack
+    except ImportError as exc:
+        raise ImportError("the reference AutoAttack comes from pyautoattack, which is not installed:\n"
+                          f"    {INSTALL_COMMAND}\n(or evaluate with autoattack_impl='torchattacks')") from exc
+    return pyautoattack
 
 
 def require_torchattacks():
@@ -36,8 +55,8 @@ class AttackSuite:
 
     ``pgd_steps`` / ``pgd_restarts``: PGD-k with a random start, repeated; a sample counts as
     robust only if it survives every restart. ``square_queries``: the black-box Square attack
-    (a gradient-masking check). AutoAttack is always the standard version
-    (:func:`standard_autoattack`).
+    (a gradient-masking check). AutoAttack is always the standard version, by the reference
+    code or by torchattacks (``autoattack_impl``).
     """
 
     eps: float
@@ -45,8 +64,13 @@ class AttackSuite:
     pgd_restarts: int = 2
     square_queries: int = 1000
     autoattack: bool = True
+    autoattack_impl: str = "reference"
     num_classes: int = 10
     seed: int = 0
+
+    def __post_init__(self):
+        if self.autoattack_impl not in AUTOATTACK_IMPLS:
+            raise ValueError(f"autoattack_impl must be one of {AUTOATTACK_IMPLS}, got {self.autoattack_impl!r}")
 
     @property
     def pgd_name(self) -> str:
@@ -68,6 +92,7 @@ class AttackResult:
 
     correct: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    autoattack: dict = field(default_factory=dict)  # implementation, and the reference's warnings
 
     def accuracy(self, name: str) -> float:
         return self.correct[name].float().mean().item()
@@ -124,30 +149,79 @@ def _predict_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
 def run_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: AttackSuite, *, batch_size: int = 500,
                 log=None) -> AttackResult:
     """Attack every sample of (N, C, H, W) ``x`` with labels (N,) ``y`` with each attack of the
-    suite (model in eval mode); return per-sample correctness on the adversarial inputs."""
+    suite (model in eval mode); return per-sample correctness on the adversarial inputs.
+
+    A sample is robust to an attack when it is classified correctly both clean and attacked, so
+    each attack only runs on the clean-correct samples, and each PGD restart only on those the
+    earlier restarts left (the answer is the same; the work is not). Clean predictions are made
+    once. Each attack starts from the RNG state ``suite.seed``, whichever attacks ran before it.
+    """
     torchattacks = require_torchattacks()
     model.eval()
     result = AttackResult()
-    for name in suite.names():
+    started = time.perf_counter()
+    clean = torch.cat([_predict_correct(model, xb, yb) for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+    result.correct["clean"] = clean.cpu()
+    result.seconds["clean"] = time.perf_counter() - started
+    _log(log, result, "clean")
+    for name in suite.names()[1:]:
         started = time.perf_counter()
-        # Each attack starts from the same RNG state, so its random starts do not depend on
-        # which attacks ran before it.
         torch.manual_seed(suite.seed)
-        attack = None if name == "clean" else _make_attack(torchattacks, name, model, suite)
-        restarts = suite.pgd_restarts if name == suite.pgd_name else 1
-        parts = []
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            correct = _predict_correct(model, xb, yb)
-            for _ in range(restarts if attack is not None else 0):
-                x_adv = attack(xb, yb)
-                _check_threat_model(xb, x_adv, suite.eps, name)
-                correct &= _predict_correct(model, x_adv, yb)
-            parts.append(correct.cpu())
-        result.correct[name] = torch.cat(parts)
+        if name == "AutoAttack" and suite.autoattack_impl == "reference":
+            # The reference runs its own cascade (each attack on the points still robust).
+            result.correct[name], result.autoattack = _reference_autoattack(model, x, y, suite, batch_size)
+        else:
+            if name == "AutoAttack":
+                result.autoattack = {"implementation": "torchattacks 3.5.1 (APGD, APGD-T, FAB-T, Square)",
+                                     "warnings": []}
+            attack = _make_attack(torchattacks, name, model, suite)
+            correct = clean.clone()
+            for _ in range(suite.pgd_restarts if name == suite.pgd_name else 1):
+                for index in correct.nonzero().squeeze(1).split(batch_size):
+                    if index.numel() == 0:  # nothing left to attack
+                        continue
+                    x_adv = attack(x[index], y[index])
+                    _check_threat_model(x[index], x_adv, suite.eps, name)
+                    correct[index] = _predict_correct(model, x_adv, y[index])
+            result.correct[name] = correct.cpu()
         result.seconds[name] = time.perf_counter() - started
-        if log is not None:
-            log(f"  {name:>14}: {result.accuracy(name):.4f} ({result.seconds[name]:.1f} s)")
+        _log(log, result, name)
     return result
+
+
+def _log(log, result: AttackResult, name: str) -> None:
+    if log is not None:
+        log(f"  {name:>14}: {result.accuracy(name):.4f} ({result.seconds[name]:.1f} s)")
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _reference_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: AttackSuite,
+                          batch_size: int) -> tuple[torch.Tensor, dict]:
+    """The reference standard AutoAttack on (N, ...) ``x``: per-sample correctness (N,) on its
+    adversarial points, and ``{"implementation", "warnings"}`` (the reference's own checks)."""
+    pyautoattack = require_reference_autoattack()
+    adversary = pyautoattack.AutoAttack(model, norm="Linf", eps=suite.eps, version="standard", seed=suite.seed,
+                                        device=x.device)
+    # The standard version targets the 9 most likely wrong classes (all of them for 10 classes);
+    # with fewer classes there are only C - 1, which the reference would index past.
+    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = min(9, suite.num_classes - 1)
+    collect = _Collect()
+    adversary.logger.addHandler(collect)
+    try:
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    finally:
+        adversary.logger.removeHandler(collect)
+    _check_threat_model(x, x_adv, suite.eps, "AutoAttack")
+    correct = torch.cat([_predict_correct(model, xb, yb) for xb, yb in zip(x_adv.split(batch_size), y.split(batch_size))])
+    return correct.cpu(), {"implementation": "reference (pyautoattack 0.2.0)", "warnings": collect.messages}
 
 
 def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_grid: list[float], *, steps: int,

@@ -60,6 +60,10 @@ class TrainConfig:
     # torch.compile: LFR's inner and penalty steps compiled whole (hvp='compiled'), the other
     # methods' model compiled
     compile: bool = False
+    # inputs normalised inside the model, (x - mean) / std per channel (lfr_ext.PixelClassifier):
+    # every radius and the [0, 1] box stay in pixel space; None: no normalisation
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -100,6 +104,12 @@ class TrainConfig:
              f"val_robust_size must be in [0, val_size={self.val_size}], got {self.val_robust_size}"),
             (self.val_attack_steps >= 1, f"val_attack_steps must be >= 1, got {self.val_attack_steps}"),
             (all(m >= 1 for m in self.milestones), f"milestones must be epochs >= 1, got {self.milestones}"),
+            ((self.mean is None) == (self.std is None), "give both mean and std, or neither"),
+            (self.std is None or all(v > 0 for v in self.std), f"std must be positive, got {self.std}"),
+            (self.mean is None or len(self.mean) in (1, DATASETS[self.data].in_channels),
+             f"mean/std need 1 or {DATASETS[self.data].in_channels if self.data in DATASETS else '?'} values "
+             f"(one per channel), got {self.mean}"),
+            (self.mean is None or len(self.mean) == len(self.std), "mean and std need as many values"),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,6 +142,20 @@ BUDGETS: dict[str, dict] = {
                   step_size_factor=2.5, val_robust_size=200),
     "full": dict(),
 }
+
+
+def build_run_model(cfg: TrainConfig):
+    """The model a run trains and evaluates: ``cfg.model`` for ``cfg.data``, inside
+    :class:`lfr_ext.PixelClassifier` when the run normalises its inputs (its state_dict keys
+    then carry a ``model.`` prefix)."""
+    from ..classifier import PixelClassifier
+    from ..data import DATASETS
+    from ..models import build_model
+
+    info = DATASETS[cfg.data]
+    model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes,
+                        image_size=info.image_size)
+    return model if cfg.mean is None else PixelClassifier(model, mean=cfg.mean, std=cfg.std)
 
 
 def resolve_config(overrides: dict) -> TrainConfig:

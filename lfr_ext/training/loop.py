@@ -33,9 +33,8 @@ import torch
 from torch import nn
 
 from ..data import DATASETS, load_dataset
-from ..models import build_model
 from .checkpoint import atomic_torch_save, atomic_write_text, capture_rng_states, load_checkpoint, restore_rng_states
-from .config import TrainConfig
+from .config import TrainConfig, build_run_model
 from .data_order import epoch_batches, generator_for, random_crop_flip, split_train_val
 from . import parallel
 from .methods import METHOD_STEPS
@@ -149,8 +148,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, r
     x_train, y_train, x_val, y_val = load_run_data(cfg, data_dir)
     _check_inputs(x_train, "training")
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes,
-                        image_size=info.image_size).to(dev)
+    model = build_run_model(cfg).to(dev)
     if ranks.parallel:
         torch.manual_seed(parallel.rank_seed(cfg.seed, ranks.rank))  # each rank its own draws
     optimizer, scheduler = make_optimizer(model, cfg)
