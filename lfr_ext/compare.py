@@ -24,6 +24,7 @@ from . import evaluate as evaluate_cli
 from . import train as train_cli
 from .evaluation.attacks import require_torchattacks
 from .training import METHODS
+from .training.loop import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-args", default="", help="extra lfr-train flags for every method (one string)")
     parser.add_argument("--eval-args", default="", help="extra lfr-eval flags (one string)")
+    parser.add_argument("--eval-jobs", type=int, default=None,
+                        help="models evaluated at once (default: one per CPU core on the CPU, else 1)")
     parser.add_argument("--out", default=None, help="folder for the runs and the report (default runs/compare-...)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true")
@@ -78,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             return code
     trained = time.perf_counter()
     print(f"\ntrained {len(methods)} methods in {trained - started:.0f} s; evaluating", flush=True)
+    # On the CPU the models are evaluated side by side, one process per core (lfr-eval --jobs).
+    jobs = args.eval_jobs or (min(len(run_dirs), os.cpu_count() or 1) if resolve_device(args.device).type == "cpu" else 1)
     eval_argv = [*run_dirs, "--device", args.device, "--report", os.path.join(out, "report"), "--resume",
+                 "--jobs", str(jobs),
                  *shlex.split(args.eval_args)]
     eval_argv += ["--full"] if args.full else []
     eval_argv += ["--data-dir", args.data_dir] if args.data_dir else []

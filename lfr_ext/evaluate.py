@@ -2,7 +2,7 @@
 
     lfr-eval runs/fashion-mnist-small_cnn-lfr-quick-seed0            # quick: 100 test images
     lfr-eval runs/*-full-seed0 --full --report runs/report-full      # all 10k, PGD-40 x 5, + report
-    lfr-eval --model small_cnn --weights paper.pt --data fashion-mnist --eps 0.1 --out results/paper
+    lfr-eval --model resnet18 --weights paper.pt --data cifar10 --data-dir DATA --eps 8/255 --out results/paper
 
 For each run folder (from lfr-train), or for weights saved by any code (a state_dict, a dict
 holding one under "state_dict" or "model", ``module.`` prefixes allowed) in an lfr_ext.models
@@ -18,9 +18,13 @@ that normalises its inputs keep the attack radius in pixel space.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import os
 import sys
+
+import torch
 
 from .evaluation import EVAL_BUDGETS, evaluate_run, evaluate_weights
 from .evaluation.attacks import require_torchattacks
@@ -41,6 +45,15 @@ EVAL_FLAGS = [
 ]
 
 
+def _radius(text: str) -> float:
+    """``0.1`` or ``8/255``."""
+    try:
+        numerator, _, denominator = text.partition("/")
+        return float(numerator) / float(denominator) if denominator else float(numerator)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a radius: {text!r} (a number, or a fraction like 8/255)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfr-eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -56,12 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true", help="whole test set, PGD-40 x 5, Square 5000 (default: quick)")
     parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
                         help="evaluate the best-robust (default) or the last epoch's model")
-    parser.add_argument("--eps", type=float, default=None, help="attack radius (default: the run's training eps)")
+    parser.add_argument("--eps", type=_radius, default=None,
+                        help="attack radius in pixel space, a number or a fraction like 8/255 (default: the run's eps)")
     parser.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (its cost dominates on CPU)")
     for flag, kind, text in EVAL_FLAGS:
         parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
     parser.add_argument("--data-dir", default=None, help="dataset folder, as given to lfr-train")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run folders evaluated at once on the CPU, one process each (default 1)")
     parser.add_argument("--resume", action="store_true",
                         help="keep a run's evaluation.json made of the same checkpoint file, eps and budget")
     parser.add_argument("--report", default=None, metavar="DIR", help="also write the report (Markdown + PNG) to DIR")
@@ -80,9 +96,20 @@ def eval_config_from_args(args: argparse.Namespace):
 
 
 def evaluate_runs(run_dirs: list[str], ecfg, *, which="best", eps=None, data_dir=None, device="cpu", resume=False,
-                  log=print) -> list[dict]:
-    return [evaluate_run(run, ecfg, which=which, eps=eps, data_dir=data_dir, device=device, resume=resume, log=log)
-            for run in run_dirs]
+                  jobs: int = 1, log=print) -> list[dict]:
+    """Evaluate each run folder; ``jobs`` > 1 (CPU only) evaluates that many at once, one process
+    each with ``cores // jobs`` threads: the attacks' small batches use one core far better than
+    two, so the cores are used fully by running models side by side."""
+    kwargs = dict(which=which, eps=eps, data_dir=data_dir, device=device, resume=resume)
+    jobs = max(1, min(jobs, len(run_dirs)))
+    if jobs == 1 or torch.device(device).type != "cpu":
+        return [evaluate_run(run, ecfg, log=log, **kwargs) for run in run_dirs]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
+                                                initargs=(threads,)) as pool:
+        futures = [pool.submit(evaluate_run, run, ecfg, **kwargs) for run in run_dirs]
+        return [future.result() for future in futures]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.runs and not args.weights:
         parser.error("give run folders, or --model and --weights")
     if args.weights and args.eps is None:
-        parser.error("--weights needs --eps (the attack radius in pixel space, e.g. 0.1 or 0.0313725 for 8/255)")
+        parser.error("--weights needs --eps (the attack radius in pixel space, e.g. 0.1 or 8/255)")
     if args.report and not args.runs:
         parser.error("--report renders run folders")
     try:
@@ -107,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         ecfg = eval_config_from_args(args)
         device = resolve_device(args.device)
         results = evaluate_runs(args.runs, ecfg, which=args.checkpoint, eps=args.eps, data_dir=args.data_dir,
-                                device=device, resume=args.resume)
+                                device=device, resume=args.resume, jobs=args.jobs)
         if args.weights:
             out = args.out or os.path.splitext(args.weights)[0] + "-evaluation"
             results.append(evaluate_weights(args.model, args.weights, args.data, ecfg, eps=args.eps, out_dir=out,

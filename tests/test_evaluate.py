@@ -171,3 +171,29 @@ def test_evaluate_reports_a_missing_run_clearly(tmp_path, capsys):
 
     assert main([str(tmp_path), "--device", "cpu"]) == 2
     assert "best.pt not found" in capsys.readouterr().err
+
+
+@needs_torchattacks
+def test_runs_evaluated_side_by_side_match_one_by_one(two_trained_runs, monkeypatch):
+    """``--jobs 2``: one process per run with one thread each; the results are those of the runs
+    evaluated one by one with one thread (every attack is seeded)."""
+    from lfr_ext.evaluate import main
+
+    budget = ["--checkpoint", "last", "--n", "12", "--pgd-steps", "2", "--pgd-restarts", "2", "--square-queries", "10",
+              "--curve-n", "8", "--lf-n", "4", "--clean-n", "32", "--landscape-points", "1", "--device", "cpu"]
+
+    def results():
+        return [json.loads(open(os.path.join(run, "evaluation.json")).read()) for run in two_trained_runs]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*two_trained_runs, *budget]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one_by_one = results()
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # two jobs of one thread each, on any machine
+    assert main([*two_trained_runs, *budget, "--jobs", "2"]) == 0
+    for a, b in zip(one_by_one, results()):
+        assert a["accuracy"] == b["accuracy"] and a["robust"] == b["robust"]
+        assert a["local_flatness"] == b["local_flatness"] and a["accuracy_vs_eps"] == b["accuracy_vs_eps"]

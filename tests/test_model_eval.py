@@ -158,12 +158,12 @@ def test_lfr_eval_on_foreign_weights_writes_robustbench_json(tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(1)}, bad)
     assert main(["--model", "small_cnn", "--weights", str(bad), "--eps", "0.1", "--out", str(out), *budget]) == 2
     assert "do not fit SmallCNN" in capsys.readouterr().err and not out.exists()  # nothing written
-    assert main(["--model", "small_cnn", "--weights", str(weights), "--eps", "0.1", "--out", str(out), *budget]) == 0
+    assert main(["--model", "small_cnn", "--weights", str(weights), "--eps", "8/255", "--out", str(out), *budget]) == 0
     result = json.loads((out / "evaluation.json").read_text())
     entry = json.loads((out / "robustbench.json").read_text())
     assert result["n"] == 12 and result["autoattack"]["implementation"].startswith("reference")
     assert entry["dataset"] == "fashion-mnist" and entry["threat_model"] == "Linf" and entry["n_examples"] == 12
-    assert entry["eps"] == "0.1" and entry["architecture"] == "small_cnn" and entry["name"] == "foreign"
+    assert entry["eps"] == "8/255" and entry["architecture"] == "small_cnn" and entry["name"] == "foreign"
     assert float(entry["autoattack_acc"]) == pytest.approx(100 * result["accuracy"]["AutoAttack"], abs=0.005)
     assert float(entry["clean_acc"]) == pytest.approx(100 * result["accuracy"]["clean"], abs=0.005)
 

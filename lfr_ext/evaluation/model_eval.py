@@ -105,7 +105,7 @@ def _eps_text(eps: float) -> str:
     in published tables, auto-attack #54)."""
     for denominator in (255,):
         numerator = eps * denominator
-        if abs(numerator - round(numerator)) < 1e-6:
+        if abs(numerator - round(numerator)) < 1e-4:  # 0.0313725 is 8/255 too
             return f"{round(numerator)}/{denominator}"
     return f"{eps:g}"
 
