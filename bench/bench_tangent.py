@@ -13,8 +13,8 @@ The inner step needs ``g = grad_x sum_i l_i`` and ``h = H v`` at the current poi
   the Python cost of recording. ``extra_info["ops_recorded"]`` must be > 0 (under
   ``torch.no_grad()`` the tape records nothing, which would time nothing).
 
-Setups: SmallCNN (b128, MNIST shapes), ResNet-20 (CIFAR shapes; b128 on GPU,
-``LFR_BENCH_CPU_BATCH`` (default 16) on CPU). ``extra_info["ratio_to_gradient"]`` is the
+Setups: SmallCNN (b128, MNIST shapes), ResNet-20 and WRN-16-4 with SiLU (CIFAR shapes; b128 on
+GPU, ``LFR_BENCH_CPU_BATCH`` (default 16) on CPU). ``extra_info["ratio_to_gradient"]`` is the
 median over the gradient provider's median (gradient runs first).
 """
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from lfr_ext.hvp import grad_and_hvp_forward, grad_and_hvp_linearized
 from lfr_ext.linearized import TangentTape
-from lfr_ext.models import ResNet20, SmallCNN
+from lfr_ext.models import ResNet20, SmallCNN, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, input_gradient
 
 from conftest import BENCH_DEVICE, TINY, environment, synchronized
@@ -38,6 +38,9 @@ CPU_BATCH = int(os.environ.get("LFR_BENCH_CPU_BATCH", 16))
 SETUPS = {
     "smallcnn_b128": (lambda: SmallCNN(zero_init_last=False), (1, 28, 28), 4 if TINY else 128),
     "resnet20": (ResNet20, (3, 32, 32), 4 if TINY else (128 if ON_GPU else CPU_BATCH)),
+    # Smooth activations: the linear maps depend on x, so the HVP differentiates the tangent itself.
+    "wrn16_4_silu": (lambda: WideResNet(16, 4, activation="silu"), (3, 32, 32),
+                     4 if TINY else (128 if ON_GPU else CPU_BATCH)),
 }
 PROVIDERS = ["gradient", "linearized", "double_backprop", "forward_over_reverse", "forward", "forward_recorded"]
 _GRADIENT_MEDIAN: dict[str, float] = {}

@@ -36,6 +36,7 @@ the penalty needs ``grad_theta mean_i ||g_i||_q``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 import weakref
@@ -44,6 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import compiled
 from .distributed import identity_autograd_functions, sharded_modules
@@ -274,6 +276,34 @@ def penalty_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, q
 
 
 # ---------------------------------------------------------------------------------------
+# Double backprop through attention
+# ---------------------------------------------------------------------------------------
+_ATTENTION_WARNED: set[str] = set()
+
+
+def _has_attention(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention") for m in model.modules())
+
+
+@contextlib.contextmanager
+def twice_differentiable_attention(model: nn.Module):
+    """Inside the block, ``scaled_dot_product_attention`` runs on its math backend.
+
+    PyTorch's fused attention kernels (flash, memory-efficient, the CPU flash kernel) have no
+    double backward ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+    is not implemented"); the math backend is composed of matmuls and a softmax, which have. The
+    double-backprop passes run in this block, so their graphs can be differentiated again (the
+    penalty's parameter gradient included). Said once per model class that has attention."""
+    if _has_attention(model) and type(model).__qualname__ not in _ATTENTION_WARNED:
+        _ATTENTION_WARNED.add(type(model).__qualname__)
+        warnings.warn(f"lfr_ext: double backprop runs {type(model).__name__}'s scaled_dot_product_attention on its "
+                      "math backend (PyTorch's fused attention kernels have no double backward)", RuntimeWarning,
+                      stacklevel=4)
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+# ---------------------------------------------------------------------------------------
 # The plan for one call: which engine, with auto's fallback
 # ---------------------------------------------------------------------------------------
 class HVPPlan:
@@ -356,8 +386,9 @@ class HVPPlan:
             if result is not None:
                 return result
         if self.method == "double_backprop":
-            return grad_and_hvp_double_backprop(model, x_adv, y, loss_fn, q, norm_fn=self.norm_fn,
-                                                loss_scale=self.loss_scale)
+            with twice_differentiable_attention(model):
+                return grad_and_hvp_double_backprop(model, x_adv, y, loss_fn, q, norm_fn=self.norm_fn,
+                                                    loss_scale=self.loss_scale)
         if self.method == "compiled":
             return compiled.engine_for(model, loss_fn, q).grad_and_hvp(x_adv, y)
         return self._INNER[self.method](model, x_adv, y, loss_fn, q, loss_scale=self.loss_scale)
@@ -381,7 +412,8 @@ class HVPPlan:
                 self._refuse_or_skip_coupled()
                 if states is not None:  # same Dropout masks for the exact per-sample pass
                     _restore_rng_states(x_adv.device, states)
-        return penalty_at(model, x_adv, y, q=q, loss_fn=loss_fn, norm_fn=self.norm_fn, loss_scale=self.loss_scale)
+        with twice_differentiable_attention(model):
+            return penalty_at(model, x_adv, y, q=q, loss_fn=loss_fn, norm_fn=self.norm_fn, loss_scale=self.loss_scale)
 
     def _refuse_or_skip_coupled(self) -> None:
         if self.requested == "linearized":

@@ -109,3 +109,57 @@ class ReLUNet(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+class SmoothZooNet(nn.Module):
+    """Every smooth activation and GroupNorm the linearized pass covers: conv, GroupNorm, SiLU,
+    GELU (tanh), conv, softplus, ELU, pooling, linear, tanh, sigmoid, linear. (B, 2, 6, 6) -> (B, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4 * 3 * 3, 8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = nn.functional.gelu(nn.functional.silu(self.gn(self.conv1(x))), approximate="tanh")
+        t = nn.functional.elu(nn.functional.softplus(self.conv2(t), beta=2.0) - 1.0, alpha=0.7)
+        t = torch.tanh(self.fc1(nn.functional.avg_pool2d(t, 2).flatten(1)))
+        return self.fc2(torch.sigmoid(t) * 2 - 1)
+
+
+class ConvNeXtBlockNet(nn.Module):
+    """A ConvNeXt block (Liu et al. 2022): depthwise 3x3 conv, LayerNorm over channels
+    (channels-last), pointwise MLP with GELU, residual; stem and head around it.
+    (B, 3, 8, 8) -> (B, 5)."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2, stride=2)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pw1 = nn.Linear(dim, 2 * dim)
+        self.pw2 = nn.Linear(2 * dim, dim)
+        self.head_norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        t = self.stem(x)
+        r = self.dw(t).permute(0, 2, 3, 1)  # (B, H, W, C)
+        r = self.pw2(nn.functional.gelu(self.pw1(self.norm(r)))).permute(0, 3, 1, 2)
+        t = t + r
+        return self.head(self.head_norm(t.mean((2, 3))))
+
+
+class SoftmaxNet(nn.Module):
+    """An op the linearized pass does not cover (a softmax over features). (B, 6) -> (B, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.softmax(self.fc1(x), dim=-1))

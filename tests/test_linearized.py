@@ -15,18 +15,25 @@ from lfr_ext.hvp import (
     penalty_linearized,
 )
 from lfr_ext.linearized import TangentTape, UnsupportedOpError
-from lfr_ext.models import SmallCNN
+from lfr_ext.models import SmallCNN, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalty_at
 
 from conftest import DEVICES
-from models_for_tests import BNNet, GeluLayerNormNet, LeakyAvgNet, ReLUNet, TinyResNet
+from models_for_tests import (BNNet, ConvNeXtBlockNet, GeluLayerNormNet, LeakyAvgNet, ReLUNet, SmoothZooNet,
+                               SoftmaxNet, TinyResNet)
 
 MODELS = {
     "small_cnn": (lambda: SmallCNN(zero_init_last=False), (3, 1, 28, 28), 10),  # one shared in-place ReLU
     "resnet_bn": (TinyResNet, (4, 3, 10, 10), 5),
     "leaky_avg_cat": (LeakyAvgNet, (3, 2, 8, 8), 4),
     "bn_residual_avgpool": (BNNet, (4, 1, 8, 8), 3),
+    # Not piecewise linear: the linear maps depend on x (smooth activations, normalisations).
+    "wrn_silu": (lambda: WideResNet(10, 1, in_channels=3, num_classes=5, activation="silu"), (3, 3, 8, 8), 5),
+    "convnext_block": (ConvNeXtBlockNet, (3, 3, 8, 8), 5),
+    "smooth_zoo_groupnorm": (SmoothZooNet, (3, 2, 6, 6), 4),
+    "gelu_layernorm_mlp": (GeluLayerNormNet, (4, 6), 3),
 }
+COUPLED_IN_TRAIN = ("resnet_bn", "bn_residual_avgpool", "wrn_silu")  # train-mode BatchNorm
 
 
 def _make(name, dtype=torch.float64, train=False, seed=0, device="cpu"):
@@ -66,7 +73,7 @@ def test_tangent_pass_is_the_jacobian(name, train, device):
     got = tape.tangent(v, logits)
     expected = _double_vjp_jvp(model, x, v, seed=1)
     assert _rel_err(got, expected) < 1e-12
-    assert tape.couples_samples == (train and name in ("resnet_bn", "bn_residual_avgpool"))
+    assert tape.couples_samples == (train and name in COUPLED_IN_TRAIN)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -201,16 +208,16 @@ def test_relu_kink_convention():
 
 def test_uncovered_model_auto_warns_and_linearized_raises():
     torch.manual_seed(0)
-    model = GeluLayerNormNet().double()
+    model = SoftmaxNet().double()
     x, y = torch.rand(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     lfr_ext.hvp._UNCOVERED.pop(model, None)
     lfr_ext.hvp._WARNED.clear()
-    with pytest.warns(RuntimeWarning, match=r"falls back to double backprop.*`torch.nn.functional.layer_norm`"):
+    with pytest.warns(RuntimeWarning, match=r"falls back to double backprop.*`torch.softmax`"):
         auto = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0)
     reference = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0,
                                          hvp="double_backprop")
     torch.testing.assert_close(auto, reference, rtol=0, atol=0)
-    with pytest.raises(UnsupportedOpError, match=r"does not support `torch.nn.functional.layer_norm`"):
+    with pytest.raises(UnsupportedOpError, match=r"does not support `torch.softmax`"):
         lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, hvp="linearized")
 
 

@@ -21,18 +21,25 @@ constant, where(const mask)
 dropout (train)                ``t * mask / (1 - p)`` with the primal's mask
 batch_norm (running stats)     ``t * gamma / sqrt(running_var + eps)`` per channel
 batch_norm (batch stats)       ``gamma/sigma_B * (t - mean(t) - x_hat * mean(x_hat * t))``
+layer_norm, group_norm         the same formula with the per-sample (per-group) statistics
+silu, gelu (both), softplus,   ``t * sigma'(z)``, the slope at the primal input ``z``
+elu, tanh, sigmoid
 detach, comparisons, argmax    no tangent (constant, or zero derivative a.e.)
 =============================  ======================================================
 
-Anything else that depends on the input raises :class:`UnsupportedOpError` naming the op
-(GELU, SiLU, softplus, sigmoid, tanh, LayerNorm, GroupNorm, attention, products of two
-input-dependent tensors, ...): those need second-order terms this pass does not have.
+The maps of the normalisations and smooth activations depend on the input: they are built with
+autograd on and set ``tape.depends_on_source``, so the inner HVP differentiates the tangent
+itself (``H v = grad_x[(p - e_y)^T J(x) v]``, exact for any network) and the penalty's
+parameter gradient is the backward of the tangent pass. Anything else that depends on the input
+raises :class:`UnsupportedOpError` naming the op (softmax, attention, products of two
+input-dependent tensors, in-place smooth activations, ...).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 import re
 
 import torch
@@ -316,6 +323,125 @@ def hardtanh(tape, func, name, args, kwargs):
 
 
 # ---------------------------------------------------------------------------------------
+# Smooth activations: the slope sigma'(z) at the primal input
+# ---------------------------------------------------------------------------------------
+# Not piecewise linear: the slope depends on x (and on the weights before the activation), so it
+# is built from the primal input with autograd on, and ``depends_on_source`` makes the inner HVP
+# take the derivative of the tangent itself (exact for any network, see lfr_ext/hvp.py).
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _silu_slope(z, args, kwargs):
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _gelu_slope(z, args, kwargs):
+    approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
+    if approximate == "tanh":
+        inner = _SQRT_2_OVER_PI * (z + 0.044715 * z ** 3)
+        t = torch.tanh(inner)
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * z * z)
+    if approximate != "none":
+        raise UnsupportedOpError(f"gelu with approximate={approximate!r}")
+    return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+
+def _softplus_slope(z, args, kwargs):
+    beta = kwargs.get("beta", args[1] if len(args) > 1 else 1.0)
+    threshold = kwargs.get("threshold", args[2] if len(args) > 2 else 20.0)
+    scaled = z * beta
+    return torch.where(scaled > threshold, torch.ones_like(z), torch.sigmoid(scaled))
+
+
+def _elu_slope(z, args, kwargs):
+    alpha = kwargs.get("alpha", args[1] if len(args) > 1 else 1.0)
+    return torch.where(z > 0, torch.ones_like(z), alpha * torch.exp(z))
+
+
+def _tanh_slope(z, args, kwargs):
+    t = torch.tanh(z)
+    return 1 - t * t
+
+
+def _sigmoid_slope(z, args, kwargs):
+    s = torch.sigmoid(z)
+    return s * (1 - s)
+
+
+def smooth(slope_of, inplace_at: int | None = None):
+    """The rule of an elementwise activation whose slope at ``z`` is ``slope_of(z, args, kwargs)``;
+    ``inplace_at``: the position of its ``inplace`` argument, if it has one."""
+
+    def rule(tape, func, name, args, kwargs):
+        in_place = name.endswith("_") and not name.endswith("__")
+        if inplace_at is not None:
+            in_place = in_place or _inplace_flag(name, args, kwargs, inplace_at)
+        if in_place:
+            # The slope is a function of the input, which an in-place activation overwrites.
+            raise UnsupportedOpError(f"{name} in place")
+        z = args[0]
+        slope = slope_of(z, args, kwargs)
+        out = func(*args, **kwargs)
+        tape.depends_on_source = True
+        tape.emit([out], lambda t: t * slope, [z])
+        return out
+
+    return rule
+
+
+# ---------------------------------------------------------------------------------------
+# LayerNorm and GroupNorm: their exact Jacobian (per sample, no coupling)
+# ---------------------------------------------------------------------------------------
+def _normalised_tangent(t, x_hat, invstd, dims):
+    """``invstd * (t - mean(t) - x_hat * mean(x_hat * t))`` with means over ``dims``."""
+    centred = t - t.mean(dims, keepdim=True)
+    return invstd * (centred - x_hat * (x_hat * t).mean(dims, keepdim=True))
+
+
+def layer_norm(tape, func, name, args, kwargs):
+    a = _arguments(F.layer_norm, args, kwargs)
+    x, shape, weight, eps = a["input"], tuple(a["normalized_shape"]), a["weight"], a["eps"]
+    if tape.carries(weight) or tape.carries(a["bias"]):
+        raise UnsupportedOpError(f"{name} with input-dependent affine parameters")
+    dims = tuple(range(x.dim() - len(shape), x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    x_hat = (x - mean) * invstd
+    out = func(*args, **kwargs)
+    tape.depends_on_source = True
+
+    def tangent(t):
+        normalised = _normalised_tangent(t, x_hat, invstd, dims)
+        return normalised if weight is None else normalised * weight
+
+    tape.emit([out], tangent, [x])
+    return out
+
+
+def group_norm(tape, func, name, args, kwargs):
+    a = _arguments(F.group_norm, args, kwargs)
+    x, groups, weight, eps = a["input"], a["num_groups"], a["weight"], a["eps"]
+    if tape.carries(weight) or tape.carries(a["bias"]):
+        raise UnsupportedOpError(f"{name} with input-dependent affine parameters")
+    grouped_shape = (x.shape[0], groups, -1)
+    xg = x.reshape(grouped_shape)
+    mean = xg.mean(-1, keepdim=True)
+    invstd = torch.rsqrt(xg.var(-1, unbiased=False, keepdim=True) + eps)
+    x_hat = (xg - mean) * invstd
+    channel_shape = (1, -1) + (1,) * (x.dim() - 2)
+    out = func(*args, **kwargs)
+    tape.depends_on_source = True
+
+    def tangent(t):
+        normalised = _normalised_tangent(t.reshape(grouped_shape), x_hat, invstd, -1).reshape(t.shape)
+        return normalised if weight is None else normalised * weight.view(channel_shape)
+
+    tape.emit([out], tangent, [x])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # Max pooling: gather at the argmax indices of the primal
 # ---------------------------------------------------------------------------------------
 _MAX_POOL_WITH_INDICES = {
@@ -464,6 +590,14 @@ _register([_F + "hardtanh", _F + "hardtanh_", _F + "relu6"], hardtanh)
 _register(list(_MAX_POOL_WITH_INDICES), max_pool)
 _register([_F + "dropout", _F + "dropout1d", _F + "dropout2d", _F + "dropout3d"], dropout)
 _register([_F + "batch_norm"], batch_norm)
+_register([_F + "layer_norm"], layer_norm)
+_register([_F + "group_norm"], group_norm)
+_register([_F + "silu"], smooth(_silu_slope, inplace_at=1))
+_register([_F + "gelu"], smooth(_gelu_slope))
+_register([_F + "softplus"], smooth(_softplus_slope))
+_register([_F + "elu", _F + "elu_"], smooth(_elu_slope, inplace_at=2))
+_register(["torch.tanh", _T + "tanh", _F + "tanh"], smooth(_tanh_slope))
+_register(["torch.sigmoid", _T + "sigmoid", _F + "sigmoid"], smooth(_sigmoid_slope))
 _register([_F + "pad"], pad)
 _register(
     [_F + f"avg_pool{d}d" for d in (1, 2, 3)] + [_F + f"adaptive_avg_pool{d}d" for d in (1, 2, 3)]

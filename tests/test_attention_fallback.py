@@ -1,0 +1,56 @@
+"""LFR on attention models: PyTorch's fused attention kernels have no double backward, so the
+double-backprop paths run scaled_dot_product_attention on its math backend, say so once, and
+match the authors' LFR_loss run on the math backend. (fp32: the authors draw their start noise in
+fp32, so an fp64 comparison would start from other points.)"""
+
+import warnings
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import lfr_ext
+
+from authors_lfr import authors_lfr_loss
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, one pre-norm transformer block (LayerNorm, multi-head attention, GELU
+    MLP), mean pooling, linear head: (B, 3, 8, 8) -> (B, 5)."""
+
+    def __init__(self, dim=12, heads=2, patch=4, classes=5):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, tokens, dim)
+        h = self.norm1(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        t = t + self.mlp(self.norm2(t))
+        return self.head(t.mean(1))
+
+
+def test_lfr_on_an_attention_model_runs_and_matches_the_authors():
+    torch.manual_seed(0)
+    model = TinyViT().train()
+    x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 5, (6,))
+    torch.manual_seed(7)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected_total, _, expected_penalty, _ = authors_lfr_loss(model, x, y, 0.1, step_size=0.02, epsilon=0.1,
+                                                                  perturb_steps=3)
+        expected = torch.autograd.grad(expected_total, list(model.parameters()))
+    torch.manual_seed(7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = lfr_ext.lfr_loss(model, x, y, lam=0.1, eps=0.1, step_size=0.02, steps=3)
+    messages = [str(w.message) for w in caught]
+    assert any("math backend" in m for m in messages), messages
+    torch.testing.assert_close(out.penalty, expected_penalty, rtol=2e-6, atol=0)
+    got = torch.autograd.grad(out.loss, list(model.parameters()))  # the penalty's gradient of a gradient
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
