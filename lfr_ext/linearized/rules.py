@@ -109,6 +109,21 @@ def _outputs(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
+_INPLACE_DUNDERS = frozenset({"torch.Tensor.__iadd__", "torch.Tensor.__isub__", "torch.Tensor.__imul__",
+                              "torch.Tensor.__itruediv__"})
+
+
+def is_inplace(name: str, args=(), kwargs=None, flag_at: int | None = None) -> bool:
+    """Whether a call writes its first argument: a trailing-underscore name (``relu_``), an
+    in-place operator (``+=``), or an ``inplace`` argument (keyword, or positional at ``flag_at``)."""
+    if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
+        return True
+    if flag_at is None:
+        return False
+    kwargs = kwargs or {}
+    return bool(kwargs.get("inplace", args[flag_at] if len(args) > flag_at else False))
+
+
 # ---------------------------------------------------------------------------------------
 # Linear maps applied to the tangent as they are ("same op")
 # ---------------------------------------------------------------------------------------
@@ -116,8 +131,7 @@ def same_op(tape, func, name, args, kwargs):
     """Ops linear in their (single) input-dependent argument: views, reshapes, indexing,
     pooling by averaging, sums, interpolation, dtype/device moves."""
     _only_first_carries(tape, name, args, kwargs)
-    inplace = name.endswith("_") and not name.endswith("__")
-    if inplace:
+    if is_inplace(name):
         tape.check_inplace_target(args[0], name)
     out = func(*args, **kwargs)
     rest, kw = args[1:], kwargs
@@ -183,8 +197,7 @@ def product(tape, func, name, args, kwargs):
         raise UnsupportedOpError(f"{name} by an input-dependent tensor")
     if is_div and kwargs.get("rounding_mode") is not None:
         return func(*args, **kwargs)  # floor/trunc division: zero derivative a.e. (autograd agrees)
-    inplace = name.endswith("_") and not name.endswith("__") or name in ("torch.Tensor.__imul__", "torch.Tensor.__itruediv__")
-    if inplace:
+    if is_inplace(name):
         tape.check_inplace_into_constant(a, name)
         tape.check_inplace_target(a, name)
     rest, kw = args[2:], kwargs
@@ -214,8 +227,7 @@ def add_sub(tape, func, name, args, kwargs):
     subtract = "sub" in name and not reverse
     coef_a = -alpha if reverse else 1
     coef_b = 1 if reverse else (-alpha if subtract else alpha)
-    inplace = (name.endswith("_") and not name.endswith("__")) or name in ("torch.Tensor.__iadd__", "torch.Tensor.__isub__")
-    if inplace:
+    if is_inplace(name):
         tape.check_inplace_into_constant(a, name)
         tape.check_inplace_target(a, name)
     out = func(*args, **kwargs)
@@ -279,14 +291,8 @@ def no_tangent(tape, func, name, args, kwargs):
 # ---------------------------------------------------------------------------------------
 # Piecewise-linear activations: a mask from the primal output
 # ---------------------------------------------------------------------------------------
-def _inplace_flag(name, args, kwargs, position):
-    if name.endswith("_") and not name.endswith("__"):
-        return True
-    return bool(kwargs.get("inplace", args[position] if len(args) > position else False))
-
-
 def relu(tape, func, name, args, kwargs):
-    if _inplace_flag(name, args, kwargs, 1):
+    if is_inplace(name, args, kwargs, flag_at=1):
         tape.check_inplace_target(args[0], name)
     out = func(*args, **kwargs)
     mask = out > 0  # relu'(0) = 0, as PyTorch's threshold_backward
@@ -296,7 +302,7 @@ def relu(tape, func, name, args, kwargs):
 
 def leaky_relu(tape, func, name, args, kwargs):
     slope = kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)
-    if _inplace_flag(name, args, kwargs, 2):
+    if is_inplace(name, args, kwargs, flag_at=2):
         tape.check_inplace_target(args[0], name)
     out = func(*args, **kwargs)
     if slope <= 0:
@@ -314,7 +320,7 @@ def hardtanh(tape, func, name, args, kwargs):
         low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
         high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
         position = 3
-    if _inplace_flag(name, args, kwargs, position):
+    if is_inplace(name, args, kwargs, flag_at=position):
         tape.check_inplace_target(args[0], name)
     out = func(*args, **kwargs)
     mask = (out > low) & (out < high)  # hardtanh_backward: 0 at and beyond the limits
@@ -374,10 +380,7 @@ def smooth(slope_of, inplace_at: int | None = None):
     ``inplace_at``: the position of its ``inplace`` argument, if it has one."""
 
     def rule(tape, func, name, args, kwargs):
-        in_place = name.endswith("_") and not name.endswith("__")
-        if inplace_at is not None:
-            in_place = in_place or _inplace_flag(name, args, kwargs, inplace_at)
-        if in_place:
+        if is_inplace(name, args, kwargs, flag_at=inplace_at):
             # The slope is a function of the input, which an in-place activation overwrites.
             raise UnsupportedOpError(f"{name} in place")
         z = args[0]
