@@ -2,8 +2,8 @@ r"""Any model as LFR and the attacks see it: pixels in ``[0, 1]`` in, a logits t
 
 Checkpoints from elsewhere often normalise their inputs inside the data pipeline
 (``(x - mean) / std``) and return tuples or dicts. Attacking them in normalised space silently
-changes the threat model: an L-inf radius of 8/255 becomes ``8/255 / std`` per channel, and the
-``[0, 1]`` box becomes a per-channel box nobody checks (torchattacks #68, #191; auto-attack
+changes the threat model: a radius ``eps`` in normalised space is ``eps * std`` per channel in
+pixels, and the ``[0, 1]`` box becomes a per-channel box nobody checks (torchattacks #68, #191; auto-attack
 #13, #46). :class:`PixelClassifier` moves the normalisation into the model, so every radius,
 every projection and the box stay in pixel space, and picks the logits out of the output::
 
@@ -72,8 +72,9 @@ class PixelClassifier(nn.Module):
         if self.normalized:
             if x.dim() != 4:
                 raise ValueError(f"PixelClassifier normalises images (B, C, H, W); got x of shape {tuple(x.shape)}")
-            if self.mean.shape[1] not in (1, x.shape[1]):
-                raise ValueError(f"mean/std have {self.mean.shape[1]} channels but x has {x.shape[1]}")
+            channels = max(self.mean.shape[1], self.std.shape[1])
+            if channels not in (1, x.shape[1]):
+                raise ValueError(f"mean/std have {channels} channels but x has {x.shape[1]}")
             x = (x - self.mean.to(device=x.device, dtype=x.dtype)) / self.std.to(device=x.device, dtype=x.dtype)
         return select_logits(self.model(x), self.logits)
 

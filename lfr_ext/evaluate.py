@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None, help="dataset folder, as given to lfr-train")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="run folders evaluated at once on the CPU, one process each (default 1)")
+                        help="run folders evaluated at once on the CPU, one process each with cores/N threads "
+                             "(default 1; other thread counts may differ in the last bits of floats)")
     parser.add_argument("--resume", action="store_true",
                         help="keep a run's evaluation.json made of the same checkpoint file, eps and budget")
     parser.add_argument("--report", default=None, metavar="DIR", help="also write the report (Markdown + PNG) to DIR")
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--weights needs --eps (the attack radius in pixel space, e.g. 0.1 or 8/255)")
     if args.report and not args.runs:
         parser.error("--report renders run folders")
+    if (args.mean is None) != (args.std is None):
+        parser.error("--mean and --std go together")
+    if args.mean is not None and args.runs:
+        parser.error("--mean/--std are for --weights: a run folder's model normalises as it was trained")
     try:
         require_torchattacks()
     except ImportError as exc:

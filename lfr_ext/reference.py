@@ -78,6 +78,12 @@ def grad_norm_reference(g: torch.Tensor, q: float) -> torch.Tensor:
     raise ValueError(f"q must be 1, 2 or inf, got {q!r}")
 
 
+def project_linf(x_moved: torch.Tensor, x: torch.Tensor, eps: float, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """``clip_[lo,hi](min(max(x_moved, x - eps), x + eps))``: back into the L-inf ball of radius
+    ``eps`` around ``x``, then into the box (the threat model of every attack here)."""
+    return torch.clamp(torch.min(torch.max(x_moved, x - eps), x + eps), lo, hi)
+
+
 def ascent_step_reference(
     x: torch.Tensor,
     x_adv: torch.Tensor,
@@ -100,9 +106,7 @@ def ascent_step_reference(
     Returns:
         ``(x_new (B, ...), g_norm (B,), sign_g (B, ...) or (0,))``, all in ``x``'s dtype.
     """
-    moved = x_adv + step_size * torch.sign(h)
-    projected = torch.min(torch.max(moved, x - eps), x + eps)
-    x_new = torch.clamp(projected, lo, hi)
+    x_new = project_linf(x_adv + step_size * torch.sign(h), x, eps, lo, hi)
     g_norm = grad_norm_reference(g, q)
     sign_g = torch.sign(g) if return_sign_g else g.new_empty(0)
     return x_new, g_norm, sign_g

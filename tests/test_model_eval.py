@@ -14,7 +14,7 @@ import lfr_ext
 from lfr_ext.evaluation import EvalConfig, load_weights
 from lfr_ext.models import SmallCNN
 
-from test_evaluate import LinearToy, needs_torchattacks, toy_data
+from test_evaluate import TOY_LABELS, LinearToy, needs_torchattacks, toy_data
 
 TINY = EvalConfig(n=8, pgd_steps=10, pgd_restarts=2, square_queries=0, curve_n=8, curve_steps=10, lf_n=8,
                   lf_steps=2, batch_size=8)
@@ -99,6 +99,10 @@ def test_selector_and_normalisation_errors_name_the_problem():
         lfr_ext.PixelClassifier(LinearToy(), mean=0.5)
     with pytest.raises(ValueError, match="3 channels but x has 1"):
         lfr_ext.PixelClassifier(LinearToy(), mean=[0.5] * 3, std=[0.2] * 3)(x)
+    with pytest.raises(ValueError, match="3 channels but x has 1"):
+        lfr_ext.PixelClassifier(LinearToy(), mean=[0.5], std=[0.2, 0.3, 0.4])(x)
+    with pytest.raises(ValueError, match="both mean and std"):  # std alone is not silently ignored
+        lfr_ext.evaluate_model(LinearToy(), x, torch.tensor(TOY_LABELS), eps=0.05, std=0.2, config=TINY)
 
 
 def test_bad_inputs_are_refused_before_any_attack():
@@ -120,7 +124,8 @@ def test_weights_in_foreign_formats_load_and_misfits_are_named(tmp_path):
     source = SmallCNN()
     state = source.state_dict()
     for i, checkpoint in enumerate([state, {"state_dict": state, "epoch": 7}, {"model": state, "optimizer": {}},
-                                    {f"module.{k}": v for k, v in state.items()}]):
+                                    {f"module.{k}": v for k, v in state.items()},
+                                    {f"_orig_mod.module.{k}": v for k, v in state.items()}]):
         path = tmp_path / f"w{i}.pt"
         torch.save(checkpoint, path)
         target = load_weights(SmallCNN(), path)
@@ -138,6 +143,21 @@ def test_weights_in_foreign_formats_load_and_misfits_are_named(tmp_path):
     assert "missing keys (1)" in message and "unexpected keys (1): extra.weight" in message
     assert f"{first}: checkpoint (3,) vs model" in message
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing loaded
+    import numpy as np
+
+    pickled = tmp_path / "with_numpy.pt"
+    torch.save({"state_dict": state, "rng": np.random.get_state()}, pickled)
+    with pytest.raises(ValueError, match="holds more than tensors"):
+        load_weights(SmallCNN(), pickled)
+    with pytest.raises(ValueError, match="saved inside lfr_ext.PixelClassifier"):
+        load_weights(SmallCNN(), {f"model.{k}": v for k, v in state.items()})
+
+
+def test_robustbench_eps_is_a_fraction_only_where_tables_write_one():
+    from lfr_ext.evaluation.model_eval import _eps_text
+
+    assert [_eps_text(e) for e in (8 / 255, 0.0313725, 4 / 255, 0.031, 0.1, 0.2, 0.3)] == \
+        ["8/255", "8/255", "4/255", "0.031", "0.1", "0.2", "0.3"]
 
 
 @needs_torchattacks

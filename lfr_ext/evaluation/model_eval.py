@@ -101,13 +101,20 @@ class Evaluation:
 
 
 def _eps_text(eps: float) -> str:
-    """8/255 as RobustBench writes it, else the number (8/255 vs 0.031 is a 1.4-point difference
-    in published tables, auto-attack #54)."""
-    for denominator in (255,):
-        numerator = eps * denominator
-        if abs(numerator - round(numerator)) < 1e-4:  # 0.0313725 is 8/255 too
-            return f"{round(numerator)}/{denominator}"
+    """8/255 as RobustBench writes it (radii of up to 16/255), else the number (8/255 vs 0.031 is a
+    1.4-point difference in published tables, auto-attack #54)."""
+    numerator = eps * 255
+    if abs(numerator - round(numerator)) < 1e-4 and 1 <= round(numerator) <= 16:  # 0.0313725 is 8/255 too
+        return f"{round(numerator)}/255"
     return f"{eps:g}"
+
+
+def pixel_classifier(model: nn.Module, mean=None, std=None, logits=None) -> nn.Module:
+    """``model`` in a :class:`lfr_ext.PixelClassifier` when any of ``mean``, ``std``, ``logits`` is
+    given (which checks them: ``std`` without ``mean`` is an error), else ``model`` itself."""
+    if mean is None and std is None and logits is None:
+        return model
+    return PixelClassifier(model, mean=mean, std=std, logits=logits)
 
 
 def check_inputs(x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int | None) -> None:
@@ -162,11 +169,11 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_inputs(x, y, eps, num_classes)
-    net = PixelClassifier(model, mean=mean, std=std, logits=logits) if (mean is not None or logits is not None) \
-        else model
+    net = pixel_classifier(model, mean, std, logits)
     started = time.perf_counter()
     # The attacks seed the global RNG (their random starts): fork it, so the caller's stream goes on unchanged.
-    rng_devices = [x.device] if x.device.type == "cuda" else []
+    # (torchattacks and the reference AutoAttack seed CUDA too, also for CPU inputs.)
+    rng_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with preserved_state(model), torch.random.fork_rng(devices=rng_devices):
         net.eval()
         num_classes = num_classes or _num_classes(net, x)

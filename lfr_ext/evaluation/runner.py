@@ -17,8 +17,7 @@ from ..models import build_model
 from ..training.checkpoint import atomic_write_text, load_checkpoint
 from ..training.config import TrainConfig, build_run_model
 from ..training.monitor import accuracy, nan_to_none
-from ..classifier import PixelClassifier
-from .model_eval import EVAL_BUDGETS, EvalConfig, evaluate_model
+from .model_eval import EVAL_BUDGETS, EvalConfig, evaluate_model, pixel_classifier
 from .weights import load_weights
 
 
@@ -51,7 +50,7 @@ def evaluate_run(run_dir: str, ecfg: EvalConfig, *, which: str = "best", eps: fl
     from the next run; attacks are seeded, so the kept result is the one a rerun would give)."""
     model, cfg, ckpt = load_trained_model(run_dir, which, device)
     eps = cfg.eps if eps is None else eps
-    kept = _kept_result(run_dir, ckpt, eps, ecfg) if resume else None
+    kept = _kept_result(run_dir, ckpt, eps, ecfg, _environment(device, data_dir)) if resume else None
     if kept is not None:
         log(f"{run_dir}: evaluated before with this checkpoint, eps and budget, kept")
         return kept
@@ -62,14 +61,30 @@ def evaluate_run(run_dir: str, ecfg: EvalConfig, *, which: str = "best", eps: fl
     return result
 
 
-def _kept_result(run_dir: str, ckpt: dict, eps: float, ecfg: EvalConfig) -> dict | None:
+_ENVIRONMENT_KEYS = ("device", "torch", "lfr_ext", "data_dir")
+
+
+def lfr_ext_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _environment(device, data_dir) -> dict:
+    """What else decides an evaluation's numbers (a kept result must match it too)."""
+    return {"device": str(device), "torch": torch.__version__, "lfr_ext": lfr_ext_version(),
+            "data_dir": None if data_dir is None else os.path.abspath(data_dir)}
+
+
+def _kept_result(run_dir: str, ckpt: dict, eps: float, ecfg: EvalConfig, now: dict) -> dict | None:
     path = os.path.join(run_dir, "evaluation.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         previous = json.load(f)
     same = (previous.get("checkpoint") == ckpt and previous.get("eps") == eps
-            and previous.get("eval_config") == json.loads(json.dumps(asdict(ecfg))))
+            and previous.get("eval_config") == json.loads(json.dumps(asdict(ecfg)))
+            and {k: previous.get(k) for k in _ENVIRONMENT_KEYS} == {k: now[k] for k in _ENVIRONMENT_KEYS})
     return previous if same else None
 
 
@@ -104,14 +119,13 @@ def evaluate_on_dataset(model: nn.Module, data: str, ecfg: EvalConfig, *, eps: f
                                 mean=mean, std=std, logits=logits, num_classes=info.num_classes, landscape=True,
                                 log=log)
     clean_n = ecfg.clean_n or len(x_test)
-    net = PixelClassifier(model, mean=mean, std=std, logits=logits) if (mean is not None or logits is not None) \
-        else model
+    net = pixel_classifier(model, mean, std, logits)
     with torch.no_grad():
         clean_full = accuracy(net.eval(), x_test[:clean_n].to(device), y_test[:clean_n].to(device), ecfg.batch_size)
     result = evaluation.to_dict()
     result["robustbench"] = evaluation.robustbench(dataset=data) if "AutoAttack" in evaluation.accuracy else None
     result.update({"data": data, "clean_full_test": clean_full, "clean_n": clean_n, "eval_config": result.pop("config"),
-                   "device": str(device), "torch": torch.__version__})
+                   **_environment(device, data_dir)})
     return result
 
 

@@ -11,6 +11,7 @@ was.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 
 import torch
@@ -39,9 +40,13 @@ def extract_state_dict(checkpoint) -> dict[str, torch.Tensor]:
             raise ValueError(
                 f"no state_dict found in the checkpoint: expected tensors, or a dict of tensors under one of "
                 f"{list(_CONTAINER_KEYS)}; its keys are {sorted(map(str, checkpoint))[:10]}")
-    for prefix in _WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    stripped = True
+    while stripped and state:  # torch.compile(DDP(model)) nests them: _orig_mod.module.
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
     return state
 
 
@@ -56,7 +61,9 @@ def check_fits(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     if missing:
         problems.append(f"missing keys {_listed(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {_listed(unexpected)}")
+        hint = (" (a model saved inside lfr_ext.PixelClassifier: load into that, or strip 'model.')"
+                if all(k.startswith("model.") for k in unexpected) else "")
+        problems.append(f"unexpected keys {_listed(unexpected)}{hint}")
     if shapes:
         problems.append(f"shape mismatches {_listed(shapes)}")
     if problems:
@@ -69,7 +76,13 @@ def load_weights(model: nn.Module, source, *, map_location: str | torch.device =
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"weights file {os.fspath(source)!r} not found")
-        source = torch.load(source, map_location=map_location, weights_only=True)
+        try:
+            source = torch.load(source, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{os.fspath(source)!r} holds more than tensors (numpy or Python objects), which lfr_ext does not "
+                "unpickle from a foreign file: re-save its state_dict alone (torch.save(model.state_dict(), path)); "
+                "an lfr-train run is evaluated by its folder") from error
     state = extract_state_dict(source)
     check_fits(model, state)
     model.load_state_dict(state)

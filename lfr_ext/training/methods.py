@@ -23,6 +23,7 @@ from torch import nn
 import lfr_ext
 from lfr_ext.distributed import unwrapped
 from lfr_ext.penalty import input_gradient_scale
+from lfr_ext.reference import project_linf
 
 from .config import TrainConfig
 
@@ -52,8 +53,7 @@ def pgd_linf_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
         with torch.enable_grad():
             loss = F.cross_entropy(model(x_adv), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss if loss_scale is None else loss * loss_scale, x_adv)
-        x_adv = x_adv.detach() + step_size * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+        x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
 
 
@@ -69,8 +69,7 @@ def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: f
         with torch.enable_grad():
             kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
             (grad,) = torch.autograd.grad(kl if loss_scale is None else kl * loss_scale, x_adv)
-        x_adv = x_adv.detach() + step_size * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+        x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
 
 
