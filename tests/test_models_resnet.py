@@ -48,7 +48,7 @@ def test_factory_errors():
     with pytest.raises(ValueError, match="small_cnn takes 28x28"):
         build_model("small_cnn", in_channels=3, num_classes=10, image_size=32)
     assert set(MODELS) == {"small_cnn", "resnet18", "resnet20", "preact_resnet18", "wrn34_10", "wrn28_10",
-                           "wrn28_10_silu", "wrn16_4_silu"}
+                           "wrn28_10_silu", "wrn16_4_silu", "convnext_tiny_cifar", "vit_tiny_cifar"}
     from lfr_ext.models import WideResNet
 
     with pytest.raises(ValueError, match="depth 6n \\+ 4"):
@@ -76,3 +76,21 @@ def test_silu_wide_resnet_trains_with_lfr_on_the_linearized_engine():
         out = lfr_ext.lfr_loss(model, x, y, lam=0.1, eps=8 / 255, step_size=2 / 255, steps=1)
     out.loss.backward()
     assert torch.isfinite(out.penalty) and model.fc.weight.grad is not None
+
+
+
+def test_convnext_runs_on_the_linearized_engine_and_vit_falls_back_with_attention_on_math():
+    import warnings
+
+    for name, covered in (("convnext_tiny_cifar", True), ("vit_tiny_cifar", False)):
+        torch.manual_seed(0)
+        model = build_model(name, in_channels=3, num_classes=10, image_size=16).train()
+        x, y = torch.rand(2, 3, 16, 16), torch.randint(0, 10, (2,))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = lfr_ext.lfr_loss(model, x, y, lam=0.1, eps=8 / 255, step_size=2 / 255, steps=1)
+        messages = [str(w.message) for w in caught]
+        assert (not any("falls back" in m for m in messages)) == covered, (name, messages)
+        assert covered or any("math backend" in m for m in messages), messages
+        out.loss.backward()
+        assert torch.isfinite(out.penalty) and model.head.weight.grad is not None

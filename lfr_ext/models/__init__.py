@@ -6,6 +6,7 @@ from torch import nn
 
 from .resnet import PreActResNet18, ResNet18, ResNet20
 from .small_cnn import SmallCNN
+from .modern import ConvNeXtCifar, ViTCifar
 from .wide_resnet import WideResNet, _wide
 
 MODELS = {
@@ -17,7 +18,10 @@ MODELS = {
     "wrn28_10": _wide(28, 10, "relu"),
     "wrn28_10_silu": _wide(28, 10, "silu"),  # Gowal et al. 2021, Wang et al. 2023
     "wrn16_4_silu": _wide(16, 4, "silu"),  # a small one, for CPU runs
+    "convnext_tiny_cifar": ConvNeXtCifar,
+    "vit_tiny_cifar": ViTCifar,
 }
+_TAKES_IMAGE_SIZE = {"vit_tiny_cifar"}  # its position embedding is sized for the patch grid
 
 
 def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int = 28) -> nn.Module:
@@ -29,7 +33,10 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
         # Its fc1 is sized for the 4x4 feature map that 28x28 inputs leave.
         raise ValueError(f"small_cnn takes 28x28 images (MNIST-like), got {image_size}x{image_size}; "
                          "use resnet20, resnet18, preact_resnet18 or a WideResNet")
+    if name in _TAKES_IMAGE_SIZE:
+        return MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     return MODELS[name](in_channels=in_channels, num_classes=num_classes)
 
 
-__all__ = ["MODELS", "build_model", "SmallCNN", "ResNet18", "ResNet20", "PreActResNet18", "WideResNet"]
+__all__ = ["MODELS", "build_model", "SmallCNN", "ResNet18", "ResNet20", "PreActResNet18", "WideResNet",
+           "ConvNeXtCifar", "ViTCifar"]
