@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from .ascent_step import ascent_step_triton
-from .grad_norm import grad_norm_triton
+from .grad_norm import SUPPORTED_DTYPES, grad_norm_triton
 from .launch import INTERPRETED
 
-__all__ = ["INTERPRETED", "ascent_step_op", "grad_norm_op"]
+__all__ = ["INTERPRETED", "SUPPORTED_DTYPES", "ascent_step_op", "grad_norm_op"]
 
 
 def _ascent_step_fake(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g):

@@ -28,7 +28,6 @@ from . import _extension
 
 IMPLS = ("auto", "triton", "cuda", "cpu", "reference")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference", "triton")}
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,10 +85,16 @@ def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype | Non
             return "Triton runs CPU tensors only through its interpreter (TRITON_INTERPRET=1 before importing lfr_ext)"
         if device.type not in ("cpu", "cuda"):
             return f"the Triton kernels take CUDA tensors, got {device}"
-        if dtype is not None and dtype not in TRITON_DTYPES:
-            return f"the Triton kernels take fp32, bf16 and fp16, got {dtype}"
+        if dtype is not None and dtype not in kernels.SUPPORTED_DTYPES:  # declared once, beside the kernels
+            return f"the Triton kernels take {_dtype_names(kernels.SUPPORTED_DTYPES)}, got {dtype}"
         return None
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _dtype_names(dtypes) -> str:
+    """(float32, bfloat16, float16) -> "fp32, bf16 and fp16"."""
+    names = [str(d).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp") for d in dtypes]
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
 
 
 def available_impls(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:

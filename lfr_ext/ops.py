@@ -13,13 +13,21 @@ Each runs as ``reference`` / ``cpu`` / ``cuda`` / ``triton``, chosen per call by
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _extension, _registry
 from ._registry import IMPLS, available_impls, resolve_impl  # noqa: F401  (public API of this module)
-from .reference import ascent_step_reference, grad_norm_reference, q_code
+from .reference import ascent_step_reference, grad_norm_reference
 
 _unavailable_reason = _registry.unavailable_reason  # kept for callers of the foundation API
+
+
+def q_code(q: float) -> int:
+    """Integer code of the norm order the compiled ops take (their ``int q`` argument): 1, 2, or
+    -1 for inf (``kQInf`` in ``csrc/cpu/per_sample_norm.h``)."""
+    return -1 if math.isinf(q) else int(q)
 
 
 # --------------------------------------------------------------------------------------

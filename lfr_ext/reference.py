@@ -51,11 +51,6 @@ def logits_hint(output) -> str:
             "lfr_ext.PixelClassifier(model, logits=...) to say which part of the output is the logits")
 
 
-def q_code(q: float) -> int:
-    """Integer code of the norm order used by the compiled ops: 1, 2, or -1 for inf."""
-    return -1 if math.isinf(q) else int(q)
-
-
 # --------------------------------------------------------------------------------------
 # Per-op references (the fused kernels must match these)
 # --------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext.reference import ascent_step_reference, q_code
+from lfr_ext.ops import q_code
+from lfr_ext.reference import ascent_step_reference
 
 from op_cases import (
     QS,

@@ -16,7 +16,8 @@ import torch
 
 import lfr_ext
 from lfr_ext import _registry
-from lfr_ext.reference import ascent_step_reference, grad_norm_reference, q_code
+from lfr_ext.ops import q_code
+from lfr_ext.reference import ascent_step_reference, grad_norm_reference
 
 from conftest import HAS_CUDA, REQUIRE_GPU
 from op_cases import LOW_PRECISION, QS, REQUIRE_TRITON, assert_reduction_accurate, make_inputs

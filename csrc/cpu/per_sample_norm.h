@@ -20,7 +20,7 @@
 
 namespace lfr_ext {
 
-// Norm order codes shared with the Python side (reference.q_code): 1, 2, or -1 for inf.
+// Norm order codes shared with the Python side (lfr_ext.ops.q_code): 1, 2, or -1 for inf.
 constexpr int64_t kQInf = -1;
 
 template <typename scalar_t>
