@@ -49,11 +49,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import compiled
 from .distributed import identity_autograd_functions, sharded_modules
-from .linearized import TangentTape, UnsupportedOpError
+from .linearized import DeclinedOpError, TangentTape, UnsupportedOpError
 from .reference import (LossFn, grad_and_hvp_double_backprop, grad_norm_reference, input_gradient, logits_hint,
                         penalty_at)
 
 logger = logging.getLogger("lfr_ext")
+
+# The op classes (lfr_ext.linearized.TangentTape.depends_on_source_through) that hvp="auto" leaves
+# to double backprop, with the measurement that decided it: their linearized inner step was not
+# faster than double backprop's, in gradients, in bench/bench_tangent.py.
+AUTO_DECLINED_CLASSES: dict[str, str] = {}
 
 HVP_METHODS = ("auto", "linearized", "double_backprop", "forward", "finite_difference", "compiled")
 FINITE_DIFFERENCE_RADIUS = 1e-3
@@ -82,8 +87,8 @@ def _cross_entropy_residual(logits: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return torch.softmax(logits, dim=-1) - F.one_hot(y.long(), logits.shape[-1]).to(logits.dtype)
 
 
-def _record(model: nn.Module, x: torch.Tensor) -> tuple[TangentTape, torch.Tensor]:
-    with TangentTape(x) as tape, tape.through_input_aliases(sharded_modules(model)):
+def _record(model: nn.Module, x: torch.Tensor, declined=None) -> tuple[TangentTape, torch.Tensor]:
+    with TangentTape(x, declined) as tape, tape.through_input_aliases(sharded_modules(model)):
         logits = model(x)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(logits_hint(logits))  # the caller's model, not the engine, needs a change
@@ -147,7 +152,7 @@ def _verify(tape: TangentTape, x: torch.Tensor, logits: torch.Tensor) -> bool:
         scale = (w.double() * jv.double()).abs().sum() + (jt_w.double() * v.double()).abs().sum()
         checks = torch.stack([(tape_side - autograd_side).abs(), scale, leak.double()]).tolist()
     gap, scale, leak = checks
-    if gap > _ADJOINT_RTOL.get(logits.dtype, 5e-2) * scale:
+    if not gap <= _ADJOINT_RTOL.get(logits.dtype, 5e-2) * scale:  # NaN fails too
         raise UnsupportedOpError(
             "a computation the tape did not record (a region hidden from torch's function API?): "
             f"the adjoint test w^T J v = (J^T w)^T v fails by {gap / max(scale, 1e-300):.2e} (relative)"
@@ -180,7 +185,7 @@ def _unscaled(grad: torch.Tensor, loss_scale: torch.Tensor | None) -> torch.Tens
 
 
 def grad_and_hvp_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
-                            verify: bool = False, loss_scale: torch.Tensor | None = None):
+                            verify: bool = False, loss_scale: torch.Tensor | None = None, declined=None):
     """``g`` and ``h = H v`` by the linearized tangent pass; default cross-entropy only.
 
     One forward (recorded), one backward for ``g`` (graph kept), one tangent pass for
@@ -190,10 +195,11 @@ def grad_and_hvp_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tens
     itself depends on ``x`` and ``H v`` gains the term ``(dJ/dx v)^T (p - e_y)``: then the
     tangent is replayed under autograd and ``h = grad_x[(p - e_y)^T J v]`` (still exact).
     ``verify`` runs :func:`_verify` first. ``loss_scale`` (fp16 mixed precision): both
-    backwards run scaled and ``g``, ``h`` are unscaled out of place.
+    backwards run scaled and ``g``, ``h`` are unscaled out of place. ``declined``: op classes
+    to refuse (:class:`lfr_ext.linearized.TangentTape`).
     """
     x_adv = x_adv.detach().requires_grad_(True)
-    tape, logits = _record(model, x_adv)
+    tape, logits = _record(model, x_adv, declined)
     if verify:
         _verify(tape, x_adv, logits)
     losses = F.cross_entropy(logits, y, reduction="none")
@@ -251,7 +257,8 @@ def grad_and_hvp_finite_difference(model: nn.Module, x_adv: torch.Tensor, y: tor
 # Penalty: per-sample ||g_i||_q with the exact gradient w.r.t. the parameters
 # ---------------------------------------------------------------------------------------
 def penalty_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, q: float,
-                       verify: bool = False, loss_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, bool | None]:
+                       verify: bool = False, loss_scale: torch.Tensor | None = None,
+                       declined=None) -> tuple[torch.Tensor, bool | None]:
     """Per-sample ``||g_i||_q`` (B,) whose derivatives (w.r.t. the parameters, and ``x'``
     if it requires grad) are those of ``sum_i (p_i - e_{y_i})^T (J s)_i``, ``s`` fixed.
 
@@ -259,10 +266,11 @@ def penalty_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, q
     (which runs :func:`_verify` and finds out). When samples couple (train-mode BatchNorm, a
     mean over the batch) only the *sum* of the returned vector has exact derivatives.
     ``loss_scale``: the backward for ``g`` runs scaled, ``g`` is unscaled (the surrogate's own
-    derivatives are taken by the caller's scaled backward).
+    derivatives are taken by the caller's scaled backward). ``declined`` as for
+    :func:`grad_and_hvp_linearized`.
     """
     x_in = x_adv if x_adv.requires_grad else x_adv.detach().requires_grad_(True)
-    tape, logits = _record(model, x_in)
+    tape, logits = _record(model, x_in, declined)
     couples = _verify(tape, x_in, logits) if verify else None
     losses = F.cross_entropy(logits, y, reduction="none")
     (g,) = torch.autograd.grad(_scaled(losses.sum(), loss_scale), x_in, retain_graph=True)
@@ -329,6 +337,8 @@ class HVPPlan:
                 "diag(p) - p p^T); pass loss_fn=None or use hvp='double_backprop'"
             )
         self.requested = hvp
+        # auto leaves the op classes it measured slower on the linearized engine to double backprop.
+        self.declined = AUTO_DECLINED_CLASSES if hvp == "auto" else None
         self.model = model
         self.norm_fn = norm_fn  # per-sample ||g||_q of the double-backprop paths (the fused op)
         self.loss_scale = loss_scale  # GradScaler's scale (fp16 mixed precision), or None
@@ -346,6 +356,10 @@ class HVPPlan:
             raise error
         _UNCOVERED[self.model] = error.op
         key = (type(self.model).__qualname__, error.op)
+        if isinstance(error, DeclinedOpError):  # a measured choice, not a gap: said in lfr_ext.info and here
+            logger.info("lfr_ext: hvp='auto' -> double_backprop for %s: %s", type(self.model).__name__, error)
+            self.method = "double_backprop"
+            return
         if key not in _WARNED:
             _WARNED.add(key)
             warnings.warn(
@@ -382,7 +396,8 @@ class HVPPlan:
         if self.method == "linearized":
             result, _, _ = self._attempt(
                 model, x_adv, "inner", lambda verify: (grad_and_hvp_linearized(model, x_adv, y, loss_fn, q, verify,
-                                                                               loss_scale=self.loss_scale), None))
+                                                                               loss_scale=self.loss_scale,
+                                                                               declined=self.declined), None))
             if result is not None:
                 return result
         if self.method == "double_backprop":
@@ -405,7 +420,8 @@ class HVPPlan:
         elif self.method == "linearized":
             penalty, couples, states = self._attempt(
                 model, x_adv, "penalty", lambda verify: penalty_linearized(model, x_adv, y, q, verify,
-                                                                           loss_scale=self.loss_scale))
+                                                                           loss_scale=self.loss_scale,
+                                                                           declined=self.declined))
             if penalty is not None:
                 if not (couples and reduction == "none"):
                     return penalty

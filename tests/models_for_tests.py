@@ -1,5 +1,7 @@
 """Small models that exercise what LFR must handle: BatchNorm, Dropout, frozen layers."""
 
+import math
+
 import torch
 from torch import nn
 
@@ -153,8 +155,8 @@ class ConvNeXtBlockNet(nn.Module):
         return self.head(self.head_norm(t.mean((2, 3))))
 
 
-class SoftmaxNet(nn.Module):
-    """An op the linearized pass does not cover (a softmax over features). (B, 6) -> (B, 3)."""
+class SineNet(nn.Module):
+    """An op the linearized pass has no rule for (a sine over features). (B, 6) -> (B, 3)."""
 
     def __init__(self):
         super().__init__()
@@ -162,4 +164,44 @@ class SoftmaxNet(nn.Module):
         self.fc2 = nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.fc2(torch.softmax(self.fc1(x), dim=-1))
+        return self.fc2(torch.sin(self.fc1(x)))
+
+
+class WrittenOutAttentionNet(nn.Module):
+    """Attention every way a model may spell it: ``F.scaled_dot_product_attention`` (causal, and
+    with a boolean mask and grouped-query heads), the product ``softmax(q k^T / sqrt(d)) v``
+    written out, a gate of two input-dependent tensors, a division by one, and a log-softmax.
+    (B, 24) -> (B, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(6, 18)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        batch = x.shape[0]
+        q, k, v = self.qkv(x.view(batch, 4, 6)).view(batch, 4, 3, 2, 3).permute(2, 0, 3, 1, 4).unbind(0)  # (B, 2, 4, 3)
+        causal = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        keep = torch.tensor([[True, True, False, True]] * 4)
+        grouped = nn.functional.scaled_dot_product_attention(q, k[:, :1], v[:, :1], attn_mask=keep, enable_gqa=True)
+        written = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(3), dim=-1) @ v
+        mixed = causal * torch.sigmoid(written) + grouped / (1.5 + written * written)
+        return self.head(mixed.transpose(1, 2).reshape(batch, 4, 6).log_softmax(-1).mean(1))
+
+
+class MaskedAttentionWeightsNet(nn.Module):
+    """``nn.MultiheadAttention`` (sequence first) with a boolean attention mask, a key padding
+    mask and its head-averaged weights used downstream. (B, 24) -> (B, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        tokens = x.view(x.shape[0], 4, 6).transpose(0, 1)  # (L, B, E)
+        blocked = torch.tensor([[False, True, False, False]] * 4)
+        padding = torch.zeros(x.shape[0], 4, dtype=torch.bool)
+        padding[:, 3] = True
+        out, weights = self.attn(tokens, tokens, tokens, attn_mask=blocked, key_padding_mask=padding)
+        return self.head(torch.cat([out.mean(0), weights.mean(1)], dim=-1))

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lfr_ext
 from lfr_ext.hvp import (
@@ -15,12 +16,12 @@ from lfr_ext.hvp import (
     penalty_linearized,
 )
 from lfr_ext.linearized import TangentTape, UnsupportedOpError
-from lfr_ext.models import SmallCNN, WideResNet
+from lfr_ext.models import SmallCNN, ViTCifar, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalty_at
 
 from conftest import DEVICES
-from models_for_tests import (BNNet, ConvNeXtBlockNet, GeluLayerNormNet, LeakyAvgNet, ReLUNet, SmoothZooNet,
-                               SoftmaxNet, TinyResNet)
+from models_for_tests import (BNNet, ConvNeXtBlockNet, GeluLayerNormNet, LeakyAvgNet, MaskedAttentionWeightsNet,
+                               ReLUNet, SineNet, SmoothZooNet, TinyResNet, WrittenOutAttentionNet)
 
 MODELS = {
     "small_cnn": (lambda: SmallCNN(zero_init_last=False), (3, 1, 28, 28), 10),  # one shared in-place ReLU
@@ -32,6 +33,12 @@ MODELS = {
     "convnext_block": (ConvNeXtBlockNet, (3, 3, 8, 8), 5),
     "smooth_zoo_groupnorm": (SmoothZooNet, (3, 2, 6, 6), 4),
     "gelu_layernorm_mlp": (GeluLayerNormNet, (4, 6), 3),
+    "inplace_smooth_mlp": (lambda: nn.Sequential(nn.Linear(6, 8), nn.SiLU(inplace=True), nn.Linear(8, 8),
+                                                 nn.ELU(inplace=True), nn.Linear(8, 3)), (4, 6), 3),
+    # Attention: softmax and products of two input-dependent tensors.
+    "vit_block": (lambda: ViTCifar(num_classes=5, image_size=8, patch=4, dim=12, depth=1, heads=2), (3, 3, 8, 8), 5),
+    "attention_written_out": (WrittenOutAttentionNet, (3, 24), 3),
+    "attention_masks_weights": (MaskedAttentionWeightsNet, (3, 24), 3),
 }
 COUPLED_IN_TRAIN = ("resnet_bn", "bn_residual_avgpool", "wrn_silu")  # train-mode BatchNorm
 
@@ -50,10 +57,12 @@ def _rel_err(a, b):
 
 
 def _double_vjp_jvp(model, x, v, seed):
-    """J v by the double-VJP trick, an independent oracle (same Dropout masks via the seed)."""
+    """J v by the double-VJP trick, an independent oracle (same Dropout masks via the seed;
+    attention on its twice-differentiable math backend)."""
     torch.manual_seed(seed)
     x = x.detach().requires_grad_(True)
-    out = model(x)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = model(x)
     u = torch.zeros_like(out, requires_grad=True)
     (gx,) = torch.autograd.grad(out, x, u, create_graph=True)
     (jv,) = torch.autograd.grad(gx, u, v)
@@ -81,8 +90,9 @@ def test_tangent_pass_is_the_jacobian(name, train, device):
 @pytest.mark.parametrize("q", [1, 2, math.inf])
 def test_inner_step_gradient_and_hvp(name, q, device):
     model, x, y = _make(name, train=False, device=device)
-    g_ref, h_ref = grad_and_hvp_double_backprop(model, x, y, default_loss, q)
-    g, h = grad_and_hvp_linearized(model, x, y, default_loss, q)
+    with sdpa_kernel(SDPBackend.MATH):  # the oracle differentiates attention twice
+        g_ref, h_ref = grad_and_hvp_double_backprop(model, x, y, default_loss, q)
+    g, h = grad_and_hvp_linearized(model, x, y, default_loss, q)  # attention on PyTorch's default kernels
     assert _rel_err(g, g_ref) < 1e-12
     assert _rel_err(h, h_ref) < 1e-10
     assert torch.equal(torch.sign(h), torch.sign(h_ref)) or (torch.sign(h) != torch.sign(h_ref)).float().mean() < 1e-3
@@ -125,7 +135,7 @@ def test_flatness_penalty_linearized_equals_double_backprop_fp64(name, q, penalt
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["small_cnn", "resnet_bn"])
+@pytest.mark.parametrize("name", ["small_cnn", "resnet_bn", "wrn_silu", "convnext_block", "vit_block"])
 def test_ascended_point_identical(name, device):
     model, x, y = _make(name, train=False, device=device)
     points = {}
@@ -208,16 +218,16 @@ def test_relu_kink_convention():
 
 def test_uncovered_model_auto_warns_and_linearized_raises():
     torch.manual_seed(0)
-    model = SoftmaxNet().double()
+    model = SineNet().double()
     x, y = torch.rand(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     lfr_ext.hvp._UNCOVERED.pop(model, None)
     lfr_ext.hvp._WARNED.clear()
-    with pytest.warns(RuntimeWarning, match=r"falls back to double backprop.*`torch.softmax`"):
+    with pytest.warns(RuntimeWarning, match=r"falls back to double backprop.*`torch.sin`"):
         auto = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0)
     reference = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0,
                                          hvp="double_backprop")
     torch.testing.assert_close(auto, reference, rtol=0, atol=0)
-    with pytest.raises(UnsupportedOpError, match=r"does not support `torch.softmax`"):
+    with pytest.raises(UnsupportedOpError, match=r"does not support `torch.sin`"):
         lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, hvp="linearized")
 
 

@@ -1,4 +1,4 @@
-r"""Exact linearizations of the ops a piecewise-linear network is made of.
+r"""Exact linearizations of the ops networks are made of.
 
 Each rule runs the primal op (unchanged, or with the extra outputs it needs, such as pooling
 indices) and records on the tape how the op maps input tangents ``t`` to output tangents:
@@ -7,7 +7,8 @@ indices) and records on the tape how the op maps input tangents ``t`` to output 
 op                             tangent of the output
 =============================  ======================================================
 conv*, conv_transpose*, linear the same op on ``t`` without the bias
-matmul / mm / bmm / ``@``      the same product with the constant operand
+matmul / mm / bmm / ``@``      the same product with the constant operand; with two
+mul, div                       input-dependent operands ``da b + a db`` (``(da - out db) / b``)
 relu (any spelling, in place)  ``t * (out > 0)`` (PyTorch's ``relu'(0) = 0``)
 leaky_relu(slope)              ``t * where(out > 0, 1, slope)``
 hardtanh / relu6               ``t * (min < out < max)``
@@ -24,37 +25,30 @@ batch_norm (batch stats)       ``gamma/sigma_B * (t - mean(t) - x_hat * mean(x_h
 layer_norm, group_norm         the same formula with the per-sample (per-group) statistics
 silu, gelu (both), softplus,   ``t * sigma'(z)``, the slope at the primal input ``z``
 elu, tanh, sigmoid
+softmax, log_softmax,          see :mod:`lfr_ext.linearized.attention`
+scaled_dot_product_attention,
+multi_head_attention_forward
 detach, comparisons, argmax    no tangent (constant, or zero derivative a.e.)
 =============================  ======================================================
 
-The maps of the normalisations and smooth activations depend on the input: they are built with
-autograd on and set ``tape.depends_on_source``, so the inner HVP differentiates the tangent
-itself (``H v = grad_x[(p - e_y)^T J(x) v]``, exact for any network) and the penalty's
-parameter gradient is the backward of the tangent pass. Anything else that depends on the input
-raises :class:`UnsupportedOpError` naming the op (softmax, attention, products of two
-input-dependent tensors, in-place smooth activations, ...).
+The maps of the normalisations, smooth activations, softmax, attention and two-operand products
+depend on the input: they are built with autograd on and set ``tape.depends_on_source``, so the
+inner HVP differentiates the tangent itself (``H v = grad_x[(p - e_y)^T J(x) v]``, exact for any
+network) and the penalty's parameter gradient is the backward of the tangent pass. Anything else
+that depends on the input raises :class:`UnsupportedOpError` naming the op (attention dropout,
+in-place writes into views, ops with no rule such as ``torch.sin``, ...).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import re
 
 import torch
 import torch.nn.functional as F
 
-
-class UnsupportedOpError(NotImplementedError):
-    """An op that depends on the input has no exact linearized rule."""
-
-    def __init__(self, op: str):
-        self.op = op
-        super().__init__(
-            f"the linearized tangent pass does not support `{op}` (it is exact only for networks piecewise "
-            "linear in the input: conv/linear, ReLU-like activations, pooling, BatchNorm, Dropout, adds, reshapes)"
-        )
+from .attention import log_softmax, multi_head_attention, scaled_dot_product_attention, softmax
+from .calls import UnsupportedOpError, arguments as _arguments
 
 
 def _differentiable(t) -> bool:
@@ -72,21 +66,6 @@ def is_metadata_output(out) -> bool:
     if isinstance(out, (tuple, list)):
         return all(o is not None and is_metadata_output(o) for o in out)
     return True
-
-
-@functools.lru_cache(maxsize=None)
-def _parameters(func) -> tuple[tuple[str, object], ...]:
-    return tuple((name, p.default) for name, p in inspect.signature(func).parameters.items())
-
-
-def _arguments(func, args, kwargs) -> dict:
-    """All arguments of a call by name, defaults filled in. Runs once per recorded op, so it
-    is a plain loop over a cached parameter list (``inspect.Signature.bind`` costs ~10x more)."""
-    parameters = _parameters(func)
-    arguments = dict(zip((name for name, _ in parameters), args))
-    for name, default in parameters[len(args):]:
-        arguments[name] = kwargs.get(name, default)
-    return arguments
 
 
 def _zero_if_none(t, like):
@@ -187,22 +166,33 @@ def bias_free(bias_position: int):
 
 
 def product(tape, func, name, args, kwargs):
-    """matmul/mm/bmm/mul/div with exactly one input-dependent operand (the other constant)."""
+    """matmul/mm/bmm/mul/div. With one input-dependent operand, the same product with the
+    constant one (linear). With two (attention written out, gating), the product rule
+    ``d(ab) = da b + a db`` and ``d(a/b) = (da - (a/b) db) / b``: bilinear, so its map is built
+    from the primal operands with autograd on (``depends_on_source``)."""
     a, b = args[0], args[1]
     carries_a, carries_b = tape.carries(a), tape.carries(b)
-    if carries_a and carries_b:
-        raise UnsupportedOpError(f"{name} of two input-dependent tensors (not piecewise linear)")
     is_div = "div" in name
-    if is_div and carries_b:
-        raise UnsupportedOpError(f"{name} by an input-dependent tensor")
     if is_div and kwargs.get("rounding_mode") is not None:
         return func(*args, **kwargs)  # floor/trunc division: zero derivative a.e. (autograd agrees)
     if is_inplace(name):
+        if carries_b:
+            raise UnsupportedOpError(f"{name} in place by an input-dependent tensor")
         tape.check_inplace_into_constant(a, name)
         tape.check_inplace_target(a, name)
     rest, kw = args[2:], kwargs
     out = func(*args, **kwargs)
     outplace = _OUTPLACE.get(name, func)
+    if carries_b and (carries_a or is_div):
+        tape.depends_on_source_through("attention", name)
+        if is_div:
+            def tangent(ta, tb):
+                return ((0 if ta is None else ta) - out * tb) / b
+        else:
+            def tangent(ta, tb):
+                return outplace(ta, b, *rest, **kw) + outplace(a, tb, *rest, **kw)
+        tape.emit([out], tangent, [a, b])
+        return out
     if carries_a:
         def tangent(t):
             return outplace(t, b, *rest, **kw)
@@ -380,13 +370,16 @@ def smooth(slope_of, inplace_at: int | None = None):
     ``inplace_at``: the position of its ``inplace`` argument, if it has one."""
 
     def rule(tape, func, name, args, kwargs):
-        if is_inplace(name, args, kwargs, flag_at=inplace_at):
-            # The slope is a function of the input, which an in-place activation overwrites.
-            raise UnsupportedOpError(f"{name} in place")
         z = args[0]
-        slope = slope_of(z, args, kwargs)
+        if is_inplace(name, args, kwargs, flag_at=inplace_at):
+            tape.check_inplace_target(z, name)
+            # The slope is a function of the input, which the activation overwrites: build it from
+            # a copy, so that its autograd graph does not save the overwritten tensor.
+            slope = slope_of(z.clone(), args, kwargs)
+        else:
+            slope = slope_of(z, args, kwargs)
         out = func(*args, **kwargs)
-        tape.depends_on_source = True
+        tape.depends_on_source_through("smooth activation", name)
         tape.emit([out], lambda t: t * slope, [z])
         return out
 
@@ -412,7 +405,7 @@ def layer_norm(tape, func, name, args, kwargs):
     invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
     x_hat = (x - mean) * invstd
     out = func(*args, **kwargs)
-    tape.depends_on_source = True
+    tape.depends_on_source_through("normalisation", name)
 
     def tangent(t):
         normalised = _normalised_tangent(t, x_hat, invstd, dims)
@@ -434,7 +427,7 @@ def group_norm(tape, func, name, args, kwargs):
     x_hat = (xg - mean) * invstd
     channel_shape = (1, -1) + (1,) * (x.dim() - 2)
     out = func(*args, **kwargs)
-    tape.depends_on_source = True
+    tape.depends_on_source_through("normalisation", name)
 
     def tangent(t):
         normalised = _normalised_tangent(t.reshape(grouped_shape), x_hat, invstd, -1).reshape(t.shape)
@@ -532,7 +525,7 @@ def batch_norm(tape, func, name, args, kwargs):
         scale = invstd if weight is None else invstd * weight.view(channel_shape)
         out = func(*args, **kwargs)
         tape.couples_samples = True
-        tape.depends_on_source = True
+        tape.depends_on_source_through("batch statistics", name)
 
         def tangent(t):
             centred = t - t.mean(reduce_dims, keepdim=True)
@@ -601,6 +594,10 @@ _register([_F + "softplus"], smooth(_softplus_slope))
 _register([_F + "elu", _F + "elu_"], smooth(_elu_slope, inplace_at=2))
 _register(["torch.tanh", _T + "tanh", _F + "tanh"], smooth(_tanh_slope))
 _register(["torch.sigmoid", _T + "sigmoid", _F + "sigmoid"], smooth(_sigmoid_slope))
+_register(["torch.softmax", _T + "softmax", _F + "softmax"], softmax)
+_register(["torch.log_softmax", _T + "log_softmax", _F + "log_softmax"], log_softmax)
+_register([_F + "scaled_dot_product_attention"], scaled_dot_product_attention)
+_register([_F + "multi_head_attention_forward"], multi_head_attention)
 _register([_F + "pad"], pad)
 _register(
     [_F + f"avg_pool{d}d" for d in (1, 2, 3)] + [_F + f"adaptive_avg_pool{d}d" for d in (1, 2, 3)]

@@ -18,12 +18,13 @@ Only the ops that actually ran are recorded, so Python control flow in ``forward
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.overrides import TorchFunctionMode, resolve_name
 
 from .._cuda import is_host_sync_error
+from .calls import DeclinedOpError
 from .rules import RULES, UnsupportedOpError, is_metadata_output
 
 _NAMES: dict = {}
@@ -72,11 +73,14 @@ class TangentTape(TorchFunctionMode):
         jv = tape.tangent(v, logits)               # J v, (B, C): one cheap "tangent forward"
 
     Raises :class:`UnsupportedOpError` (naming the op) inside the forward when an op that
-    depends on ``source`` has no exact linearization here (GELU, LayerNorm, attention, ...).
+    depends on ``source`` has no exact linearization here, or belongs to a declined class.
     """
 
-    def __init__(self, source: torch.Tensor):
+    def __init__(self, source: torch.Tensor, declined: Mapping[str, str] | None = None):
+        """``declined``: op classes (see :meth:`depends_on_source_through`) to refuse, each with
+        the reason (``hvp='auto'`` keeps double backprop for the classes it measured slower)."""
         super().__init__()
+        self._declined = dict(declined or {})
         self._slots: dict[int, int] = {id(source): 0}
         self._alive: list = [source]  # keeps ids unique while the tape lives
         self._viewed: set[int] = set()  # ids of tensors that a recorded view aliases
@@ -86,6 +90,7 @@ class TangentTape(TorchFunctionMode):
         # True once a recorded linear map itself depends on the source (batch statistics): the
         # network is then not piecewise linear in x and H v has a term beyond J^T H_z J v.
         self.depends_on_source = False
+        self.source_dependent_classes: set[str] = set()  # the classes of the ops that made it so
         self.ops_seen: set[str] = set()
 
     # -- recording -------------------------------------------------------------------
@@ -110,6 +115,15 @@ class TangentTape(TorchFunctionMode):
             out_slots.append(self._num_slots)
             self._num_slots += 1
         self._program.append((fn, in_slots, tuple(out_slots)))
+
+    def depends_on_source_through(self, op_class: str, name: str) -> None:
+        """A rule's linear map depends on the source: ``op_class`` is one of ``"batch statistics"``,
+        ``"normalisation"``, ``"smooth activation"``, ``"softmax"``, ``"attention"`` (attention
+        kernels and products of two input-dependent tensors). Refused if the class is declined."""
+        if op_class in self._declined:
+            raise DeclinedOpError(name, op_class, self._declined[op_class])
+        self.depends_on_source = True
+        self.source_dependent_classes.add(op_class)
 
     def check_inplace_target(self, target: torch.Tensor, name: str) -> None:
         """An in-place op on a tensor that aliases another recorded tensor would silently
