@@ -7,8 +7,9 @@ Every op ``<name>`` of :data:`OPS` exists twice, with one schema:
 * ``lfr_ext::<name>_triton``: the launcher ``<name>_triton`` of ``kernels/<name>.py``.
 
 Everything else is derived from this table: :mod:`lfr_ext.ops` registers the fakes and autograd
-of the compiled ops, and ``kernels/ops.py`` registers the Triton twins (with the same fake and
-autograd).
+of the compiled ops, ``kernels/ops.py`` registers the Triton twins (with the same fake and
+autograd), and ``scripts/check_cuda_build.sh`` checks that a CUDA build holds a CPU and a CUDA
+kernel for each op.
 
 This module imports only torch, because ``kernels/ops.py`` reads it while :mod:`lfr_ext.ops`
 is still being imported.
