@@ -1,7 +1,8 @@
 """Triton kernels of lfr_ext (installed as ``lfr_ext.kernels``).
 
 One module per op of :data:`lfr_ext.ops.OPS`, named after it (:func:`op_module`), holding the
-op's ``@triton.jit`` kernels and its launcher ``<op>_triton``:
+op's ``@triton.jit`` kernels, its launcher ``<op>_triton`` and its kernels' ahead-of-time
+variants ``AOT`` (:mod:`.aot`):
 
 * :mod:`.ascent_step` - fused LFR ascent update + per-sample norm (``_ascent_step_fwd_kernel``)
 * :mod:`.grad_norm` - per-sample norm (``_grad_norm_fwd_kernel``)

@@ -4,12 +4,13 @@ Every op ``<name>`` of :data:`OPS` exists twice, with one schema:
 
 * ``lfr_ext::<name>``: the compiled library's C++ kernels (schema in ``csrc/lfr_ext.cpp``,
   ``csrc/cpu/<name>_cpu.cpp``, ``csrc/cuda/<name>_cuda.cu``);
-* ``lfr_ext::<name>_triton``: the launcher ``<name>_triton`` of ``kernels/<name>.py``.
+* ``lfr_ext::<name>_triton``: the launcher ``<name>_triton`` of ``kernels/<name>.py``, which
+  also declares its kernels' ahead-of-time variants (``AOT``, see ``kernels/aot.py``).
 
 Everything else is derived from this table: :mod:`lfr_ext.ops` registers the fakes and autograd
 of the compiled ops, ``kernels/ops.py`` registers the Triton twins (with the same fake and
-autograd), and ``scripts/check_cuda_build.sh`` checks that a CUDA build holds a CPU and a CUDA
-kernel for each op.
+autograd), ``scripts/check_cuda_build.sh`` checks that a CUDA build holds a CPU and a CUDA kernel
+for each op, and ``tests/triton_aot_check.py`` compiles each op's declared Triton variants.
 
 This module imports only torch, because ``kernels/ops.py`` reads it while :mod:`lfr_ext.ops`
 is still being imported.
