@@ -49,20 +49,22 @@ class AotMatrix:
     block: int
 
     def variants(self) -> list[AotVariant]:
+        """One variant per (dtype, q, flags), in that order."""
         out = []
         for dtype, q, flags in itertools.product(self.dtypes, Q_CODES, self.flags):
+            self._check_covers_arguments([*self.arg_types, "Q", *flags, "BLOCK"])
             storage = "*" + triton_type(dtype)
             constexprs = {"Q": q, **flags, "BLOCK": self.block}
             types = {name: storage if t == STORAGE else t for name, t in self.arg_types.items()}
-            self._check_covers_arguments(types, constexprs)
             # In the kernel's argument order, as ASTSource binds the signature to its parameters.
             signature = {name: "constexpr" if name in constexprs else types[name] for name in self.kernel.arg_names}
             constexprs = {name: constexprs[name] for name in self.kernel.arg_names if name in constexprs}
             out.append(AotVariant(self.kernel, signature, constexprs, num_warps_for(self.block)))
         return out
 
-    def _check_covers_arguments(self, types: Mapping[str, str], constexprs: Mapping[str, Any]) -> None:
-        declared, taken = [*types, *constexprs], list(self.kernel.arg_names)
+    def _check_covers_arguments(self, declared: list[str]) -> None:
+        """Each of the kernel's arguments declared exactly once (a type, Q, a flag or BLOCK)."""
+        taken = list(self.kernel.arg_names)
         if sorted(declared) != sorted(taken):
             undeclared = sorted(set(taken) - set(declared))
             unknown = sorted(set(declared) - set(taken))
