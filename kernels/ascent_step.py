@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .aot import STORAGE, AotMatrix
 from .common import (
     accumulate_norm,
     clamp_keep_nan,
@@ -32,7 +33,7 @@ from .common import (
     to_fp32,
 )
 from .grad_norm import SUPPORTED_DTYPES
-from .launch import INTERPRETED, device_guard, fold_partial_norms, plan_launch
+from .launch import INTERPRETED, MAX_BLOCK, Q_CODES, device_guard, fold_partial_norms, plan_launch
 
 
 @triton.jit
@@ -101,6 +102,22 @@ def _ascent_step_fwd_kernel(
         tl.store(G_NORM + sample, round_to_storage(finish_norm(total, Q), DTYPE))
 
 
+# Compiled ahead of time (kernels/aot.py): every dtype and q at the largest block (8 warps); the
+# two flag combinations give each of WRITE_SIGN, ROUND_SCALARS and SPLIT both values.
+AOT = (
+    AotMatrix(
+        _ascent_step_fwd_kernel,
+        dtypes=SUPPORTED_DTYPES,
+        arg_types=dict(X=STORAGE, X_ADV=STORAGE, H=STORAGE, G=STORAGE, X_NEW=STORAGE, SIGN_G=STORAGE, G_NORM=STORAGE,
+                       PARTIAL="*fp32", per_sample="i64", chunk_len="i64", eps="fp32", step_size="fp32", lo="fp32",
+                       hi="fp32"),
+        flags=(dict(WRITE_SIGN=True, ROUND_SCALARS=False, SPLIT=False),
+               dict(WRITE_SIGN=False, ROUND_SCALARS=True, SPLIT=True)),
+        block=MAX_BLOCK,
+    ),
+)
+
+
 def check_ascent_step_args(x, x_adv, h, g, q) -> None:
     if x.dim() < 1:
         raise ValueError("ascent_step: x must have a batch dimension, got a 0-dim tensor")
@@ -113,7 +130,7 @@ def check_ascent_step_args(x, x_adv, h, g, q) -> None:
         raise ValueError("ascent_step: x, x_adv, h and g must have one dtype")
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"ascent_step: the Triton kernel takes {SUPPORTED_DTYPES}, got {x.dtype}")
-    if q not in (1, 2, -1):
+    if q not in Q_CODES:
         raise ValueError(f"ascent_step: q must be 1, 2 or -1 (inf), got {q}")
 
 

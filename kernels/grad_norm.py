@@ -11,8 +11,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .aot import STORAGE, AotMatrix
 from .common import accumulate_norm, finish_norm, reduce_norm, round_to_storage
-from .launch import INTERPRETED, device_guard, fold_partial_norms, plan_launch
+from .launch import INTERPRETED, Q_CODES, device_guard, fold_partial_norms, plan_launch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -47,12 +48,25 @@ def _grad_norm_fwd_kernel(
         tl.store(OUT + sample, round_to_storage(finish_norm(total, Q), OUT.dtype.element_ty))
 
 
+# Compiled ahead of time (kernels/aot.py): every dtype and q, SPLIT both ways, at BLOCK 1024
+# (4 warps; ascent_step's matrix covers the 8-warp plans).
+AOT = (
+    AotMatrix(
+        _grad_norm_fwd_kernel,
+        dtypes=SUPPORTED_DTYPES,
+        arg_types=dict(G=STORAGE, OUT=STORAGE, PARTIAL="*fp32", per_sample="i64", chunk_len="i64"),
+        flags=(dict(SPLIT=False), dict(SPLIT=True)),
+        block=1024,
+    ),
+)
+
+
 def check_grad_norm_args(g: torch.Tensor, q: int) -> None:
     if g.dim() < 1:
         raise ValueError("grad_norm: g must have a batch dimension, got a 0-dim tensor")
     if g.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"grad_norm: the Triton kernel takes {SUPPORTED_DTYPES}, got {g.dtype}")
-    if q not in (1, 2, -1):
+    if q not in Q_CODES:
         raise ValueError(f"grad_norm: q must be 1, 2 or -1 (inf), got {q}")
 
 

@@ -17,6 +17,9 @@ import torch
 import triton
 
 MAX_BLOCK = 2048  # elements per program per loop iteration
+# The ops' `int q` codes (lfr_ext.ops.q_code; kQInf in csrc/op_args.h): 1, 2, or -1 for inf.
+Q_INF = -1
+Q_CODES = (1, 2, Q_INF)
 # triton.jit reads the variable when the kernels are defined, i.e. when this package is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _FORCED_CHUNKS: contextvars.ContextVar[int | None] = contextvars.ContextVar("lfr_ext_forced_chunks", default=None)
@@ -66,12 +69,17 @@ def plan_launch(batch: int, per_sample: int, device: torch.device, chunks: int |
     chunks = max(1, min(chunks, 65535, triton.cdiv(max(per_sample, 1), block)))
     chunk_len = per_sample if chunks == 1 else triton.cdiv(triton.cdiv(per_sample, chunks), block) * block
     chunks = 1 if chunks == 1 else triton.cdiv(per_sample, chunk_len)
-    return LaunchPlan(block=block, num_warps=4 if block <= 1024 else 8, chunks=chunks, chunk_len=chunk_len)
+    return LaunchPlan(block=block, num_warps=num_warps_for(block), chunks=chunks, chunk_len=chunk_len)
+
+
+def num_warps_for(block: int) -> int:
+    """Warps per program for a ``block``-element loop: 4 up to 1024 elements, 8 above."""
+    return 4 if block <= 1024 else 8
 
 
 def fold_partial_norms(partial: torch.Tensor, q_code: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, C) fp32 partial norms -> (B,) norms in ``dtype`` (sum, sqrt of sum, or NaN-keeping max)."""
-    if q_code == -1:
+    if q_code == Q_INF:
         return partial.amax(dim=1).to(dtype)
     total = partial.sum(dim=1)
     return (total.sqrt() if q_code == 2 else total).to(dtype)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile the CUDA kernels of lfr_ext (csrc/cuda/*.cu) without a GPU, so they cannot rot, and
-# check that the resulting library registers CUDA kernels for every lfr_ext op and that its
-# CPU kernels still run.
+# check that the resulting library registers CPU and CUDA kernels for every op of lfr_ext.ops.OPS
+# (and defines no other) and that its CPU kernels still run.
 #
 # It builds in a throwaway copy of the working tree (the tree's own lfr_ext/_C*.so, build/ and
 # build_info.json belong to .venv's torch and are left alone), against a CUDA build of torch in
@@ -67,8 +67,15 @@ status = _extension.status()
 assert status.loaded, status.error
 assert status.with_cuda, status.build_info
 print("library:", status.path, "| archs", status.build_info["cuda_arch_list"], "| nvcc", status.build_info["nvcc_version"])
+# The ops with compiled kernels are the declared ones (lfr_ext.ops.OPS, which their fakes and
+# autograd are registered from; ops defined in Python have no CPU or CUDA kernel of their own),
+# and each has both kernels.
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-for op in ("lfr_ext::ascent_step", "lfr_ext::grad_norm"):
+declared = [spec.compiled for spec in lfr_ext.ops.OPS]
+compiled = [op for op in torch._C._dispatch_get_all_op_names()
+            if op.startswith("lfr_ext::") and (has(op, "CPU") or has(op, "CUDA"))]
+assert sorted(compiled) == sorted(declared), f"the library has kernels for {sorted(compiled)}, OPS declares {declared}"
+for op in declared:
     for key in ("CPU", "CUDA"):
         assert has(op, key), f"{op} has no {key} kernel"
     print(f"{op}: CPU and CUDA kernels registered")
@@ -80,8 +87,8 @@ got = torch.ops.lfr_ext.ascent_step(x, x_adv, h, g, 0.03, 0.01, 0.0, 1.0, 1, Tru
 want = ascent_step_reference(x, x_adv, h, g, 0.03, 0.01, 0.0, 1.0, 1, True)
 assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
 torch.testing.assert_close(got[1], want[1])
-for q, code in ((1, 1), (2, 2), (math.inf, -1)):
-    torch.testing.assert_close(torch.ops.lfr_ext.grad_norm(g, code), grad_norm_reference(g, q))
+for q in (1, 2, math.inf):
+    torch.testing.assert_close(torch.ops.lfr_ext.grad_norm(g, lfr_ext.ops.q_code(q)), grad_norm_reference(g, q))
 print("CPU kernels of the CUDA build: OK; GPU present:", torch.cuda.is_available())
 PY
 echo "check_cuda_build: OK"

@@ -1,11 +1,13 @@
 """Compile every Triton kernel variant of lfr_ext ahead of time for NVIDIA GPUs, with no GPU:
 ``python tests/triton_aot_check.py [arch ...]`` (default 90 80). Exits non-zero on the first
-failure. Run by test_triton_ops.py in a subprocess with TRITON_INTERPRET=0, because under the
-interpreter ``@triton.jit`` yields interpreter functions that cannot be compiled."""
+failure. Run by test_triton_aot.py in a subprocess with TRITON_INTERPRET=0, because under the
+interpreter ``@triton.jit`` yields interpreter functions that cannot be compiled.
+
+The variants are the ``AOT`` matrices that each op's ``kernels/<op>.py`` declares beside its
+kernels (``kernels/aot.py``), for every op of :data:`lfr_ext.ops.OPS`."""
 
 from __future__ import annotations
 
-import itertools
 import sys
 import time
 
@@ -13,37 +15,23 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lfr_ext.kernels.ascent_step import _ascent_step_fwd_kernel
-from lfr_ext.kernels.grad_norm import _grad_norm_fwd_kernel
-
-DTYPES = ("fp32", "bf16", "fp16")
-QS = (1, 2, -1)
+from lfr_ext.kernels.aot import AotVariant, op_matrices
+from lfr_ext.ops import OPS
 
 
-def variants():
-    """(kernel, signature, constexprs, num_warps) covering every dtype, q and flag once."""
-    for dtype, q in itertools.product(DTYPES, QS):
-        p = f"*{dtype}"
-        sig = dict(X=p, X_ADV=p, H=p, G=p, X_NEW=p, SIGN_G=p, G_NORM=p, PARTIAL="*fp32", per_sample="i64",
-                   chunk_len="i64", eps="fp32", step_size="fp32", lo="fp32", hi="fp32")
-        flags = [(True, False, False), (False, True, True)]  # (WRITE_SIGN, ROUND_SCALARS, SPLIT)
-        for write_sign, round_scalars, split in flags:
-            const = dict(Q=q, WRITE_SIGN=write_sign, ROUND_SCALARS=round_scalars, SPLIT=split, BLOCK=2048)
-            yield _ascent_step_fwd_kernel, {**sig, **dict.fromkeys(const, "constexpr")}, const, 8
-        for split in (False, True):
-            sig = dict(G=p, OUT=p, PARTIAL="*fp32", per_sample="i64", chunk_len="i64")
-            const = dict(Q=q, SPLIT=split, BLOCK=1024)
-            yield _grad_norm_fwd_kernel, {**sig, **dict.fromkeys(const, "constexpr")}, const, 4
+def variants() -> list[AotVariant]:
+    """Every declared variant, once (:func:`main` compiles each for every architecture)."""
+    return [variant for spec in OPS for matrix in op_matrices(spec.name) for variant in matrix.variants()]
 
 
 def main(archs: list[int]) -> None:
     start = time.perf_counter()
     count = 0
     for arch in archs:
-        for kernel, signature, constexprs, num_warps in variants():
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-            assert compiled.asm["cubin"], (kernel, constexprs)
+        for v in variants():
+            source = ASTSource(fn=v.kernel, signature=v.signature, constexprs=v.constexprs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps})
+            assert compiled.asm["cubin"], (v.kernel, v.constexprs)
             count += 1
     print(f"compiled {count} Triton kernel variants for sm_{archs} in {time.perf_counter() - start:.1f} s")
 

@@ -15,6 +15,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "../op_args.h"
 #include "per_sample_norm.h"
 
 #include <algorithm>
@@ -166,19 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ascent_step_cpu(const at::Tensor&
                                                                const at::Tensor& h, const at::Tensor& g, double eps,
                                                                double step_size, double lo, double hi, int64_t q,
                                                                bool return_sign_g) {
-  TORCH_CHECK(x.dim() >= 1, "ascent_step: x must have a batch dimension, got a 0-dim tensor");
-  TORCH_CHECK(x.sizes() == x_adv.sizes() && x.sizes() == h.sizes() && x.sizes() == g.sizes(),
-              "ascent_step: x, x_adv, h and g must have one shape, got ", x.sizes(), ", ", x_adv.sizes(), ", ",
-              h.sizes(), ", ", g.sizes());
-  TORCH_CHECK(x.scalar_type() == x_adv.scalar_type() && x.scalar_type() == h.scalar_type() &&
-                  x.scalar_type() == g.scalar_type(),
-              "ascent_step: x, x_adv, h and g must have one dtype");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "ascent_step: inputs must be floating point, got ",
-              x.scalar_type());
-  TORCH_CHECK(q == 1 || q == 2 || q == -1, "ascent_step: q must be 1, 2 or -1 (inf), got ", q);
-  for (const auto* t : {&x, &x_adv, &h, &g}) {
-    TORCH_CHECK(t->device().is_cpu(), "ascent_step: the CPU kernel got a tensor on ", t->device());
-  }
+  check_ascent_step_args(x, x_adv, h, g, q, c10::DeviceType::CPU);
 
   // Kernels index densely; a non-contiguous input is copied once here.
   const at::Tensor xc = x.contiguous(), xac = x_adv.contiguous(), hc = h.contiguous(), gc = g.contiguous();

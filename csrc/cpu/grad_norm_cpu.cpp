@@ -10,16 +10,14 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "../op_args.h"
 #include "per_sample_norm.h"
 
 namespace lfr_ext {
 namespace {
 
 at::Tensor grad_norm_cpu(const at::Tensor& g, int64_t q) {
-  TORCH_CHECK(g.dim() >= 1, "grad_norm: g must have a batch dimension, got a 0-dim tensor");
-  TORCH_CHECK(at::isFloatingType(g.scalar_type()), "grad_norm: g must be floating point, got ", g.scalar_type());
-  TORCH_CHECK(q == 1 || q == 2 || q == kQInf, "grad_norm: q must be 1, 2 or -1 (inf), got ", q);
-  TORCH_CHECK(g.device().is_cpu(), "grad_norm: the CPU kernel got a tensor on ", g.device());
+  check_grad_norm_args(g, q, c10::DeviceType::CPU);
 
   const at::Tensor gc = g.contiguous();  // one copy for a non-contiguous input, then dense indexing
   const int64_t batch = g.size(0);

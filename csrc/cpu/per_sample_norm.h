@@ -18,10 +18,9 @@
 
 #include <c10/util/BFloat16.h>
 
-namespace lfr_ext {
+#include "../op_args.h"  // kQInf
 
-// Norm order codes shared with the Python side (lfr_ext.ops.q_code): 1, 2, or -1 for inf.
-constexpr int64_t kQInf = -1;
+namespace lfr_ext {
 
 template <typename scalar_t>
 using cpu_acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;

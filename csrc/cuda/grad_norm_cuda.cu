@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../op_args.h"
 #include "per_sample_norm.cuh"
 
 namespace lfr_ext {
@@ -47,9 +48,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 at::Tensor grad_norm_cuda(const at::Tensor& g, int64_t q) {
-  TORCH_CHECK(g.dim() >= 1, "grad_norm: g must have a batch dimension, got a 0-dim tensor");
-  TORCH_CHECK(at::isFloatingType(g.scalar_type()), "grad_norm: g must be floating point, got ", g.scalar_type());
-  TORCH_CHECK(q == 1 || q == 2 || q == kQInf, "grad_norm: q must be 1, 2 or -1 (inf), got ", q);
+  check_grad_norm_args(g, q, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(g.device());
 
   const at::Tensor gc = g.contiguous();

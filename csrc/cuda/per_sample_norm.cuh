@@ -16,10 +16,11 @@
 
 #include <cstdint>
 
+#include "../op_args.h"  // kQInf
+
 namespace lfr_ext {
 namespace cuda {
 
-constexpr int64_t kQInf = -1;  // q code of the inf-norm (reference.q_code)
 constexpr int kMaxThreads = 512;
 constexpr int kWarp = 32;
 
