@@ -118,7 +118,6 @@ def make_extension():
     ext = CUDAExtension(
         "lfr_ext._C",
         sources + cuda_sources,
-        define_macros=[("WITH_CUDA", None)],
         include_dirs=_extra_cuda_include_dirs(),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags + ["-lineinfo"]},
     )
