@@ -29,7 +29,6 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-ROOT = Path(__file__).parent.resolve()
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 try:
@@ -119,21 +118,33 @@ def make_extension():
     ext = CUDAExtension(
         "lfr_ext._C",
         sources + cuda_sources,
-        define_macros=[("WITH_CUDA", None)],
         include_dirs=_extra_cuda_include_dirs(),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags + ["-lineinfo"]},
     )
     return ext, info
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's build_ext, which also writes `lfr_ext/build_info.json` wherever it puts the library:
+    the build directory (what a wheel holds) and, for an in-place or editable build, the source
+    tree. `import lfr_ext` reads it to refuse a library built for another torch."""
+
+    def run(self):
+        super().run()
+        text = json.dumps(build_info, indent=2) + "\n"
+        dirs = {os.path.join(self.build_lib, "lfr_ext")}
+        if self.inplace:
+            dirs.add(self.get_finalized_command("build_py").get_package_dir("lfr_ext"))
+        for d in sorted(dirs):
+            os.makedirs(d, exist_ok=True)
+            Path(d, "build_info.json").write_text(text)
+
+
 extension, build_info = make_extension()
-# Recorded next to the library so `import lfr_ext` can refuse a library built for another torch.
-(ROOT / "lfr_ext" / "build_info.json").write_text(json.dumps(build_info, indent=2) + "\n")
 
 setup(
     packages=find_packages(include=["lfr_ext", "lfr_ext.*"]) + ["lfr_ext.kernels"],
     package_dir={"lfr_ext.kernels": "kernels"},
-    package_data={"lfr_ext": ["build_info.json"]},
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

@@ -6,6 +6,18 @@ documented command) that torch is importable and nothing is added. Under plain
 `pip install .`, pip builds in a throwaway environment; there we ask for exactly the torch
 version installed in the target environment (or, when it has none, the same unpinned `torch`
 that the runtime dependency will resolve to), instead of whatever newest torch the index has.
+
+Frontends served:
+
+* pip (`pip install .`, `pip install -e .`), with or without build isolation.
+  pip runs these hooks with the target environment's interpreter and only hides its
+  site-packages, so the installed torch can be read from there (`scripts/check_isolated_install.sh`
+  checks it in CI).
+* `python -m build` and uv (`uv pip install .`, `uv build`) run the hooks in a fresh virtual
+  environment of their own, where the target's torch is not visible: the rule then asks for the
+  unpinned `torch`, the newest the index has. Build against the torch you run with their
+  no-isolation flags instead (`python -m build --no-isolation`,
+  `uv pip install --no-build-isolation .`), after installing setuptools, wheel and ninja.
 """
 
 from __future__ import annotations

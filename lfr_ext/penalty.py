@@ -44,7 +44,6 @@ from .reference import (
     flatness_ascent_reference,
     grad_norm_reference,
     input_gradient,
-    per_sample_loss,
 )
 
 
@@ -237,7 +236,12 @@ def flatness_penalty(
             ``"finite_difference"`` (an approximation, never chosen by auto).
         impl: implementation of the fused ascent op (``"auto"``, ``"cpu"``, ``"cuda"``,
             ``"triton"``, ``"reference"``; ``None`` reads ``$LFR_EXT_IMPL``). See :mod:`lfr_ext.ops`.
-        validate: check values of ``x`` (finite, inside ``clip``); costs one host sync.
+        validate: check ``x`` and ``y`` before any work: their types and shapes (floating ``x``
+            with a batch dimension, one ``y`` per sample, integer class indices for the default
+            loss), devices and dtypes (``y``, the parameters and ``generator`` where ``x`` is,
+            the parameters in ``x``'s dtype) and the values of ``x`` (finite, inside ``clip``;
+            one host sync). ``False`` skips all of these, not only the value check, e.g. in a
+            loop whose data was checked once; the other arguments are always checked.
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 mixed-precision loop. The input
             gradients and HVPs are taken on scaled losses and unscaled out of place (PyTorch's
             gradient-penalty AMP recipe; the summed losses by ``scale / B``), so they do not
@@ -364,4 +368,4 @@ def local_flatness(
     return torch.cat([path_norms, final_norm[None]]).amax(dim=0).detach()
 
 
-__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "per_sample_loss"]
+__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss"]

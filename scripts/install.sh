@@ -26,7 +26,7 @@ fi
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "$TORCH_SPEC"
 # Build tools first: the extension is compiled against the torch above (--no-build-isolation).
-"${PIP[@]}" "setuptools>=64" wheel ninja pybind11 numpy
+"${PIP[@]}" "setuptools>=64" wheel ninja numpy
 # triton: the Triton kernels (on CPU tensors only through TRITON_INTERPRET=1, how the tests run them).
 "${PIP[@]}" --no-build-isolation -e ".[test,triton,train,eval]"
 # The evaluation attacks: torchattacks (and the reference AutoAttack, pyautoattack, which imports
