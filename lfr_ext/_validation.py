@@ -75,10 +75,14 @@ def check_grad_scaler(grad_scaler):
     return grad_scaler
 
 
-def check_model_and_data(model, x, y, clip, *, default_loss: bool, generator) -> None:
-    """Types, shapes, devices and values of model, x, y (one host sync for the value checks)."""
+def check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_model_and_data(model, x, y, clip, *, default_loss: bool, generator) -> None:
+    """Types, shapes, devices and values of x, y against ``model`` (an ``nn.Module``, see
+    :func:`check_model`); one host sync for the value checks."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():

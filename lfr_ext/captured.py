@@ -18,25 +18,11 @@ graph-safe.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
-from ._validation import check_lam, check_penalty_mode
 from .graphed_step import GraphedStep
-from .penalty import LFRLoss, _configure, lfr_loss
-
-
-def _check_arguments(model, x, y, lfr_kwargs: dict) -> None:
-    """Every check :func:`lfr_loss` makes, on the example batch, once, without taking a step."""
-    bound = inspect.signature(lfr_loss).bind(model, x, y, **lfr_kwargs)
-    bound.apply_defaults()
-    args = dict(bound.arguments)
-    check_lam(args.pop("lam"))
-    check_penalty_mode(args.pop("penalty_mode"))
-    args["validate"] = True
-    _configure(**args)
+from .penalty import LFRLoss, check_lfr_loss_arguments, lfr_loss
 
 
 class CapturedStep(GraphedStep):
@@ -64,7 +50,7 @@ class CapturedStep(GraphedStep):
             raise ValueError("CapturedStep cannot take a grad_scaler: GradScaler.step reads found_inf on the host, "
                              "which a CUDA graph cannot capture; use bf16 autocast (no scaler) for a captured step")
         self.lfr_kwargs = {k: v for k, v in lfr_kwargs.items() if k not in ("validate", "generator")}
-        _check_arguments(model, example_x, example_y, self.lfr_kwargs)
+        check_lfr_loss_arguments(model, example_x, example_y, **self.lfr_kwargs)
         super().__init__(model, optimizer, self._lfr_loss, example_x, example_y, warmup_steps=warmup_steps)
 
     def _lfr_loss(self, x: torch.Tensor, y: torch.Tensor) -> LFRLoss:

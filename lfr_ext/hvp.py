@@ -30,8 +30,14 @@ the penalty needs ``grad_theta mean_i ||g_i||_q``.
                      only. Never picked by ``auto``.
 ``auto``             ``linearized`` when the loss is the default cross-entropy and every op
                      of the model is covered, else ``double_backprop`` (with a one-time
-                     warning naming the op that is not covered).
+                     warning naming the op that is not covered). Op classes measured slower
+                     on the linearized engine (:data:`AUTO_DECLINED_CLASSES`, shown by
+                     ``python -m lfr_ext.info``) are left to double backprop too.
 ==================== ====================================================================
+
+:class:`SecondOrderEngine` resolves ``hvp=`` for one call and computes both the inner products
+and the penalty; what it learns about a model (a refused recording, a verified one) lives in
+one explicit :class:`EngineCache`, :data:`CACHE`.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import contextlib
 import logging
 import warnings
 import weakref
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +56,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import compiled
 from .distributed import identity_autograd_functions, sharded_modules
 from .linearized import DeclinedOpError, TangentTape, UnsupportedOpError
+from .linearized.verify import verify_recording
 from .reference import (LossFn, grad_and_hvp_double_backprop, grad_norm_reference, input_gradient, logits_hint,
                         penalty_at)
 
@@ -63,11 +70,43 @@ AUTO_DECLINED_CLASSES: dict[str, str] = {}
 HVP_METHODS = ("auto", "linearized", "double_backprop", "forward", "finite_difference", "compiled")
 FINITE_DIFFERENCE_RADIUS = 1e-3
 
-# Models found not covered by the linearized pass: model -> op name (weak: models may die).
-_UNCOVERED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-# Recordings verified against autograd: model -> {(pass, module modes): couples_samples}.
-_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-_WARNED: set[tuple[str, str]] = set()
+class EngineCache:
+    """What the second-order engine learned about models, for the whole process.
+
+    * ``uncovered``: model -> the op its recording refused (``hvp="auto"`` then runs double
+      backprop for it without recording again);
+    * ``verified``: model -> {(pass, module modes): whether the pass couples samples}, the
+      recordings checked against autograd once;
+    * ``warned``: the one-time warnings already given.
+
+    Weak in the models. :data:`CACHE` is the one the engine uses: ``CACHE.clear()`` forgets
+    everything, ``with CACHE.scoped():`` runs a block with a fresh cache and puts the old one back.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.uncovered: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+        self.verified: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+        self.warned: set[tuple] = set()
+
+    @contextlib.contextmanager
+    def scoped(self):
+        saved = self.uncovered, self.verified, self.warned
+        self.clear()
+        try:
+            yield self
+        finally:
+            self.uncovered, self.verified, self.warned = saved
+
+    def warn_once(self, key: tuple, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+CACHE = EngineCache()
 
 
 def norm_subgradient(g: torch.Tensor, q: float) -> torch.Tensor:
@@ -100,77 +139,19 @@ def _record(model: nn.Module, x: torch.Tensor, declined=None) -> tuple[TangentTa
     return tape, logits
 
 
-# Tolerance of the adjoint test per dtype: rounding (TF32 convolutions included) stays far
-# below it, a branch the tape did not see gives an O(1) disagreement.
-_ADJOINT_RTOL = {torch.float64: 1e-8, torch.float32: 1e-2}
+class _RngCheckpoint:
+    """The CPU (and ``device``'s CUDA) RNG state now, to rewind to: a pass redone by another
+    engine then draws the same start noise and Dropout masks."""
 
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
-def _custom_functions(root) -> list[str]:
-    """Names of custom ``autograd.Function`` nodes in the graph behind ``root``: their
-    backward may not be the derivative of the forward the tape recorded (straight-through
-    estimators, gradient reversal), so they are refused. Wrappers' identity functions (FSDP2's
-    post-backward registration) are not counted."""
-    found, seen, stack = [], set(), [root.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if isinstance(node, torch.autograd.function.BackwardCFunction) and \
-                not issubclass(node._forward_cls, identity_autograd_functions()):
-            found.append(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
-
-
-def _verify(tape: TangentTape, x: torch.Tensor, logits: torch.Tensor) -> bool:
-    """Check the recording against autograd before trusting it; return whether samples couple.
-
-    * No custom ``autograd.Function`` in the graph (see :func:`_custom_functions`).
-    * Adjoint test with random ``v`` (like ``x``) and ``w`` (like the logits):
-      ``w^T (J v)`` from the tape must equal ``(J^T w)^T v`` from autograd. A computation the
-      tape did not see (``torch._C.DisableTorchFunction``, a compiled region) breaks it.
-    * Coupling: ``v`` supported on sample 0 only must give a tangent that is exactly 0 on the
-      other samples, unless an op mixes samples (batch statistics, a mean over the batch).
-
-    Costs one VJP, two tangent passes and one host sync; run once per model and module modes.
-    """
-    custom = _custom_functions(logits)
-    if custom:
-        raise UnsupportedOpError(f"custom autograd.Function {custom[0]}")
-    generator = torch.Generator(device=x.device).manual_seed(0)  # private: the global RNG is the user's
-    v = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    w = torch.randn(logits.shape, generator=generator, device=x.device, dtype=logits.dtype)
-    (jt_w,) = torch.autograd.grad(logits, x, grad_outputs=w, retain_graph=True)
-    with torch.no_grad():
-        jv = tape.tangent(v, logits)
-        v0 = torch.zeros_like(v)
-        v0[:1] = v[:1]
-        leak = tape.tangent(v0, logits)[1:].abs().sum()
-        tape_side = (w.double() * jv.double()).sum()
-        autograd_side = (jt_w.double() * v.double()).sum()
-        scale = (w.double() * jv.double()).abs().sum() + (jt_w.double() * v.double()).abs().sum()
-        checks = torch.stack([(tape_side - autograd_side).abs(), scale, leak.double()]).tolist()
-    gap, scale, leak = checks
-    if not gap <= _ADJOINT_RTOL.get(logits.dtype, 5e-2) * scale:  # NaN fails too
-        raise UnsupportedOpError(
-            "a computation the tape did not record (a region hidden from torch's function API?): "
-            f"the adjoint test w^T J v = (J^T w)^T v fails by {gap / max(scale, 1e-300):.2e} (relative)"
-        )
-    return leak > 0 or tape.couples_samples
-
-
-def _rng_states(device: torch.device):
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-def _restore_rng_states(device: torch.device, states) -> None:
-    torch.set_rng_state(states[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[1], device)
+    def rewind(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,14 +175,14 @@ def grad_and_hvp_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tens
     If the forward used batch statistics (BatchNorm with ``track_running_stats=False``), ``J``
     itself depends on ``x`` and ``H v`` gains the term ``(dJ/dx v)^T (p - e_y)``: then the
     tangent is replayed under autograd and ``h = grad_x[(p - e_y)^T J v]`` (still exact).
-    ``verify`` runs :func:`_verify` first. ``loss_scale`` (fp16 mixed precision): both
+    ``verify`` runs :func:`lfr_ext.linearized.verify.verify_recording` first. ``loss_scale`` (fp16 mixed precision): both
     backwards run scaled and ``g``, ``h`` are unscaled out of place. ``declined``: op classes
     to refuse (:class:`lfr_ext.linearized.TangentTape`).
     """
     x_adv = x_adv.detach().requires_grad_(True)
     tape, logits = _record(model, x_adv, declined)
     if verify:
-        _verify(tape, x_adv, logits)
+        verify_recording(tape, x_adv, logits, identity_autograd_functions())
     losses = F.cross_entropy(logits, y, reduction="none")
     (g,) = torch.autograd.grad(_scaled(losses.sum(), loss_scale), x_adv, retain_graph=True)
     g = _unscaled(g, loss_scale)
@@ -263,7 +244,7 @@ def penalty_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, q
     if it requires grad) are those of ``sum_i (p_i - e_{y_i})^T (J s)_i``, ``s`` fixed.
 
     Returns ``(penalty, couples_samples)``; ``couples_samples`` is None unless ``verify``
-    (which runs :func:`_verify` and finds out). When samples couple (train-mode BatchNorm, a
+    (which runs :func:`lfr_ext.linearized.verify.verify_recording` and finds out). When samples couple (train-mode BatchNorm, a
     mean over the batch) only the *sum* of the returned vector has exact derivatives.
     ``loss_scale``: the backward for ``g`` runs scaled, ``g`` is unscaled (the surrogate's own
     derivatives are taken by the caller's scaled backward). ``declined`` as for
@@ -271,7 +252,7 @@ def penalty_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, q
     """
     x_in = x_adv if x_adv.requires_grad else x_adv.detach().requires_grad_(True)
     tape, logits = _record(model, x_in, declined)
-    couples = _verify(tape, x_in, logits) if verify else None
+    couples = verify_recording(tape, x_in, logits, identity_autograd_functions()) if verify else None
     losses = F.cross_entropy(logits, y, reduction="none")
     (g,) = torch.autograd.grad(_scaled(losses.sum(), loss_scale), x_in, retain_graph=True)
     g = _unscaled(g, loss_scale)
@@ -286,9 +267,6 @@ def penalty_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, q
 # ---------------------------------------------------------------------------------------
 # Double backprop through attention
 # ---------------------------------------------------------------------------------------
-_ATTENTION_WARNED: set[str] = set()
-
-
 def _has_attention(model: nn.Module) -> bool:
     return any(isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention") for m in model.modules())
 
@@ -302,28 +280,34 @@ def twice_differentiable_attention(model: nn.Module):
     is not implemented"); the math backend is composed of matmuls and a softmax, which have. The
     double-backprop passes run in this block, so their graphs can be differentiated again (the
     penalty's parameter gradient included). Said once per model class that has attention."""
-    if _has_attention(model) and type(model).__qualname__ not in _ATTENTION_WARNED:
-        _ATTENTION_WARNED.add(type(model).__qualname__)
-        warnings.warn(f"lfr_ext: double backprop runs {type(model).__name__}'s scaled_dot_product_attention on its "
-                      "math backend (PyTorch's fused attention kernels have no double backward)", RuntimeWarning,
-                      stacklevel=4)
+    if _has_attention(model):
+        CACHE.warn_once(("attention", type(model).__qualname__),
+                        f"lfr_ext: double backprop runs {type(model).__name__}'s scaled_dot_product_attention on its "
+                        "math backend (PyTorch's fused attention kernels have no double backward)")
     with sdpa_kernel(SDPBackend.MATH):
         yield
 
 
 # ---------------------------------------------------------------------------------------
-# The plan for one call: which engine, with auto's fallback
+# The engine for one call: which method, with auto's fallback
 # ---------------------------------------------------------------------------------------
-class HVPPlan:
-    """Resolves ``hvp=`` for one call and falls back (``auto``) or raises (``linearized``)
-    when the linearized pass does not apply."""
+class Result(NamedTuple):
+    """What a linearized pass gives the engine: its ``value`` and whether it couples samples
+    (None when not verified in this call); ``rng``, to rewind for a pass redone another way."""
 
-    _INNER: dict[str, Callable] = {
-        "double_backprop": grad_and_hvp_double_backprop,
-        "linearized": grad_and_hvp_linearized,
-        "forward": grad_and_hvp_forward,
-        "finite_difference": grad_and_hvp_finite_difference,
-    }
+    value: object
+    couples: bool | None
+    rng: _RngCheckpoint | None
+
+
+class SecondOrderEngine:
+    """``hvp=`` for one call: the inner ``(g, H v)`` and the penalty, each by the method chosen.
+
+    ``method`` is read per pass from the request and :data:`CACHE`: ``auto`` gives
+    ``linearized`` for the default loss until the model's recording is refused, and
+    ``double_backprop`` after that (a refusal is remembered, warned once, and the pass redone by
+    double backprop from the same RNG state); an explicit ``linearized`` raises instead.
+    """
 
     def __init__(self, hvp: str, model: nn.Module, default_loss: bool, norm_fn: Callable = grad_norm_reference,
                  loss_scale: torch.Tensor | None = None):
@@ -337,97 +321,110 @@ class HVPPlan:
                 "diag(p) - p p^T); pass loss_fn=None or use hvp='double_backprop'"
             )
         self.requested = hvp
-        # auto leaves the op classes it measured slower on the linearized engine to double backprop.
-        self.declined = AUTO_DECLINED_CLASSES if hvp == "auto" else None
         self.model = model
+        self.default_loss = default_loss
         self.norm_fn = norm_fn  # per-sample ||g||_q of the double-backprop paths (the fused op)
         self.loss_scale = loss_scale  # GradScaler's scale (fp16 mixed precision), or None
-        if hvp == "auto":
-            uncovered = _UNCOVERED.get(model)
-            self.method = "linearized" if default_loss and uncovered is None else "double_backprop"
-            reason = "custom loss_fn" if not default_loss else (f"`{uncovered}` not covered" if uncovered else "")
-        else:
-            self.method, reason = hvp, "requested"
-        logger.debug("lfr_ext: hvp=%r -> %s%s", hvp, self.method, f" ({reason})" if reason else "")
+        # auto leaves the op classes it measured slower on the linearized engine to double backprop.
+        self.declined = AUTO_DECLINED_CLASSES if hvp == "auto" else None
+        logger.debug("lfr_ext: hvp=%r -> %s", hvp, self.method)
 
-    def _fall_back(self, error: UnsupportedOpError) -> None:
-        """auto: remember the model as uncovered, warn once, use double backprop; else raise."""
+    @property
+    def method(self) -> str:
         if self.requested != "auto":
-            raise error
-        _UNCOVERED[self.model] = error.op
-        key = (type(self.model).__qualname__, error.op)
-        if isinstance(error, DeclinedOpError):  # a measured choice, not a gap: said in lfr_ext.info and here
-            logger.info("lfr_ext: hvp='auto' -> double_backprop for %s: %s", type(self.model).__name__, error)
-            self.method = "double_backprop"
-            return
-        if key not in _WARNED:
-            _WARNED.add(key)
-            warnings.warn(
-                f"lfr_ext: hvp='auto' falls back to double backprop for {type(self.model).__name__}: {error}",
-                RuntimeWarning, stacklevel=4,
-            )
-        logger.debug("lfr_ext: hvp='auto' -> double_backprop (%s)", error.op)
-        self.method = "double_backprop"
+            return self.requested
+        if not self.default_loss or self.model in CACHE.uncovered:
+            return "double_backprop"
+        return "linearized"
 
-    @staticmethod
-    def _key(kind: str, model: nn.Module) -> tuple:
-        return kind, tuple(m.training for m in model.modules())
+    def _key(self, kind: str) -> tuple:
+        return kind, tuple(m.training for m in self.model.modules())
 
-    def _attempt(self, model, x_adv, kind: str, run):
-        """Run a linearized pass; verify it the first time for this model and modes. Until
-        verified, the RNG state is saved so a fallback redraws the same noise and masks."""
-        key = self._key(kind, model)
-        verified = _VERIFIED.get(model, {})
+    def _linearized(self, kind: str, x_adv: torch.Tensor, run: Callable[[bool], tuple]) -> Result | None:
+        """``run(verify) -> (value, couples)``, verified the first time for this model and modes
+        (not while a CUDA graph is being captured: verification syncs). None when the recording
+        was refused under ``auto``: the refusal is in :data:`CACHE` and the RNG rewound."""
+        key = self._key(kind)
+        verified = CACHE.verified.get(self.model, {})
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         verify = key not in verified and not capturing
-        states = _rng_states(x_adv.device) if verify else None
+        rng = _RngCheckpoint(x_adv.device) if verify else None
         try:
-            result, couples = run(verify)
+            value, couples = run(verify)
         except UnsupportedOpError as error:
-            if states is not None:
-                _restore_rng_states(x_adv.device, states)
-            self._fall_back(error)
-            return None, None, states
+            if self.requested != "auto":
+                raise
+            if rng is not None:
+                rng.rewind()
+            self._remember_refusal(error)
+            return None
         if verify:
-            _VERIFIED.setdefault(model, {})[key] = couples
-        return result, verified.get(key, couples), states
+            CACHE.verified.setdefault(self.model, {})[key] = couples
+        return Result(value, verified.get(key, couples), rng)
+
+    def _remember_refusal(self, error: UnsupportedOpError) -> None:
+        CACHE.uncovered[self.model] = error.op
+        name = type(self.model).__name__
+        if isinstance(error, DeclinedOpError):  # a measured choice, not a gap: said in lfr_ext.info and here
+            logger.info("lfr_ext: hvp='auto' -> double_backprop for %s: %s", name, error)
+            return
+        CACHE.warn_once((type(self.model).__qualname__, error.op),
+                        f"lfr_ext: hvp='auto' falls back to double backprop for {name}: {error}")
+        logger.debug("lfr_ext: hvp='auto' -> double_backprop (%s)", error.op)
 
     def grad_and_hvp(self, model, x_adv, y, loss_fn, q):
-        if self.method == "linearized":
-            result, _, _ = self._attempt(
-                model, x_adv, "inner", lambda verify: (grad_and_hvp_linearized(model, x_adv, y, loss_fn, q, verify,
-                                                                               loss_scale=self.loss_scale,
-                                                                               declined=self.declined), None))
+        """``(g, H v)`` at ``x_adv`` (B, ...) each, detached."""
+        method = self.method
+        if method == "linearized":
+            result = self._linearized("inner", x_adv, lambda verify: (grad_and_hvp_linearized(
+                model, x_adv, y, loss_fn, q, verify, loss_scale=self.loss_scale, declined=self.declined), None))
             if result is not None:
-                return result
-        if self.method == "double_backprop":
+                return result.value
+            method = "double_backprop"
+        if method == "double_backprop":
             with twice_differentiable_attention(model):
                 return grad_and_hvp_double_backprop(model, x_adv, y, loss_fn, q, norm_fn=self.norm_fn,
                                                     loss_scale=self.loss_scale)
-        if self.method == "compiled":
+        if method == "compiled":
             return compiled.engine_for(model, loss_fn, q).grad_and_hvp(x_adv, y)
-        return self._INNER[self.method](model, x_adv, y, loss_fn, q, loss_scale=self.loss_scale)
+        if method == "forward":
+            return grad_and_hvp_forward(model, x_adv, y, loss_fn, q, loss_scale=self.loss_scale)
+        return grad_and_hvp_finite_difference(model, x_adv, y, loss_fn, q, loss_scale=self.loss_scale)
 
     def penalty(self, model, x_adv, y, loss_fn, q, reduction: str) -> torch.Tensor:
-        """Per-sample penalties (B,) in the model's current mode."""
-        if self.method == "compiled":
+        """Per-sample penalties (B,) in the model's current mode, by the first case that applies:
+
+        * ``compiled``: the compiled engine (batch-reduced, parameter gradients only);
+        * ``linearized`` whose pass is known to couple samples, with ``reduction="none"``:
+          double backprop (only the batch sum has exact per-parameter gradients there; an
+          explicit ``linearized`` raises);
+        * ``linearized``: the linearized pass, unless its recording is refused (``auto``: double
+          backprop) or turns out to couple samples with ``reduction="none"`` (as above, redone
+          from the same RNG state, so with the same Dropout masks);
+        * every other method: double backprop (the authors' penalty).
+        """
+        method = self.method
+        if method == "compiled":
             if reduction == "none" or x_adv.requires_grad:
                 raise ValueError("hvp='compiled' gives the penalty reduced over the batch (reduction='mean' or 'sum') "
                                  "and its gradient w.r.t. the parameters only (x must not require grad)")
             return compiled.engine_for(model, loss_fn, q).penalty(x_adv, y)
-        if self.method == "linearized" and reduction == "none" and _VERIFIED.get(model, {}).get(self._key("penalty", model)):
+        if method == "linearized" and reduction == "none" and \
+                CACHE.verified.get(self.model, {}).get(self._key("penalty")):
             self._refuse_or_skip_coupled()
-        elif self.method == "linearized":
-            penalty, couples, states = self._attempt(
-                model, x_adv, "penalty", lambda verify: penalty_linearized(model, x_adv, y, q, verify,
-                                                                           loss_scale=self.loss_scale,
-                                                                           declined=self.declined))
-            if penalty is not None:
-                if not (couples and reduction == "none"):
-                    return penalty
+            return self._penalty_double_backprop(model, x_adv, y, loss_fn, q)
+        if method == "linearized":
+            result = self._linearized("penalty", x_adv, lambda verify: penalty_linearized(
+                model, x_adv, y, q, verify, loss_scale=self.loss_scale, declined=self.declined))
+            if result is not None and not (result.couples and reduction == "none"):
+                return result.value
+            if result is not None:
                 self._refuse_or_skip_coupled()
-                if states is not None:  # same Dropout masks for the exact per-sample pass
-                    _restore_rng_states(x_adv.device, states)
+                if result.rng is not None:
+                    result.rng.rewind()
+        return self._penalty_double_backprop(model, x_adv, y, loss_fn, q)
+
+    def _penalty_double_backprop(self, model, x_adv, y, loss_fn, q) -> torch.Tensor:
         with twice_differentiable_attention(model):
             return penalty_at(model, x_adv, y, q=q, loss_fn=loss_fn, norm_fn=self.norm_fn, loss_scale=self.loss_scale)
 

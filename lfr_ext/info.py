@@ -27,12 +27,14 @@ def report() -> str:
         f"CUDA devices: {torch.cuda.device_count()}"
         + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
     ]
-    from .hvp import HVP_METHODS
+    from .hvp import AUTO_DECLINED_CLASSES, HVP_METHODS
     from .linearized import SUPPORTED_OPS
 
     lines.append(f"hvp methods: {', '.join(HVP_METHODS)}; auto -> linearized for the default cross-entropy on "
                  f"models built from the {len(SUPPORTED_OPS)} covered op spellings, else double_backprop "
                  "(logger 'lfr_ext' at DEBUG reports each pick)")
+    declined = "; ".join(f"{op_class} ({reason})" for op_class, reason in AUTO_DECLINED_CLASSES.items())
+    lines.append(f"  auto leaves to double backprop: {declined or 'no op class (linearized wherever it is exact)'}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         live = ops.available_impls(device)

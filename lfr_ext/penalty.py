@@ -18,21 +18,23 @@ Mode and state policy (the same for every function here):
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import NamedTuple
+import inspect
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
 
 from . import ops
 from .distributed import check_data_parallel, sharded_step, unwrapped
-from .hvp import HVP_METHODS, HVPPlan
+from .hvp import SecondOrderEngine
 from ._state import frozen_running_stats, module_modes, preserved_state, restore_modes, set_eval
 from ._validation import (
     check_attack_args,
-    check_choice,
     check_grad_scaler,
     check_lam,
+    check_model,
     check_model_and_data,
     check_penalty_mode,
     check_reduction,
@@ -66,7 +68,7 @@ class _Config(NamedTuple):
     init_std: float
     clip: tuple[float, float]
     generator: torch.Generator | None
-    hvp: HVPPlan
+    hvp: SecondOrderEngine
     impl: str
     loss_scale: torch.Tensor | None  # GradScaler's current scale (fp16 mixed precision), or None
 
@@ -79,9 +81,7 @@ def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip
     eps, step_size, steps, init_std, clip = check_attack_args(
         eps=eps, step_size=step_size, steps=steps, init_std=init_std, clip=clip
     )
-    check_choice("hvp", hvp, HVP_METHODS)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (logits, y) -> (B,) losses, got {type(loss_fn).__name__}")
     check_data_parallel(model, penalty_mode)
@@ -91,8 +91,9 @@ def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip
     # The double-backprop paths take per-sample norms with the fused, twice-differentiable op.
     norm_fn = grad_norm_reference if chosen_impl == "reference" else functools.partial(ops.grad_norm, impl=chosen_impl)
     loss_scale = input_gradient_scale(check_grad_scaler(grad_scaler), x)
-    plan = HVPPlan(hvp, unwrapped(model), default_loss=loss_fn is None, norm_fn=norm_fn, loss_scale=loss_scale)
-    return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, plan, chosen_impl,
+    engine = SecondOrderEngine(hvp, unwrapped(model), default_loss=loss_fn is None, norm_fn=norm_fn,
+                               loss_scale=loss_scale)  # checks hvp
+    return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, engine, chosen_impl,
                    loss_scale)
 
 
@@ -135,6 +136,32 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config):
         ascent_step=step, grad_and_hvp=grad_and_hvp,
     )
     return x_adv, path_norms, finite
+
+
+class _Ascended(NamedTuple):
+    net: nn.Module  # the module a DDP/FSDP wrapper holds, on which every pass runs
+    step: object  # the FSDP2 step (lfr_ext.distributed.sharded_step), a no-op otherwise
+    modes: list  # the caller's module modes, for the penalty pass
+    x_adv: torch.Tensor  # (B, ...) the ascended point
+    path_norms: torch.Tensor  # (K, B) ||g||_q at the iterates
+    finite: torch.Tensor | None  # see _ascend
+
+
+@contextlib.contextmanager
+def _ascended(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config, *,
+              close_at_exit: bool = False) -> Iterator[_Ascended]:
+    """The start every public function shares: open the step on the module a wrapper holds,
+    then run the ascent in eval mode with every mode and buffer given back afterwards.
+    ``close_at_exit``: no backward will follow (the FSDP2 step closes when the block ends)."""
+    net = unwrapped(model)
+    with sharded_step(net) as step:
+        if close_at_exit:
+            step.close_at_exit()
+        with preserved_state(net):
+            modes = module_modes(net)
+            set_eval(net)
+            x_adv, path_norms, finite = _ascend(net, x, y, cfg)
+        yield _Ascended(net, step, modes, x_adv, path_norms, finite)
 
 
 class _GradientsNaNUnless(torch.autograd.Function):
@@ -257,15 +284,11 @@ def flatness_penalty(
     cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
                      init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate,
                      penalty_mode=penalty_mode, grad_scaler=grad_scaler)
-    net = unwrapped(model)  # every pass here runs on the module a DDP wrapper holds
     if x.shape[0] == 0:
-        return _empty_penalty(net, x, reduction)
-    with sharded_step(net) as step, preserved_state(net):
-        modes = module_modes(net)
-        set_eval(net)
-        x_adv, _, finite = _ascend(net, x, y, cfg)
-        per_sample = _penalty_pass(net, x_adv, y, cfg, penalty_mode, modes, reduction)
-        return step.close_after_backward(_poisoned_if_overflowed(_reduce(per_sample, reduction), finite))
+        return _empty_penalty(unwrapped(model), x, reduction)
+    with _ascended(model, x, y, cfg) as run, preserved_state(run.net):
+        per_sample = _penalty_pass(run.net, run.x_adv, y, cfg, penalty_mode, run.modes, reduction)
+        return run.step.close_after_backward(_poisoned_if_overflowed(_reduce(per_sample, reduction), run.finite))
 
 
 def lfr_loss(
@@ -305,16 +328,10 @@ def lfr_loss(
     cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
                      init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate,
                      penalty_mode=penalty_mode, grad_scaler=grad_scaler)
-    net = unwrapped(model)  # the ascent and the penalty pass run on the module a DDP wrapper holds
     if x.shape[0] == 0:
-        zero = _empty_penalty(net, x, "mean")
+        zero = _empty_penalty(unwrapped(model), x, "mean")
         return LFRLoss(zero, zero, zero, x.new_zeros(0))
-    with sharded_step(net) as step:
-        with preserved_state(net):
-            modes = module_modes(net)
-            set_eval(net)
-            x_adv, _, finite = _ascend(net, x, y, cfg)
-            restore_modes(modes)
+    with _ascended(model, x, y, cfg) as run:
         # The clean forward is outside preserved_state on purpose: it is the caller's own forward, and
         # through a DDP wrapper it prepares the gradient synchronisation of the step's backward.
         logits = model(x)
@@ -322,12 +339,23 @@ def lfr_loss(
         if natural_loss.shape != (x.shape[0],):
             raise ValueError(
                 f"loss_fn must return one loss per sample, shape ({x.shape[0]},), got {tuple(natural_loss.shape)}")
-        natural_loss = step.close_after_backward(natural_loss.mean())
-        with preserved_state(net):
-            penalty = _poisoned_if_overflowed(_penalty_pass(net, x_adv, y, cfg, penalty_mode, modes, "mean").mean(),
-                                              finite)
-        penalty = step.close_after_backward(penalty)
+        natural_loss = run.step.close_after_backward(natural_loss.mean())
+        with preserved_state(run.net):
+            penalty = _penalty_pass(run.net, run.x_adv, y, cfg, penalty_mode, run.modes, "mean").mean()
+        penalty = run.step.close_after_backward(_poisoned_if_overflowed(penalty, run.finite))
     return LFRLoss(natural_loss + lam * penalty, natural_loss, penalty, logits)
+
+
+def check_lfr_loss_arguments(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **lfr_kwargs) -> None:
+    """Every check :func:`lfr_loss` makes on these arguments (``x`` and ``y`` included), without
+    taking a step: for callers that check once and then call it with ``validate=False``."""
+    bound = inspect.signature(lfr_loss).bind(model, x, y, **lfr_kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    check_lam(arguments.pop("lam"))
+    arguments["penalty_mode"] = check_penalty_mode(arguments["penalty_mode"])
+    arguments["validate"] = True
+    _configure(**arguments)
 
 
 def local_flatness(
@@ -356,16 +384,14 @@ def local_flatness(
     """
     cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
                      init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate)
-    net = unwrapped(model)
     if x.shape[0] == 0:
         return x.new_zeros(0)
-    with sharded_step(net) as step, preserved_state(net), torch.enable_grad():
-        step.close_at_exit()
-        set_eval(net)
-        x_adv, path_norms, _ = _ascend(net, x.detach(), y, cfg)
-        x_final = x_adv.detach().requires_grad_(True)
-        final_norm = grad_norm_reference(input_gradient(net, x_final, y, cfg.loss_fn, create_graph=False), cfg.q)
-    return torch.cat([path_norms, final_norm[None]]).amax(dim=0).detach()
+    with torch.enable_grad(), _ascended(model, x.detach(), y, cfg, close_at_exit=True) as run, \
+            preserved_state(run.net):
+        set_eval(run.net)
+        x_final = run.x_adv.detach().requires_grad_(True)
+        final_norm = grad_norm_reference(input_gradient(run.net, x_final, y, cfg.loss_fn, create_graph=False), cfg.q)
+    return torch.cat([run.path_norms, final_norm[None]]).amax(dim=0).detach()
 
 
 __all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext.hvp import HVPPlan, grad_and_hvp_linearized, penalty_linearized
+from lfr_ext.hvp import SecondOrderEngine, grad_and_hvp_linearized, penalty_linearized
 from lfr_ext.models import SmallCNN
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalty_at
 
@@ -99,13 +99,13 @@ def test_an_overflow_inside_the_ascent_makes_grad_scaler_skip_the_step(monkeypat
     model, x, y = _problem("small_cnn")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    original = HVPPlan.grad_and_hvp
+    original = SecondOrderEngine.grad_and_hvp
 
     def overflowing(self, *args):
         g, h = original(self, *args)
         return g, torch.full_like(h, math.inf)
 
-    monkeypatch.setattr(HVPPlan, "grad_and_hvp", overflowing)
+    monkeypatch.setattr(SecondOrderEngine, "grad_and_hvp", overflowing)
     weights = [p.detach().clone() for p in model.parameters()]
     out = lfr_ext.lfr_loss(model, x, y, lam=0.1, grad_scaler=scaler, **KW)
     assert torch.isfinite(out.loss)  # the value stays as computed: the epoch's running loss is not NaN

@@ -39,7 +39,7 @@ def _equals_double_backprop(name):
     model.eval()
     points = []
     for hvp in ("double_backprop", "compiled"):
-        plan = lfr_ext.hvp.HVPPlan(hvp, model, True)
+        plan = lfr_ext.hvp.SecondOrderEngine(hvp, model, True)
         points.append(flatness_ascent_reference(model, x, y, generator=torch.Generator().manual_seed(1),
                                                 grad_and_hvp=plan.grad_and_hvp, **KW)[0])
     assert torch.equal(points[0], points[1])

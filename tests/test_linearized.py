@@ -142,7 +142,7 @@ def test_ascended_point_identical(name, device):
     for hvp in ("double_backprop", "linearized"):
         points[hvp], _ = lfr_ext.reference.flatness_ascent_reference(
             model, x, y, eps=0.1, step_size=0.02, steps=5, generator=torch.Generator(device).manual_seed(0),
-            grad_and_hvp=lambda *a, h=hvp: lfr_ext.hvp.HVPPlan(h, model, True).grad_and_hvp(*a),
+            grad_and_hvp=lambda *a, h=hvp: lfr_ext.hvp.SecondOrderEngine(h, model, True).grad_and_hvp(*a),
         )
     assert torch.equal(points["linearized"], points["double_backprop"])
 
@@ -220,9 +220,7 @@ def test_uncovered_model_auto_warns_and_linearized_raises():
     torch.manual_seed(0)
     model = SineNet().double()
     x, y = torch.rand(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
-    lfr_ext.hvp._UNCOVERED.pop(model, None)
-    lfr_ext.hvp._WARNED.clear()
-    with pytest.warns(RuntimeWarning, match=r"falls back to double backprop.*`torch.sin`"):
+    with lfr_ext.hvp.CACHE.scoped(), pytest.warns(RuntimeWarning, match=r"falls back to double backprop.*`torch.sin`"):
         auto = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0)
     reference = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0,
                                          hvp="double_backprop")
@@ -299,8 +297,7 @@ def test_computation_hidden_from_the_tape_is_caught():
     torch.manual_seed(0)
     model = Hidden().double()
     x, y = torch.rand(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
-    lfr_ext.hvp._WARNED.clear()
-    with pytest.warns(RuntimeWarning, match="did not record"):
+    with lfr_ext.hvp.CACHE.scoped(), pytest.warns(RuntimeWarning, match="did not record"):
         auto = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0)
     exact = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0,
                                      hvp="double_backprop")
