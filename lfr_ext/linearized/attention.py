@@ -42,9 +42,8 @@ def softmax(tape, func, name, args, kwargs):
     out = func(*args, **kwargs)
     tape.depends_on_source_through("softmax", name)
 
-    def tangent(t):
-        t = t.to(out.dtype)
-        return out * (t - (out * t).sum(dim, keepdim=True))
+    def tangent(t):  # softmax's Jacobian is symmetric: its JVP is ATen's fused backward kernel
+        return torch.ops.aten._softmax_backward_data(t.to(out.dtype), out, dim, out.dtype)
 
     tape.emit([out], tangent, [args[0]])
     return out
@@ -99,8 +98,7 @@ def probabilities_tangent(probabilities, q, k, tq, tk, scale: float):
         scores = term if scores is None else scores + term
     if scores is None:
         return None
-    scores = scores * scale
-    return probabilities * (scores - (probabilities * scores).sum(-1, keepdim=True))
+    return torch.ops.aten._softmax_backward_data(scores * scale, probabilities, -1, probabilities.dtype)
 
 
 def attention_tangent(probabilities, t_probabilities, v, tv):

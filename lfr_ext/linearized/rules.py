@@ -321,66 +321,63 @@ def hardtanh(tape, func, name, args, kwargs):
 # ---------------------------------------------------------------------------------------
 # Smooth activations: the slope sigma'(z) at the primal input
 # ---------------------------------------------------------------------------------------
-# Not piecewise linear: the slope depends on x (and on the weights before the activation), so it
-# is built from the primal input with autograd on, and ``depends_on_source`` makes the inner HVP
-# take the derivative of the tangent itself (exact for any network, see lfr_ext/hvp.py).
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+# Not piecewise linear: the slope depends on x (and on the weights before the activation), so the
+# tangent is built from the primal input with autograd on, and ``depends_on_source`` makes the
+# inner HVP take the derivative of the tangent itself (exact for any network, see lfr_ext/hvp.py).
+# The slope of an elementwise activation is diagonal, so its JVP is its VJP: ATen's backward
+# kernel of the activation, one fused kernel whose own derivatives are those double backprop uses.
+# (SiLU's backward kernel has no derivative in ATen, so its slope is written out.)
+_ATEN = torch.ops.aten
 
 
-def _silu_slope(z, args, kwargs):
+def _silu_tangent(z, out, args, kwargs):
     s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s))
+    slope = s * (1 + z * (1 - s))
+    return lambda t: t * slope
 
 
-def _gelu_slope(z, args, kwargs):
+def _gelu_tangent(z, out, args, kwargs):
     approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
-    if approximate == "tanh":
-        inner = _SQRT_2_OVER_PI * (z + 0.044715 * z ** 3)
-        t = torch.tanh(inner)
-        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * z * z)
-    if approximate != "none":
+    if approximate not in ("none", "tanh"):
         raise UnsupportedOpError(f"gelu with approximate={approximate!r}")
-    return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return lambda t: _ATEN.gelu_backward(t.to(z.dtype), z, approximate=approximate)
 
 
-def _softplus_slope(z, args, kwargs):
+def _softplus_tangent(z, out, args, kwargs):
     beta = kwargs.get("beta", args[1] if len(args) > 1 else 1.0)
     threshold = kwargs.get("threshold", args[2] if len(args) > 2 else 20.0)
-    scaled = z * beta
-    return torch.where(scaled > threshold, torch.ones_like(z), torch.sigmoid(scaled))
+    return lambda t: _ATEN.softplus_backward(t.to(z.dtype), z, beta, threshold)
 
 
-def _elu_slope(z, args, kwargs):
+def _elu_tangent(z, out, args, kwargs):
     alpha = kwargs.get("alpha", args[1] if len(args) > 1 else 1.0)
-    return torch.where(z > 0, torch.ones_like(z), alpha * torch.exp(z))
+    return lambda t: _ATEN.elu_backward(t.to(z.dtype), alpha, 1.0, 1.0, False, z)
 
 
-def _tanh_slope(z, args, kwargs):
-    t = torch.tanh(z)
-    return 1 - t * t
+def _tanh_tangent(z, out, args, kwargs):
+    return lambda t: _ATEN.tanh_backward(t.to(out.dtype), out)
 
 
-def _sigmoid_slope(z, args, kwargs):
-    s = torch.sigmoid(z)
-    return s * (1 - s)
+def _sigmoid_tangent(z, out, args, kwargs):
+    return lambda t: _ATEN.sigmoid_backward(t.to(out.dtype), out)
 
 
-def smooth(slope_of, inplace_at: int | None = None):
-    """The rule of an elementwise activation whose slope at ``z`` is ``slope_of(z, args, kwargs)``;
-    ``inplace_at``: the position of its ``inplace`` argument, if it has one."""
+def smooth(tangent_of, inplace_at: int | None = None):
+    """The rule of an elementwise activation whose tangent map at input ``z`` (output ``out``) is
+    ``tangent_of(z, out, args, kwargs)``; ``inplace_at``: the position of its ``inplace``
+    argument, if it has one."""
 
     def rule(tape, func, name, args, kwargs):
         z = args[0]
-        if is_inplace(name, args, kwargs, flag_at=inplace_at):
+        inplace = is_inplace(name, args, kwargs, flag_at=inplace_at)
+        if inplace:
             tape.check_inplace_target(z, name)
-            # The slope is a function of the input, which the activation overwrites: build it from
-            # a copy, so that its autograd graph does not save the overwritten tensor.
-            slope = slope_of(z.clone(), args, kwargs)
-        else:
-            slope = slope_of(z, args, kwargs)
+            # The tangent is a function of the input, which the activation overwrites: build it
+            # from a copy, so that its autograd graph does not save the overwritten tensor.
+            z = z.clone()
         out = func(*args, **kwargs)
         tape.depends_on_source_through("smooth activation", name)
-        tape.emit([out], lambda t: t * slope, [z])
+        tape.emit([out], tangent_of(z, None if inplace else out, args, kwargs), [args[0]])
         return out
 
     return rule
@@ -588,12 +585,12 @@ _register([_F + "dropout", _F + "dropout1d", _F + "dropout2d", _F + "dropout3d"]
 _register([_F + "batch_norm"], batch_norm)
 _register([_F + "layer_norm"], layer_norm)
 _register([_F + "group_norm"], group_norm)
-_register([_F + "silu"], smooth(_silu_slope, inplace_at=1))
-_register([_F + "gelu"], smooth(_gelu_slope))
-_register([_F + "softplus"], smooth(_softplus_slope))
-_register([_F + "elu", _F + "elu_"], smooth(_elu_slope, inplace_at=2))
-_register(["torch.tanh", _T + "tanh", _F + "tanh"], smooth(_tanh_slope))
-_register(["torch.sigmoid", _T + "sigmoid", _F + "sigmoid"], smooth(_sigmoid_slope))
+_register([_F + "silu"], smooth(_silu_tangent, inplace_at=1))
+_register([_F + "gelu"], smooth(_gelu_tangent))
+_register([_F + "softplus"], smooth(_softplus_tangent))
+_register([_F + "elu", _F + "elu_"], smooth(_elu_tangent, inplace_at=2))
+_register(["torch.tanh", _T + "tanh", _F + "tanh"], smooth(_tanh_tangent))
+_register(["torch.sigmoid", _T + "sigmoid", _F + "sigmoid"], smooth(_sigmoid_tangent))
 _register(["torch.softmax", _T + "softmax", _F + "softmax"], softmax)
 _register(["torch.log_softmax", _T + "log_softmax", _F + "log_softmax"], log_softmax)
 _register([_F + "scaled_dot_product_attention"], scaled_dot_product_attention)
