@@ -14,7 +14,7 @@ import lfr_ext
 from lfr_ext.ops import q_code
 from lfr_ext.reference import ascent_step_reference
 
-from op_cases import (
+from tests.op_cases import (
     QS,
     SHAPES,
     assert_reduction_accurate,

@@ -11,7 +11,7 @@ import torch
 import lfr_ext
 from lfr_ext import _extension
 
-from conftest import REQUIRE_COMPILED, requires_cuda
+from tests.utils import REQUIRE_COMPILED, requires_cuda
 
 COMPILED_OPS = ("lfr_ext::ascent_step", "lfr_ext::grad_norm")
 
