@@ -37,7 +37,7 @@ import torch
 import lfr_ext
 from lfr_ext.reference import ascent_step_reference
 
-from conftest import (
+from bench.utils import (
     BENCH_DEVICE,
     TINY,
     device_seconds_per_call,

@@ -9,7 +9,6 @@ pays), ``authors`` (a transcription of the authors' double-backprop LFR penalty)
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -18,10 +17,8 @@ import lfr_ext
 from lfr_ext.training.methods import pgd_linf_ce
 from lfr_ext.models import SmallCNN
 
-from conftest import BENCH_DEVICE, TINY, environment, synchronized
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from authors_lfr import authors_lfr_loss  # noqa: E402  (the transcription the tests check against)
+from bench.utils import BENCH_DEVICE, TINY, environment, synchronized
+from tests.authors_lfr import authors_lfr_loss  # the transcription the tests check against
 
 BATCH, STEPS, EPS, STEP_SIZE = (4, 1, 0.3, 0.01) if TINY else (128, int(os.environ.get("LFR_BENCH_STEPS", 40)), 0.3, 0.01)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -26,10 +25,8 @@ import torch.multiprocessing as mp
 import lfr_ext
 from lfr_ext.models import SmallCNN
 
-from conftest import BENCH_DEVICE, TINY, environment, synchronized
-
-sys.path.append(os.path.join(os.path.dirname(__file__), "..", "tests"))  # after bench/: its conftest wins
-from dist_helpers import free_port  # noqa: E402
+from bench.utils import BENCH_DEVICE, TINY, environment, synchronized
+from tests.dist_helpers import free_port
 
 ON_GPU = BENCH_DEVICE == "cuda"
 BATCH, STEPS = (8, 1) if TINY else (128, 10)

@@ -21,7 +21,6 @@ graph's private pool, are counted), ``graph_pool_mb`` the memory a graph's pool 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -31,10 +30,8 @@ from lfr_ext.models import ResNet18, ResNet20, SmallCNN
 from lfr_ext.training.config import TrainConfig
 from lfr_ext.training.methods import pgd_at_step, plain_step, trades_step
 
-from conftest import BENCH_DEVICE, TINY, environment, synchronized
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from authors_lfr import authors_lfr_loss  # noqa: E402  (the transcription the tests check against)
+from bench.utils import BENCH_DEVICE, TINY, environment, synchronized
+from tests.authors_lfr import authors_lfr_loss  # the transcription the tests check against
 
 ON_GPU = BENCH_DEVICE == "cuda"
 CPU_BATCH = int(os.environ.get("LFR_BENCH_CPU_BATCH", 16))

@@ -31,7 +31,7 @@ from lfr_ext.linearized import TangentTape
 from lfr_ext.models import ResNet20, SmallCNN, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, input_gradient
 
-from conftest import BENCH_DEVICE, TINY, environment, synchronized
+from bench.utils import BENCH_DEVICE, TINY, environment, synchronized
 
 ON_GPU = BENCH_DEVICE == "cuda"
 CPU_BATCH = int(os.environ.get("LFR_BENCH_CPU_BATCH", 16))

@@ -5,13 +5,10 @@ the headline arithmetic is checked here on synthetic suites: each goal is comput
 right providers, and met or missed on the right side of its threshold."""
 
 import json
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import summarize  # noqa: E402
+from bench import summarize
 
 
 def _row(median_s, params=None, **extra):
