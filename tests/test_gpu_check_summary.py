@@ -41,7 +41,7 @@ def results(tmp_path):
         _ops_row("mnist", "fp32", "cuda", 4.0, 12.5, 0.2),
         _ops_row("mnist", "fp32", "triton", 5.0, 31.0, 0.1),
     ]
-    for suite, rows in (("step", step), ("ops", ops)):
+    for suite, rows in (("step", step), ("ascent_step", ops)):
         (tmp_path / f"gpu-day-{suite}.json").write_text(json.dumps(_suite(rows)))
     return tmp_path
 
@@ -64,7 +64,8 @@ def test_headline_goals_from_the_right_providers(results):
 
 def test_missing_suites_are_reported_not_invented(tmp_path):
     text = summarize.render(str(tmp_path), "nothing", None)
-    assert "Missing suites (failed, timed out or skipped): ops, step, tangent, penalty, precision, scale_out" in text
+    assert ("Missing suites (failed, timed out or skipped): ascent_step, step, tangent, penalty, precision, "
+            "scale_out") in text
     assert "yes" not in text.split("## Headline figures")[1].split("##")[0]
 
 
