@@ -8,8 +8,6 @@ pays), ``authors`` (a transcription of the authors' double-backprop LFR penalty)
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -17,10 +15,10 @@ import lfr_ext
 from lfr_ext.training.methods import pgd_linf_ce
 from lfr_ext.models import SmallCNN
 
-from bench.utils import BENCH_DEVICE, TINY, environment, synchronized
+from bench.utils import BENCH_DEVICE, TINY, bench_k, environment, synchronized
 from tests.authors_lfr import authors_lfr_loss  # the transcription the tests check against
 
-BATCH, STEPS, EPS, STEP_SIZE = (4, 1, 0.3, 0.01) if TINY else (128, int(os.environ.get("LFR_BENCH_STEPS", 40)), 0.3, 0.01)
+BATCH, STEPS, EPS, STEP_SIZE = 4 if TINY else 128, bench_k(1 if TINY else 40), 0.3, 0.01
 
 
 @pytest.fixture(scope="module")

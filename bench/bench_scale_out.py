@@ -25,11 +25,11 @@ import torch.multiprocessing as mp
 import lfr_ext
 from lfr_ext.models import SmallCNN
 
-from bench.utils import BENCH_DEVICE, TINY, environment, synchronized
+from bench.utils import BENCH_DEVICE, TINY, bench_k, environment, synchronized
 from tests.dist_helpers import free_port
 
 ON_GPU = BENCH_DEVICE == "cuda"
-BATCH, STEPS = (8, 1) if TINY else (128, 10)
+BATCH, STEPS = 8 if TINY else 128, bench_k(1 if TINY else 10)
 KW = dict(lam=0.02, eps=0.3, step_size=0.03, steps=STEPS)
 ROUNDS = 1 if TINY else (10 if ON_GPU else 3)
 

@@ -12,6 +12,7 @@ One step = inner maximisation + loss + backward + optimizer step, on a fixed bat
 Setups: the authors' MNIST SmallCNN, batch 128, K=40; CIFAR ResNet-18, batch 128,
 K=10; the authors' CIFAR ResNet-20, batch 128, K=10. On a CPU the ResNets run with a smaller batch
 (``LFR_BENCH_CPU_BATCH``, default 16) so the suite finishes; every result records its batch.
+``LFR_BENCH_K`` replaces every setup's K and ``LFR_BENCH_SETUPS`` (comma-separated) selects setups.
 ``extra_info`` holds images/s, the ratio to PGD-AT at the same K and capture mode (PGD-AT runs
 first), and the peak CUDA memory of the step: ``peak_memory_mb`` is the peak allocated from
 before the step is built (so a captured step's warm-up and capture, whose allocations become the
@@ -30,11 +31,10 @@ from lfr_ext.models import ResNet18, ResNet20, SmallCNN
 from lfr_ext.training.config import TrainConfig
 from lfr_ext.training.methods import pgd_at_step, plain_step, trades_step
 
-from bench.utils import BENCH_DEVICE, TINY, environment, synchronized
+from bench.utils import BENCH_DEVICE, CPU_BATCH, TINY, bench_k, environment, synchronized
 from tests.authors_lfr import authors_lfr_loss  # the transcription the tests check against
 
 ON_GPU = BENCH_DEVICE == "cuda"
-CPU_BATCH = int(os.environ.get("LFR_BENCH_CPU_BATCH", 16))
 
 SETUPS = {
     # name: (model factory, input shape without batch, batch, K, eps, step_size, lam)
@@ -56,7 +56,7 @@ _PGD_MEDIAN: dict[tuple[str, bool], float] = {}  # (setup, captured) -> PGD-AT m
 
 def _problem(setup: str):
     factory, shape, batch, steps, eps, step_size, lam = SETUPS[setup]
-    steps = int(os.environ.get("LFR_BENCH_K", steps))  # a quick look; published figures use the setup's K
+    steps = bench_k(steps)
     torch.manual_seed(0)
     model = factory().to(BENCH_DEVICE).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -20,8 +20,6 @@ median over the gradient provider's median (gradient runs first).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,10 +29,9 @@ from lfr_ext.linearized import TangentTape
 from lfr_ext.models import ResNet20, SmallCNN, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, input_gradient
 
-from bench.utils import BENCH_DEVICE, TINY, environment, synchronized
+from bench.utils import BENCH_DEVICE, CPU_BATCH, TINY, environment, synchronized
 
 ON_GPU = BENCH_DEVICE == "cuda"
-CPU_BATCH = int(os.environ.get("LFR_BENCH_CPU_BATCH", 16))
 SETUPS = {
     "smallcnn_b128": (lambda: SmallCNN(zero_init_last=False), (1, 28, 28), 4 if TINY else 128),
     "resnet20": (ResNet20, (3, 32, 32), 4 if TINY else (128 if ON_GPU else CPU_BATCH)),

@@ -4,8 +4,14 @@ stamped on every result, and device-aware timing.
 On CUDA every timed callable ends with ``torch.cuda.synchronize()`` (:func:`synchronized`), so
 pytest-benchmark's wall clock measures the device work, not the launch.
 
-``LFR_BENCH_TINY=1`` shrinks every suite to tiny sizes and single rounds: a check that the
-suites run (``scripts/gpu_check.sh --cpu-dry-run``), not a measurement.
+Settings, read here once for every suite:
+
+* ``LFR_BENCH_TINY=1`` shrinks every suite to tiny sizes and single rounds: a check that the
+  suites run (``scripts/gpu_check.sh --cpu-dry-run``), not a measurement;
+* ``LFR_BENCH_K`` sets K, the number of ascent (and PGD) steps, in the suites that have one
+  (``bench_step.py``, ``bench_penalty.py``, ``bench_scale_out.py``; tiny runs included): a quick
+  look, since published figures use each setup's own K;
+* ``LFR_BENCH_CPU_BATCH`` (default 16) is the batch of the CIFAR-size setups on a CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +28,12 @@ import lfr_ext
 
 BENCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = os.environ.get("LFR_BENCH_TINY", "0") == "1"
+CPU_BATCH = int(os.environ.get("LFR_BENCH_CPU_BATCH", 16))
+
+
+def bench_k(default: int) -> int:
+    """K for a setup whose own K is ``default``: ``LFR_BENCH_K`` when it is set."""
+    return int(os.environ.get("LFR_BENCH_K", default))
 
 
 def _git_sha() -> str:
