@@ -3,8 +3,9 @@
 * ``test_data_parallel_scaling``: one LFR training step (SmallCNN, global batch 128, K = 10) on
   1 and on 2 ranks (gloo on the CPU, NCCL on GPUs; each rank one process, one CPU thread or one
   GPU), the global batch split across them. ``extra_info`` holds the median step time inside the
-  ranks and, for 2 ranks, the strong-scaling efficiency ``T1 / (2 T2)``. (On the CPU two
-  processes share the machine's cores: the figure says what DDP's overhead costs there.)
+  ranks; ``bench/summarize.py`` computes the strong-scaling efficiency ``T1 / (2 T2)`` from the
+  two results. (On the CPU two processes share the machine's cores: the figure says what DDP's
+  overhead costs there.)
 * ``test_lfr_step_variants``: the same step eagerly (linearized engine), with ``hvp="compiled"``
   (each inner step and the penalty step compiled whole), captured (``CapturedStep``, GPU), in bf16
   autocast (CPU and GPU, captured on a GPU) and fp16 autocast with a GradScaler (GPU, eager).
@@ -91,9 +92,6 @@ def _step_seconds_on(world: int) -> float:
             return float(f.read())
 
 
-_ONE_RANK: dict[str, float] = {}
-
-
 @pytest.mark.parametrize("world", [1, 2])
 def test_data_parallel_scaling(benchmark, world):
     if ON_GPU and torch.cuda.device_count() < world:
@@ -105,13 +103,9 @@ def test_data_parallel_scaling(benchmark, world):
 
     benchmark.group = f"LFR step, DDP ranks, SmallCNN global batch {BATCH} K={STEPS} ({BENCH_DEVICE})"
     benchmark.pedantic(run, rounds=1, iterations=1)
-    if world == 1:
-        _ONE_RANK["median"] = seconds["median"]
-    one = _ONE_RANK.get("median")
     benchmark.extra_info.update(
         environment(), world_size=world, global_batch=BATCH, steps=STEPS, threads_per_rank=1,
         step_median_s=seconds["median"], images_per_s=BATCH / seconds["median"],
-        scaling_efficiency=None if one is None or world == 1 else one / (world * seconds["median"]),
     )
 
 

@@ -13,10 +13,11 @@ Setups: the authors' MNIST SmallCNN, batch 128, K=40; CIFAR ResNet-18, batch 128
 K=10; the authors' CIFAR ResNet-20, batch 128, K=10. On a CPU the ResNets run with a smaller batch
 (``LFR_BENCH_CPU_BATCH``, default 16) so the suite finishes; every result records its batch.
 ``LFR_BENCH_K`` replaces every setup's K and ``LFR_BENCH_SETUPS`` (comma-separated) selects setups.
-``extra_info`` holds images/s, the ratio to PGD-AT at the same K and capture mode (PGD-AT runs
-first), and the peak CUDA memory of the step: ``peak_memory_mb`` is the peak allocated from
-before the step is built (so a captured step's warm-up and capture, whose allocations become the
-graph's private pool, are counted), ``graph_pool_mb`` the memory a graph's pool holds.
+``extra_info`` holds images/s and the peak CUDA memory of the step: ``peak_memory_mb`` is the
+peak allocated from before the step is built (so a captured step's warm-up and capture, whose
+allocations become the graph's private pool, are counted), ``graph_pool_mb`` the memory a
+graph's pool holds. ``bench/summarize.py`` divides each median by PGD-AT's at the same setup, K
+and capture mode.
 """
 
 from __future__ import annotations
@@ -50,8 +51,6 @@ SELECTED = [s for s in SETUPS if s in os.environ.get("LFR_BENCH_SETUPS", ",".joi
 PROVIDERS = ["pgd_at", "plain", "trades", "authors_lfr", "lfr_ext_double_backprop", "lfr_ext"]
 if ON_GPU:
     PROVIDERS += ["pgd_at_captured", "plain_captured", "trades_captured", "lfr_ext_captured"]
-
-_PGD_MEDIAN: dict[tuple[str, bool], float] = {}  # (setup, captured) -> PGD-AT median seconds
 
 
 def _problem(setup: str):
@@ -134,14 +133,9 @@ def test_training_step(benchmark, setup, provider):
     benchmark.group = f"step {setup} b{x.shape[0]} ({BENCH_DEVICE})"
     rounds = 1 if TINY else (10 if ON_GPU else 2)
     benchmark.pedantic(synchronized(fn), rounds=rounds, iterations=1, warmup_rounds=0 if TINY else 1)
-    median = benchmark.stats.stats.median
-    if base == "pgd_at":
-        _PGD_MEDIAN[(setup, captured)] = median
-    pgd = _PGD_MEDIAN.get((setup, captured))
     benchmark.extra_info.update(
         environment(), provider=provider, setup=setup, batch=x.shape[0], steps=cfg.steps,
-        images_per_s=x.shape[0] / median,
-        ratio_to_pgd_at=None if pgd is None else median / pgd,
+        images_per_s=x.shape[0] / benchmark.stats.stats.median,
         peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if ON_GPU else None,
         graph_pool_mb=_graph_pool_bytes(graph) / 2**20 if graph is not None else None,
     )

@@ -14,8 +14,8 @@ The inner step needs ``g = grad_x sum_i l_i`` and ``h = H v`` at the current poi
   ``torch.no_grad()`` the tape records nothing, which would time nothing).
 
 Setups: SmallCNN (b128, MNIST shapes), ResNet-20 and WRN-16-4 with SiLU (CIFAR shapes; b128 on
-GPU, ``LFR_BENCH_CPU_BATCH`` (default 16) on CPU). ``extra_info["ratio_to_gradient"]`` is the
-median over the gradient provider's median (gradient runs first).
+GPU, ``LFR_BENCH_CPU_BATCH`` (default 16) on CPU). ``bench/summarize.py`` states each median in
+gradients: over the ``gradient`` provider's median at the same setup.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ SETUPS = {
                      4 if TINY else (128 if ON_GPU else CPU_BATCH)),
 }
 PROVIDERS = ["gradient", "linearized", "double_backprop", "forward_over_reverse", "forward", "forward_recorded"]
-_GRADIENT_MEDIAN: dict[str, float] = {}
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -82,10 +81,5 @@ def test_inner_step(benchmark, setup, provider):
     benchmark.pedantic(synchronized(fn), rounds=rounds, iterations=1, warmup_rounds=0 if TINY else 1)
     if provider == "forward_recorded":
         assert recorded_ops["n"] > 0, "the tape recorded nothing: the timing would measure no recording"
-    median = benchmark.stats.stats.median
-    if provider == "gradient":
-        _GRADIENT_MEDIAN[setup] = median
-    unit = _GRADIENT_MEDIAN.get(setup)
     benchmark.extra_info.update(environment(), provider=provider, setup=setup, batch=batch,
-                                ratio_to_gradient=None if unit is None else median / unit,
                                 ops_recorded=recorded_ops.get("n"))

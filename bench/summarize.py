@@ -135,11 +135,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def step_table(suites: dict) -> list[str]:
-    rows = []
-    for row in _rows(suites["step"]):
+    rows, step = [], _rows(suites["step"])
+    for row in step:
         info = row["extra_info"]
+        pgd = _find(step, setup=info["setup"], batch=info["batch"], steps=info["steps"],
+                    provider="pgd_at_captured" if info["provider"].endswith("_captured") else "pgd_at")
         rows.append([info["setup"], f"b{info['batch']} K={info['steps']}", info["provider"],
-                     _fmt(_median(row) * 1e3, " ms"), _fmt(info.get("ratio_to_pgd_at")),
+                     _fmt(_median(row) * 1e3, " ms"), _fmt(_ratio(row, pgd)),
                      _fmt(info.get("peak_memory_mb"), " MB", 0), _fmt(info.get("graph_pool_mb"), " MB", 0)])
     return _table(["setup", "batch", "provider", "median", "vs PGD-AT (same capture mode)", "peak memory",
                    "graph pool"], rows)
@@ -163,12 +165,13 @@ def ascent_step_table(suites: dict) -> list[str]:
 
 
 def tangent_table(suites: dict) -> list[str]:
-    rows = []
-    for row in _rows(suites["tangent"]):
+    rows, tangent = [], _rows(suites["tangent"])
+    for row in tangent:
         info = row["extra_info"]
         ops = "" if info.get("ops_recorded") is None else f" ({info['ops_recorded']} ops recorded)"
+        gradient = _find(tangent, setup=info["setup"], batch=info["batch"], provider="gradient")
         rows.append([f"{info['setup']} b{info['batch']}", info["provider"] + ops, _fmt(_median(row) * 1e3, " ms"),
-                     _fmt(info.get("ratio_to_gradient"), "")])
+                     _fmt(_ratio(row, gradient), "")])
     return _table(["setup", "provider", "median", "in gradients"], rows)
 
 
@@ -192,13 +195,16 @@ def precision_table(suites: dict) -> list[str]:
 
 
 def scale_out_table(suites: dict) -> list[str]:
-    rows = []
-    for row in _rows(suites["scale_out"]):
+    rows, scale_out = [], _rows(suites["scale_out"])
+    for row in scale_out:
         info = row["extra_info"]
         if "world_size" in info:
             label = f"DDP, {info['world_size']} rank(s), global batch {info['global_batch']}"
             median = info["step_median_s"]
-            note = "" if info.get("scaling_efficiency") is None else f"efficiency {100 * info['scaling_efficiency']:.0f}%"
+            one = _find(scale_out, world_size=1, global_batch=info["global_batch"], steps=info["steps"])
+            note = ""
+            if one is not None and info["world_size"] > 1:  # strong scaling: T1 / (n Tn)
+                note = f"efficiency {100 * one['extra_info']['step_median_s'] / (info['world_size'] * median):.0f}%"
         else:
             label, median, note = f"LFR step, {info['variant']}", _median(row), ""
         rows.append([label, _fmt(median * 1e3, " ms"), _fmt(info.get("images_per_s"), " img/s", 0), note])

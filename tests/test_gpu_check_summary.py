@@ -33,7 +33,7 @@ def results(tmp_path):
         for provider, median, peak in (("pgd_at_captured", pgd, 100.0), ("lfr_ext_captured", lfr, 160.0),
                                        ("authors_lfr", authors, 300.0)):
             step.append(_row(median, setup=setup, provider=provider, batch=128, steps=10, peak_memory_mb=peak,
-                             ratio_to_pgd_at=None, graph_pool_mb=None))
+                             graph_pool_mb=None))
     ops = [
         _ops_row("imagenet", "fp32", "cuda", 400.0, 420.0, 0.93),
         _ops_row("imagenet", "fp32", "triton", 450.0, 470.0, 0.85),
@@ -60,6 +60,26 @@ def test_headline_goals_from_the_right_providers(results):
     assert bandwidth.value == pytest.approx(93.0) and bandwidth.met is True  # best of cuda/triton, not reference
     host = [g for f, g in goals.items() if f.startswith("fused ascent_step (128")][0]
     assert host.value == pytest.approx(12.5) and host.met is False  # judged on host-inclusive time
+
+
+def test_ratios_are_computed_from_the_results_whatever_their_order():
+    """The baseline of a ratio (PGD-AT at the same capture mode, one gradient, one rank) is
+    looked up in the results: it may come after the rows divided by it (-k, random order)."""
+    step = [_row(0.030, setup="s", provider="lfr_ext_captured", batch=8, steps=2),
+            _row(0.060, setup="s", provider="lfr_ext", batch=8, steps=2),
+            _row(0.020, setup="s", provider="pgd_at", batch=8, steps=2),
+            _row(0.010, setup="s", provider="pgd_at_captured", batch=8, steps=2)]
+    tangent = [_row(0.5, setup="t", provider="linearized", batch=4), _row(0.2, setup="t", provider="gradient", batch=4)]
+    scale_out = [_row(1.0, world_size=2, global_batch=8, steps=2, step_median_s=1.0, images_per_s=8.0),
+                 _row(1.6, world_size=1, global_batch=8, steps=2, step_median_s=1.6, images_per_s=5.0)]
+    suites = {"step": _suite(step), "tangent": _suite(tangent), "scale_out": _suite(scale_out)}
+    step_rows = summarize.step_table(suites)[2:]
+    assert "| 3.00x |" in step_rows[0] and "| 3.00x |" in step_rows[1]  # each against its own capture mode
+    assert "| 2.50 |" in summarize.tangent_table(suites)[2]
+    assert "efficiency 80%" in summarize.scale_out_table(suites)[2]
+    empty = {"step": _suite(step[:2]), "tangent": _suite(tangent[:1]), "scale_out": _suite(scale_out[:1])}
+    assert "n/a" in summarize.step_table(empty)[2] and "n/a" in summarize.tangent_table(empty)[2]
+    assert "efficiency" not in summarize.scale_out_table(empty)[2]
 
 
 def test_missing_suites_are_reported_not_invented(tmp_path):
