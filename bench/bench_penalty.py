@@ -8,6 +8,8 @@ pays), ``authors`` (a transcription of the authors' double-backprop LFR penalty)
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ BATCH, STEPS, EPS, STEP_SIZE = 4 if TINY else 128, bench_k(1 if TINY else 40), 0
 
 
 @pytest.fixture(scope="module")
-def setup():
+def problem():
     torch.manual_seed(0)
     model = SmallCNN(zero_init_last=False).to(BENCH_DEVICE).train()
     x = torch.rand(BATCH, 1, 28, 28, device=BENCH_DEVICE)
@@ -30,28 +32,36 @@ def setup():
     return model, x, y
 
 
-PROVIDERS = ["pgd", "authors", "lfr_ext", "lfr_ext_reference"]
+def setup_pgd(model, x, y):
+    def fn():
+        model.eval()
+        out = pgd_linf_ce(model, x, y, eps=EPS, step_size=STEP_SIZE, steps=STEPS)
+        model.train()
+        return out
+    return fn
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_penalty_vs_pgd(benchmark, setup, provider):
-    model, x, y = setup
-    kw = dict(eps=EPS, step_size=STEP_SIZE, steps=STEPS)
-    if provider == "pgd":
-        def fn():
-            model.eval()
-            out = pgd_linf_ce(model, x, y, **kw)
-            model.train()
-            return out
-    elif provider == "authors":
-        def fn():
-            return authors_lfr_loss(model, x, y, 0.02, step_size=STEP_SIZE, epsilon=EPS, perturb_steps=STEPS)[2]
-    else:
-        impl = "reference" if provider == "lfr_ext_reference" else None
+def setup_authors(model, x, y):
+    return lambda: authors_lfr_loss(model, x, y, 0.02, step_size=STEP_SIZE, epsilon=EPS, perturb_steps=STEPS)[2]
 
-        def fn():
-            return lfr_ext.flatness_penalty(model, x, y, impl=impl, **kw)
 
+def setup_lfr_ext(impl, model, x, y):
+    return lambda: lfr_ext.flatness_penalty(model, x, y, impl=impl, eps=EPS, step_size=STEP_SIZE, steps=STEPS)
+
+
+# provider -> factory(model, x, y) of the timed call
+PROVIDERS = {
+    "pgd": setup_pgd,
+    "authors": setup_authors,
+    "lfr_ext": functools.partial(setup_lfr_ext, None),
+    "lfr_ext_reference": functools.partial(setup_lfr_ext, "reference"),
+}
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_penalty_vs_pgd(benchmark, problem, provider):
+    model, x, y = problem
+    fn = PROVIDERS[provider](model, x, y)
     benchmark.group = f"penalty SmallCNN b{BATCH} K={STEPS} ({BENCH_DEVICE})"
     benchmark.extra_info.update(environment(), provider=provider, batch=BATCH, steps=STEPS)
     rounds = 1 if TINY else (3 if BENCH_DEVICE == "cpu" else 10)

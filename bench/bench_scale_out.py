@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import tempfile
@@ -109,42 +110,65 @@ def test_data_parallel_scaling(benchmark, world):
     )
 
 
-VARIANTS = ["eager", "compiled", "bf16"] + (["captured", "bf16_captured", "fp16"] if ON_GPU else [])
+def setup_eager(model, optimizer, x, y, **extra):
+    eager = _eager_step(model, optimizer, **extra)
+    return lambda: eager(x, y)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+def setup_bf16(model, optimizer, x, y):
+    eager = _eager_step(model, optimizer)
+
+    def fn():
+        with torch.autocast(BENCH_DEVICE, dtype=torch.bfloat16):
+            eager(x, y)
+
+    return fn
+
+
+def setup_captured(model, optimizer, x, y):
+    step = lfr_ext.CapturedStep(model, optimizer, x, y, **KW)
+    assert step.captured, step.reason
+    return lambda: step(x, y)
+
+
+def setup_bf16_captured(model, optimizer, x, y):
+    def objective(a, b):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return lfr_ext.lfr_loss(model, a, b, validate=False, **KW)
+
+    step = lfr_ext.GraphedStep(model, optimizer, objective, x, y)
+    assert step.captured, step.reason
+    return lambda: step(x, y)
+
+
+def setup_fp16(model, optimizer, x, y):
+    scaler = torch.amp.GradScaler("cuda")
+
+    def fn():
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = lfr_ext.lfr_loss(model, x, y, validate=False, grad_scaler=scaler, **KW)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return fn
+
+
+# variant -> factory(model, optimizer, x, y) of the timed step
+VARIANTS = {
+    "eager": setup_eager,
+    "compiled": functools.partial(setup_eager, hvp="compiled"),
+    "bf16": setup_bf16,
+}
+if ON_GPU:
+    VARIANTS |= {"captured": setup_captured, "bf16_captured": setup_bf16_captured, "fp16": setup_fp16}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_lfr_step_variants(benchmark, variant):
     model, optimizer, x, y = _problem(BENCH_DEVICE)
-    if variant in ("captured", "bf16_captured"):
-        if variant == "captured":
-            step = lfr_ext.CapturedStep(model, optimizer, x, y, **KW)
-        else:
-            def objective(a, b):
-                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                    return lfr_ext.lfr_loss(model, a, b, validate=False, **KW)
-
-            step = lfr_ext.GraphedStep(model, optimizer, objective, x, y)
-        assert step.captured, step.reason
-        fn = lambda: step(x, y)  # noqa: E731
-    elif variant == "fp16":
-        scaler = torch.amp.GradScaler("cuda")
-
-        def fn():
-            with torch.autocast("cuda", dtype=torch.float16):
-                out = lfr_ext.lfr_loss(model, x, y, validate=False, grad_scaler=scaler, **KW)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out.loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-    elif variant == "bf16":
-        eager = _eager_step(model, optimizer)
-
-        def fn():
-            with torch.autocast(BENCH_DEVICE, dtype=torch.bfloat16):
-                eager(x, y)
-    else:
-        eager = _eager_step(model, optimizer, **({"hvp": "compiled"} if variant == "compiled" else {}))
-        fn = lambda: eager(x, y)  # noqa: E731
+    fn = VARIANTS[variant](model, optimizer, x, y)
     fn()  # compile / warm up outside the timing
     benchmark.group = f"LFR step variants, SmallCNN b{BATCH} K={STEPS} ({BENCH_DEVICE})"
     benchmark.pedantic(synchronized(fn), rounds=ROUNDS, iterations=1, warmup_rounds=0 if TINY else 1)

@@ -22,6 +22,7 @@ and capture mode.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -48,10 +49,6 @@ if TINY:
               for name, (factory, shape, _, _, eps, step_size, lam) in SETUPS.items()}
 SELECTED = [s for s in SETUPS if s in os.environ.get("LFR_BENCH_SETUPS", ",".join(SETUPS)).split(",")]
 
-PROVIDERS = ["pgd_at", "plain", "trades", "authors_lfr", "lfr_ext_double_backprop", "lfr_ext"]
-if ON_GPU:
-    PROVIDERS += ["pgd_at_captured", "plain_captured", "trades_captured", "lfr_ext_captured"]
-
 
 def _problem(setup: str):
     factory, shape, batch, steps, eps, step_size, lam = SETUPS[setup]
@@ -65,32 +62,10 @@ def _problem(setup: str):
     return model, optimizer, x, y, cfg
 
 
-def _objective(provider, model, cfg):
-    """A baseline's ``(x, y) -> (loss, ...)``, without the backward and optimizer step."""
-    method = {"plain": plain_step, "pgd_at": pgd_at_step, "trades": trades_step}[provider]
-    return lambda x, y: method(model, x, y, cfg)
-
-
-def _eager_step(provider, model, optimizer, cfg):
-    """A function (x, y) -> loss doing one full training step."""
-    lfr_kwargs = dict(lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
-    if provider in ("plain", "pgd_at", "trades"):
-        method = {"plain": plain_step, "pgd_at": pgd_at_step, "trades": trades_step}[provider]
-
-        def loss_of(x, y):
-            return method(model, x, y, cfg).loss
-    elif provider == "authors_lfr":
-        def loss_of(x, y):
-            return authors_lfr_loss(model, x, y, cfg.lam, step_size=cfg.step_size, epsilon=cfg.eps,
-                                    perturb_steps=cfg.steps)[0]
-    else:
-        hvp = "double_backprop" if provider == "lfr_ext_double_backprop" else "auto"
-
-        def loss_of(x, y):
-            return lfr_ext.lfr_loss(model, x, y, hvp=hvp, validate=False, **lfr_kwargs).loss
-
-    def step(x, y):
-        loss = loss_of(x, y)
+def _eager_step(optimizer, loss_of):
+    """One full training step: ``loss_of()``, backward, optimizer step."""
+    def step():
+        loss = loss_of()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -99,36 +74,63 @@ def _eager_step(provider, model, optimizer, cfg):
     return step
 
 
+def setup_baseline(method, model, optimizer, x, y, cfg):
+    return _eager_step(optimizer, lambda: method(model, x, y, cfg).loss), None
+
+
+def setup_authors_lfr(model, optimizer, x, y, cfg):
+    return _eager_step(optimizer, lambda: authors_lfr_loss(model, x, y, cfg.lam, step_size=cfg.step_size,
+                                                           epsilon=cfg.eps, perturb_steps=cfg.steps)[0]), None
+
+
+def setup_lfr_ext(hvp, model, optimizer, x, y, cfg):
+    kw = dict(lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
+    return _eager_step(optimizer, lambda: lfr_ext.lfr_loss(model, x, y, hvp=hvp, validate=False, **kw).loss), None
+
+
+def setup_baseline_captured(method, model, optimizer, x, y, cfg):
+    """The same capture machinery as LFR's (and lfr-train's), GraphedStep, around the baseline's
+    ``(x, y) -> (loss, ...)``."""
+    step = lfr_ext.GraphedStep(model, optimizer, lambda a, b: method(model, a, b, cfg), x, y)
+    assert step.captured, step.reason
+    return (lambda: step(x, y)), step.graph
+
+
+def setup_lfr_ext_captured(model, optimizer, x, y, cfg):
+    step = lfr_ext.CapturedStep(model, optimizer, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size,
+                                steps=cfg.steps)
+    assert step.captured, step.reason
+    return (lambda: step(x, y)), step.graph
+
+
+BASELINES = {"pgd_at": pgd_at_step, "plain": plain_step, "trades": trades_step}
+# provider -> factory(model, optimizer, x, y, cfg) of (the timed step, its CUDA graph or None)
+PROVIDERS = {
+    **{name: functools.partial(setup_baseline, method) for name, method in BASELINES.items()},
+    "authors_lfr": setup_authors_lfr,
+    "lfr_ext_double_backprop": functools.partial(setup_lfr_ext, "double_backprop"),
+    "lfr_ext": functools.partial(setup_lfr_ext, "auto"),
+}
+if ON_GPU:
+    PROVIDERS |= {f"{name}_captured": functools.partial(setup_baseline_captured, method)
+                  for name, method in BASELINES.items()}
+    PROVIDERS["lfr_ext_captured"] = setup_lfr_ext_captured
+
+
 def _graph_pool_bytes(graph: torch.cuda.CUDAGraph) -> int:
     """Bytes reserved by the segments of ``graph``'s private memory pool."""
     pool = tuple(graph.pool())
     return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", ())) == pool)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("setup", SELECTED)
 def test_training_step(benchmark, setup, provider):
     model, optimizer, x, y, cfg = _problem(setup)
-    captured = provider.endswith("_captured")
-    base = provider.removesuffix("_captured")
     if ON_GPU:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    graph = None
-    if captured and base == "lfr_ext":
-        step = lfr_ext.CapturedStep(model, optimizer, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size,
-                                    steps=cfg.steps)
-        assert step.captured, step.reason
-        graph = step.graph
-        fn = lambda: step(x, y)  # noqa: E731
-    elif captured:  # the same capture machinery as LFR's (and lfr-train's): GraphedStep
-        step = lfr_ext.GraphedStep(model, optimizer, _objective(base, model, cfg), x, y)
-        assert step.captured, step.reason
-        graph = step.graph
-        fn = lambda: step(x, y)  # noqa: E731
-    else:
-        eager = _eager_step(base, model, optimizer, cfg)
-        fn = lambda: eager(x, y)  # noqa: E731
+    fn, graph = PROVIDERS[provider](model, optimizer, x, y, cfg)
 
     benchmark.group = f"step {setup} b{x.shape[0]} ({BENCH_DEVICE})"
     rounds = 1 if TINY else (10 if ON_GPU else 2)
