@@ -1,9 +1,11 @@
 """Whole-penalty cost: one ``flatness_penalty`` call against one PGD attack with as many steps.
 
-Setup of the foundation issue: the authors' MNIST SmallCNN, batch 128, K = 40 ascent steps
-(eps 0.3, step 0.01). Providers: ``pgd`` (PGD-K, the cost every adversarial-training method
-pays), ``authors`` (a transcription of the authors' double-backprop LFR penalty),
-``lfr_ext`` (``flatness_penalty`` with its defaults), ``lfr_ext_reference`` (impl="reference").
+Setup: the MNIST experiment of Xu et al. (ICIP 2020; the ``mnist`` preset of
+``lfr_ext/training/config.py``): SmallCNN, batch 128, K = 40 ascent steps (eps 0.3, step 0.01);
+``LFR_BENCH_K`` sets K (``bench/utils.py``). Providers: ``pgd`` (PGD-K, the cost every
+adversarial-training method pays), ``authors`` (a transcription of the authors' double-backprop
+LFR penalty), ``lfr_ext`` (``flatness_penalty`` with its defaults), ``lfr_ext_reference``
+(impl="reference").
 """
 
 from __future__ import annotations
