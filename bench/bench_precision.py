@@ -14,6 +14,7 @@ Setups: the authors' SmallCNN (MNIST shapes) and ResNet-20 (CIFAR shapes), batch
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from lfr_ext.hvp import grad_and_hvp_linearized
 from lfr_ext.models import ResNet20, SmallCNN
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop
 
-from conftest import BENCH_DEVICE, TINY, environment, synchronized
+from bench.utils import BENCH_DEVICE, TINY, environment, synchronized
 
 ON_GPU = BENCH_DEVICE == "cuda"
 BATCH = 4 if TINY else (128 if ON_GPU else 16)
@@ -30,26 +31,33 @@ SETUPS = {
     "smallcnn_mnist": (lambda: SmallCNN(zero_init_last=False), (1, 28, 28)),
     "resnet20_cifar": (ResNet20, (3, 32, 32)),
 }
-SETTINGS = ["fp32", "tf32", "bf16_autocast"]
 
 
 @contextlib.contextmanager
-def precision(setting: str):
-    """TF32 on or off for cuDNN and cuBLAS, and bf16 autocast, restored on exit."""
+def precision(tf32: bool, autocast_dtype: torch.dtype | None = None):
+    """TF32 on or off for cuDNN and cuBLAS, and autocast to ``autocast_dtype``, restored on exit."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = setting == "tf32"
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        with torch.autocast("cuda", dtype=torch.bfloat16) if setting == "bf16_autocast" else contextlib.nullcontext():
+        with torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
             yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# setting -> factory() of its context (``tf32`` is PyTorch's cuDNN default)
+SETTINGS = {
+    "fp32": functools.partial(precision, tf32=False),
+    "tf32": functools.partial(precision, tf32=True),
+    "bf16_autocast": functools.partial(precision, tf32=False, autocast_dtype=torch.bfloat16),
+}
 
 
 def _agreement(h: torch.Tensor, exact_sign: torch.Tensor) -> float:
     return (torch.sign(h.double()) == exact_sign).double().mean().item()
 
 
-@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_inner_step_precision(benchmark, setup, setting):
     if setting != "fp32" and not ON_GPU:
@@ -62,7 +70,7 @@ def test_inner_step_precision(benchmark, setup, setting):
     _, h_exact = grad_and_hvp_double_backprop(model.double(), x.double(), y, default_loss, 1)
     exact_sign = torch.sign(h_exact)
     model.float()
-    with precision(setting):
+    with SETTINGS[setting]():
         _, h_linearized = grad_and_hvp_linearized(model, x, y, default_loss, 1)
         _, h_double_backprop = grad_and_hvp_double_backprop(model, x, y, default_loss, 1)
 

@@ -3,8 +3,9 @@
 * ``test_data_parallel_scaling``: one LFR training step (SmallCNN, global batch 128, K = 10) on
   1 and on 2 ranks (gloo on the CPU, NCCL on GPUs; each rank one process, one CPU thread or one
   GPU), the global batch split across them. ``extra_info`` holds the median step time inside the
-  ranks and, for 2 ranks, the strong-scaling efficiency ``T1 / (2 T2)``. (On the CPU two
-  processes share the machine's cores: the figure says what DDP's overhead costs there.)
+  ranks; ``bench/summarize.py`` computes the strong-scaling efficiency ``T1 / (2 T2)`` from the
+  two results. (On the CPU two processes share the machine's cores: the figure says what DDP's
+  overhead costs there.)
 * ``test_lfr_step_variants``: the same step eagerly (linearized engine), with ``hvp="compiled"``
   (each inner step and the penalty step compiled whole), captured (``CapturedStep``, GPU), in bf16
   autocast (CPU and GPU, captured on a GPU) and fp16 autocast with a GradScaler (GPU, eager).
@@ -12,9 +13,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -26,13 +27,11 @@ import torch.multiprocessing as mp
 import lfr_ext
 from lfr_ext.models import SmallCNN
 
-from conftest import BENCH_DEVICE, TINY, environment, synchronized
-
-sys.path.append(os.path.join(os.path.dirname(__file__), "..", "tests"))  # after bench/: its conftest wins
-from dist_helpers import free_port  # noqa: E402
+from bench.utils import BENCH_DEVICE, TINY, bench_k, environment, synchronized
+from tests.dist_helpers import free_port
 
 ON_GPU = BENCH_DEVICE == "cuda"
-BATCH, STEPS = (8, 1) if TINY else (128, 10)
+BATCH, STEPS = 8 if TINY else 128, bench_k(1 if TINY else 10)
 KW = dict(lam=0.02, eps=0.3, step_size=0.03, steps=STEPS)
 ROUNDS = 1 if TINY else (10 if ON_GPU else 3)
 
@@ -94,9 +93,6 @@ def _step_seconds_on(world: int) -> float:
             return float(f.read())
 
 
-_ONE_RANK: dict[str, float] = {}
-
-
 @pytest.mark.parametrize("world", [1, 2])
 def test_data_parallel_scaling(benchmark, world):
     if ON_GPU and torch.cuda.device_count() < world:
@@ -108,52 +104,71 @@ def test_data_parallel_scaling(benchmark, world):
 
     benchmark.group = f"LFR step, DDP ranks, SmallCNN global batch {BATCH} K={STEPS} ({BENCH_DEVICE})"
     benchmark.pedantic(run, rounds=1, iterations=1)
-    if world == 1:
-        _ONE_RANK["median"] = seconds["median"]
-    one = _ONE_RANK.get("median")
     benchmark.extra_info.update(
         environment(), world_size=world, global_batch=BATCH, steps=STEPS, threads_per_rank=1,
         step_median_s=seconds["median"], images_per_s=BATCH / seconds["median"],
-        scaling_efficiency=None if one is None or world == 1 else one / (world * seconds["median"]),
     )
 
 
-VARIANTS = ["eager", "compiled", "bf16"] + (["captured", "bf16_captured", "fp16"] if ON_GPU else [])
+def setup_eager(model, optimizer, x, y, **extra):
+    eager = _eager_step(model, optimizer, **extra)
+    return lambda: eager(x, y)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+def setup_bf16(model, optimizer, x, y):
+    eager = _eager_step(model, optimizer)
+
+    def fn():
+        with torch.autocast(BENCH_DEVICE, dtype=torch.bfloat16):
+            eager(x, y)
+
+    return fn
+
+
+def setup_captured(model, optimizer, x, y):
+    step = lfr_ext.CapturedStep(model, optimizer, x, y, **KW)
+    assert step.captured, step.reason
+    return lambda: step(x, y)
+
+
+def setup_bf16_captured(model, optimizer, x, y):
+    def objective(a, b):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return lfr_ext.lfr_loss(model, a, b, validate=False, **KW)
+
+    step = lfr_ext.GraphedStep(model, optimizer, objective, x, y)
+    assert step.captured, step.reason
+    return lambda: step(x, y)
+
+
+def setup_fp16(model, optimizer, x, y):
+    scaler = torch.amp.GradScaler("cuda")
+
+    def fn():
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = lfr_ext.lfr_loss(model, x, y, validate=False, grad_scaler=scaler, **KW)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return fn
+
+
+# variant -> factory(model, optimizer, x, y) of the timed step
+VARIANTS = {
+    "eager": setup_eager,
+    "compiled": functools.partial(setup_eager, hvp="compiled"),
+    "bf16": setup_bf16,
+}
+if ON_GPU:
+    VARIANTS |= {"captured": setup_captured, "bf16_captured": setup_bf16_captured, "fp16": setup_fp16}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_lfr_step_variants(benchmark, variant):
     model, optimizer, x, y = _problem(BENCH_DEVICE)
-    if variant in ("captured", "bf16_captured"):
-        if variant == "captured":
-            step = lfr_ext.CapturedStep(model, optimizer, x, y, **KW)
-        else:
-            def objective(a, b):
-                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                    return lfr_ext.lfr_loss(model, a, b, validate=False, **KW)
-
-            step = lfr_ext.GraphedStep(model, optimizer, objective, x, y)
-        assert step.captured, step.reason
-        fn = lambda: step(x, y)  # noqa: E731
-    elif variant == "fp16":
-        scaler = torch.amp.GradScaler("cuda")
-
-        def fn():
-            with torch.autocast("cuda", dtype=torch.float16):
-                out = lfr_ext.lfr_loss(model, x, y, validate=False, grad_scaler=scaler, **KW)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out.loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-    elif variant == "bf16":
-        eager = _eager_step(model, optimizer)
-
-        def fn():
-            with torch.autocast(BENCH_DEVICE, dtype=torch.bfloat16):
-                eager(x, y)
-    else:
-        eager = _eager_step(model, optimizer, **({"hvp": "compiled"} if variant == "compiled" else {}))
-        fn = lambda: eager(x, y)  # noqa: E731
+    fn = VARIANTS[variant](model, optimizer, x, y)
     fn()  # compile / warm up outside the timing
     benchmark.group = f"LFR step variants, SmallCNN b{BATCH} K={STEPS} ({BENCH_DEVICE})"
     benchmark.pedantic(synchronized(fn), rounds=ROUNDS, iterations=1, warmup_rounds=0 if TINY else 1)

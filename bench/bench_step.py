@@ -12,16 +12,18 @@ One step = inner maximisation + loss + backward + optimizer step, on a fixed bat
 Setups: the authors' MNIST SmallCNN, batch 128, K=40; CIFAR ResNet-18, batch 128,
 K=10; the authors' CIFAR ResNet-20, batch 128, K=10. On a CPU the ResNets run with a smaller batch
 (``LFR_BENCH_CPU_BATCH``, default 16) so the suite finishes; every result records its batch.
-``extra_info`` holds images/s, the ratio to PGD-AT at the same K and capture mode (PGD-AT runs
-first), and the peak CUDA memory of the step: ``peak_memory_mb`` is the peak allocated from
-before the step is built (so a captured step's warm-up and capture, whose allocations become the
-graph's private pool, are counted), ``graph_pool_mb`` the memory a graph's pool holds.
+``LFR_BENCH_K`` replaces every setup's K and ``LFR_BENCH_SETUPS`` (comma-separated) selects setups.
+``extra_info`` holds images/s and the peak CUDA memory of the step: ``peak_memory_mb`` is the
+peak allocated from before the step is built (so a captured step's warm-up and capture, whose
+allocations become the graph's private pool, are counted), ``graph_pool_mb`` the memory a
+graph's pool holds. ``bench/summarize.py`` divides each median by PGD-AT's at the same setup, K
+and capture mode.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import sys
 
 import pytest
 import torch
@@ -31,13 +33,10 @@ from lfr_ext.models import ResNet18, ResNet20, SmallCNN
 from lfr_ext.training.config import TrainConfig
 from lfr_ext.training.methods import pgd_at_step, plain_step, trades_step
 
-from conftest import BENCH_DEVICE, TINY, environment, synchronized
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from authors_lfr import authors_lfr_loss  # noqa: E402  (the transcription the tests check against)
+from bench.utils import BENCH_DEVICE, CPU_BATCH, TINY, bench_k, environment, synchronized
+from tests.authors_lfr import authors_lfr_loss  # the transcription the tests check against
 
 ON_GPU = BENCH_DEVICE == "cuda"
-CPU_BATCH = int(os.environ.get("LFR_BENCH_CPU_BATCH", 16))
 
 SETUPS = {
     # name: (model factory, input shape without batch, batch, K, eps, step_size, lam)
@@ -50,16 +49,10 @@ if TINY:
               for name, (factory, shape, _, _, eps, step_size, lam) in SETUPS.items()}
 SELECTED = [s for s in SETUPS if s in os.environ.get("LFR_BENCH_SETUPS", ",".join(SETUPS)).split(",")]
 
-PROVIDERS = ["pgd_at", "plain", "trades", "authors_lfr", "lfr_ext_double_backprop", "lfr_ext"]
-if ON_GPU:
-    PROVIDERS += ["pgd_at_captured", "plain_captured", "trades_captured", "lfr_ext_captured"]
-
-_PGD_MEDIAN: dict[tuple[str, bool], float] = {}  # (setup, captured) -> PGD-AT median seconds
-
 
 def _problem(setup: str):
     factory, shape, batch, steps, eps, step_size, lam = SETUPS[setup]
-    steps = int(os.environ.get("LFR_BENCH_K", steps))  # a quick look; published figures use the setup's K
+    steps = bench_k(steps)
     torch.manual_seed(0)
     model = factory().to(BENCH_DEVICE).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -69,32 +62,10 @@ def _problem(setup: str):
     return model, optimizer, x, y, cfg
 
 
-def _objective(provider, model, cfg):
-    """A baseline's ``(x, y) -> (loss, ...)``, without the backward and optimizer step."""
-    method = {"plain": plain_step, "pgd_at": pgd_at_step, "trades": trades_step}[provider]
-    return lambda x, y: method(model, x, y, cfg)
-
-
-def _eager_step(provider, model, optimizer, cfg):
-    """A function (x, y) -> loss doing one full training step."""
-    lfr_kwargs = dict(lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
-    if provider in ("plain", "pgd_at", "trades"):
-        method = {"plain": plain_step, "pgd_at": pgd_at_step, "trades": trades_step}[provider]
-
-        def loss_of(x, y):
-            return method(model, x, y, cfg).loss
-    elif provider == "authors_lfr":
-        def loss_of(x, y):
-            return authors_lfr_loss(model, x, y, cfg.lam, step_size=cfg.step_size, epsilon=cfg.eps,
-                                    perturb_steps=cfg.steps)[0]
-    else:
-        hvp = "double_backprop" if provider == "lfr_ext_double_backprop" else "auto"
-
-        def loss_of(x, y):
-            return lfr_ext.lfr_loss(model, x, y, hvp=hvp, validate=False, **lfr_kwargs).loss
-
-    def step(x, y):
-        loss = loss_of(x, y)
+def _eager_step(optimizer, loss_of):
+    """One full training step: ``loss_of()``, backward, optimizer step."""
+    def step():
+        loss = loss_of()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -103,48 +74,70 @@ def _eager_step(provider, model, optimizer, cfg):
     return step
 
 
+def setup_baseline(method, model, optimizer, x, y, cfg):
+    return _eager_step(optimizer, lambda: method(model, x, y, cfg).loss), None
+
+
+def setup_authors_lfr(model, optimizer, x, y, cfg):
+    return _eager_step(optimizer, lambda: authors_lfr_loss(model, x, y, cfg.lam, step_size=cfg.step_size,
+                                                           epsilon=cfg.eps, perturb_steps=cfg.steps)[0]), None
+
+
+def setup_lfr_ext(hvp, model, optimizer, x, y, cfg):
+    kw = dict(lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps)
+    return _eager_step(optimizer, lambda: lfr_ext.lfr_loss(model, x, y, hvp=hvp, validate=False, **kw).loss), None
+
+
+def setup_baseline_captured(method, model, optimizer, x, y, cfg):
+    """The same capture machinery as LFR's (and lfr-train's), GraphedStep, around the baseline's
+    ``(x, y) -> (loss, ...)``."""
+    step = lfr_ext.GraphedStep(model, optimizer, lambda a, b: method(model, a, b, cfg), x, y)
+    assert step.captured, step.reason
+    return (lambda: step(x, y)), step.graph
+
+
+def setup_lfr_ext_captured(model, optimizer, x, y, cfg):
+    step = lfr_ext.CapturedStep(model, optimizer, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size,
+                                steps=cfg.steps)
+    assert step.captured, step.reason
+    return (lambda: step(x, y)), step.graph
+
+
+BASELINES = {"pgd_at": pgd_at_step, "plain": plain_step, "trades": trades_step}
+# provider -> factory(model, optimizer, x, y, cfg) of (the timed step, its CUDA graph or None)
+PROVIDERS = {
+    **{name: functools.partial(setup_baseline, method) for name, method in BASELINES.items()},
+    "authors_lfr": setup_authors_lfr,
+    "lfr_ext_double_backprop": functools.partial(setup_lfr_ext, "double_backprop"),
+    "lfr_ext": functools.partial(setup_lfr_ext, "auto"),
+}
+if ON_GPU:
+    PROVIDERS |= {f"{name}_captured": functools.partial(setup_baseline_captured, method)
+                  for name, method in BASELINES.items()}
+    PROVIDERS["lfr_ext_captured"] = setup_lfr_ext_captured
+
+
 def _graph_pool_bytes(graph: torch.cuda.CUDAGraph) -> int:
     """Bytes reserved by the segments of ``graph``'s private memory pool."""
     pool = tuple(graph.pool())
     return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", ())) == pool)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("setup", SELECTED)
 def test_training_step(benchmark, setup, provider):
     model, optimizer, x, y, cfg = _problem(setup)
-    captured = provider.endswith("_captured")
-    base = provider.removesuffix("_captured")
     if ON_GPU:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    graph = None
-    if captured and base == "lfr_ext":
-        step = lfr_ext.CapturedStep(model, optimizer, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size,
-                                    steps=cfg.steps)
-        assert step.captured, step.reason
-        graph = step.graph
-        fn = lambda: step(x, y)  # noqa: E731
-    elif captured:  # the same capture machinery as LFR's (and lfr-train's): GraphedStep
-        step = lfr_ext.GraphedStep(model, optimizer, _objective(base, model, cfg), x, y)
-        assert step.captured, step.reason
-        graph = step.graph
-        fn = lambda: step(x, y)  # noqa: E731
-    else:
-        eager = _eager_step(base, model, optimizer, cfg)
-        fn = lambda: eager(x, y)  # noqa: E731
+    fn, graph = PROVIDERS[provider](model, optimizer, x, y, cfg)
 
     benchmark.group = f"step {setup} b{x.shape[0]} ({BENCH_DEVICE})"
     rounds = 1 if TINY else (10 if ON_GPU else 2)
     benchmark.pedantic(synchronized(fn), rounds=rounds, iterations=1, warmup_rounds=0 if TINY else 1)
-    median = benchmark.stats.stats.median
-    if base == "pgd_at":
-        _PGD_MEDIAN[(setup, captured)] = median
-    pgd = _PGD_MEDIAN.get((setup, captured))
     benchmark.extra_info.update(
         environment(), provider=provider, setup=setup, batch=x.shape[0], steps=cfg.steps,
-        images_per_s=x.shape[0] / median,
-        ratio_to_pgd_at=None if pgd is None else median / pgd,
+        images_per_s=x.shape[0] / benchmark.stats.stats.median,
         peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if ON_GPU else None,
         graph_pool_mb=_graph_pool_bytes(graph) / 2**20 if graph is not None else None,
     )

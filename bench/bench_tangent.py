@@ -14,13 +14,13 @@ The inner step needs ``g = grad_x sum_i l_i`` and ``h = H v`` at the current poi
   ``torch.no_grad()`` the tape records nothing, which would time nothing).
 
 Setups: SmallCNN (b128, MNIST shapes), ResNet-20 and WRN-16-4 with SiLU (CIFAR shapes; b128 on
-GPU, ``LFR_BENCH_CPU_BATCH`` (default 16) on CPU). ``extra_info["ratio_to_gradient"]`` is the
-median over the gradient provider's median (gradient runs first).
+GPU, ``LFR_BENCH_CPU_BATCH`` (default 16) on CPU). ``bench/summarize.py`` states each median in
+gradients: over the ``gradient`` provider's median at the same setup.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 
 import pytest
 import torch
@@ -31,10 +31,9 @@ from lfr_ext.linearized import TangentTape
 from lfr_ext.models import ResNet20, SmallCNN, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, input_gradient
 
-from conftest import BENCH_DEVICE, TINY, environment, synchronized
+from bench.utils import BENCH_DEVICE, CPU_BATCH, TINY, environment, synchronized
 
 ON_GPU = BENCH_DEVICE == "cuda"
-CPU_BATCH = int(os.environ.get("LFR_BENCH_CPU_BATCH", 16))
 SETUPS = {
     "smallcnn_b128": (lambda: SmallCNN(zero_init_last=False), (1, 28, 28), 4 if TINY else 128),
     "resnet20": (ResNet20, (3, 32, 32), 4 if TINY else (128 if ON_GPU else CPU_BATCH)),
@@ -42,11 +41,48 @@ SETUPS = {
     "wrn16_4_silu": (lambda: WideResNet(16, 4, activation="silu"), (3, 32, 32),
                      4 if TINY else (128 if ON_GPU else CPU_BATCH)),
 }
-PROVIDERS = ["gradient", "linearized", "double_backprop", "forward_over_reverse", "forward", "forward_recorded"]
-_GRADIENT_MEDIAN: dict[str, float] = {}
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+def setup_gradient(model, x, y):
+    return lambda: input_gradient(model, x.detach().requires_grad_(True), y, default_loss, create_graph=False)
+
+
+def setup_hvp(grad_and_hvp, model, x, y):
+    return lambda: grad_and_hvp(model, x, y, default_loss, 1)
+
+
+def setup_forward(model, x, y):
+    def fn():
+        source = x.detach().requires_grad_(True)
+        return F.cross_entropy(model(source), y)
+
+    return fn
+
+
+def setup_forward_recorded(model, x, y):
+    """The forward under a tangent tape; ``fn.ops_recorded`` is how many ops the last call recorded."""
+    def fn():
+        source = x.detach().requires_grad_(True)
+        with TangentTape(source) as tape:
+            logits = model(source)
+        fn.ops_recorded = len(tape._program)
+        return F.cross_entropy(logits, y)
+
+    return fn
+
+
+# provider -> factory(model, x, y) of the timed call
+PROVIDERS = {
+    "gradient": setup_gradient,
+    "linearized": functools.partial(setup_hvp, grad_and_hvp_linearized),
+    "double_backprop": functools.partial(setup_hvp, grad_and_hvp_double_backprop),
+    "forward_over_reverse": functools.partial(setup_hvp, grad_and_hvp_forward),
+    "forward": setup_forward,
+    "forward_recorded": setup_forward_recorded,
+}
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_inner_step(benchmark, setup, provider):
     factory, shape, batch = SETUPS[setup]
@@ -54,41 +90,12 @@ def test_inner_step(benchmark, setup, provider):
     model = factory().to(BENCH_DEVICE).eval()
     x = torch.rand(batch, *shape, device=BENCH_DEVICE)
     y = torch.randint(0, 10, (batch,), device=BENCH_DEVICE)
-    recorded_ops = {}
-
-    if provider == "gradient":
-        def fn():
-            return input_gradient(model, x.detach().requires_grad_(True), y, default_loss, create_graph=False)
-    elif provider == "linearized":
-        def fn():
-            return grad_and_hvp_linearized(model, x, y, default_loss, 1)
-    elif provider == "double_backprop":
-        def fn():
-            return grad_and_hvp_double_backprop(model, x, y, default_loss, 1)
-    elif provider == "forward_over_reverse":
-        def fn():
-            return grad_and_hvp_forward(model, x, y, default_loss, 1)
-    elif provider == "forward":
-        def fn():
-            source = x.detach().requires_grad_(True)
-            return F.cross_entropy(model(source), y)
-    else:
-        def fn():
-            source = x.detach().requires_grad_(True)
-            with TangentTape(source) as tape:
-                logits = model(source)
-            recorded_ops["n"] = len(tape._program)
-            return F.cross_entropy(logits, y)
+    fn = PROVIDERS[provider](model, x, y)
 
     benchmark.group = f"inner step {setup} b{batch} ({BENCH_DEVICE})"
     rounds = 1 if TINY else (10 if ON_GPU else 3)
     benchmark.pedantic(synchronized(fn), rounds=rounds, iterations=1, warmup_rounds=0 if TINY else 1)
+    ops_recorded = getattr(fn, "ops_recorded", None)
     if provider == "forward_recorded":
-        assert recorded_ops["n"] > 0, "the tape recorded nothing: the timing would measure no recording"
-    median = benchmark.stats.stats.median
-    if provider == "gradient":
-        _GRADIENT_MEDIAN[setup] = median
-    unit = _GRADIENT_MEDIAN.get(setup)
-    benchmark.extra_info.update(environment(), provider=provider, setup=setup, batch=batch,
-                                ratio_to_gradient=None if unit is None else median / unit,
-                                ops_recorded=recorded_ops.get("n"))
+        assert ops_recorded > 0, "the tape recorded nothing: the timing would measure no recording"
+    benchmark.extra_info.update(environment(), provider=provider, setup=setup, batch=batch, ops_recorded=ops_recorded)

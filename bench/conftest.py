@@ -1,112 +1,20 @@
-"""Shared benchmark setup: environment stamps on every result, device-aware timing helpers.
+"""pytest hooks of the benchmark suites: the environment (:func:`bench.utils.environment`) in
+every JSON's ``machine_info``.
 
 Run ``pytest bench/ --benchmark-only`` (add ``--benchmark-json=bench/results/<gpu>-<date>.json``
-to keep the numbers). On CUDA every timed callable ends with ``torch.cuda.synchronize()``,
-so pytest-benchmark's wall clock measures the device work, not the launch.
-
-``LFR_BENCH_TINY=1`` shrinks every suite to tiny sizes and single rounds: a check that the
-suites run (``scripts/gpu_check.sh --cpu-dry-run``), not a measurement.
+to keep the numbers); ``LFR_BENCH_TINY=1`` runs every suite at tiny sizes (``bench/utils.py``).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import statistics
-import subprocess
-import time
-
 import pytest
 import torch
 
-import lfr_ext
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def environment() -> dict:
-    triton = None
-    if importlib.util.find_spec("triton") is not None:
-        import triton
-
-        triton = triton.__version__
-    return {
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton,
-        "lfr_ext": lfr_ext.__version__,
-        "git_sha": _git_sha(),
-        "compiled_library": lfr_ext._extension.is_loaded(),
-        "tiny": TINY,
-    }
+from bench.utils import BENCH_DEVICE, environment
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["lfr_ext_environment"] = environment()
-
-
-BENCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TINY = os.environ.get("LFR_BENCH_TINY", "0") == "1"
-
-
-def sync() -> None:
-    if BENCH_DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def host_inclusive_seconds_per_call(fn, calls: int, repeats: int = 5) -> float:
-    """Wall time of ``calls`` back-to-back calls and one final sync, divided by ``calls``
-    (median of ``repeats``): what a training loop pays per call, host overhead (Python,
-    dispatch, launch) included. Device-side timers (CUDA events, ``do_bench``) hide it."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
-
-
-def device_seconds_per_call(fn, calls: int) -> float:
-    """Device time per call: ``triton.testing.do_bench`` (CUDA events, L2 flushed, median) on a
-    GPU with Triton, CUDA events around ``calls`` calls otherwise; on a CPU the host timing."""
-    if BENCH_DEVICE != "cuda":
-        return host_inclusive_seconds_per_call(fn, calls)
-    if importlib.util.find_spec("triton") is not None:
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=100 if TINY else 200, return_mode="median") / 1e3
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / calls
-
-
-def synchronized(fn):
-    """Wrap ``fn`` so that its timing includes the device work it queued."""
-    if BENCH_DEVICE != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ goals, and the supporting tables, read from the suites' pytest-benchmark JSON fi
 
     python bench/summarize.py OUT_DIR --prefix PREFIX [--stages OUT_DIR/stages.tsv]
 
-reads ``OUT_DIR/PREFIX-{ops,step,tangent,penalty,precision}.json`` (missing suites are reported
+reads ``OUT_DIR/PREFIX-{ascent_step,step,tangent,penalty,precision,scale_out}.json`` (missing suites are reported
 as missing) and the training runs under ``OUT_DIR/PREFIX-train/``, prints the summary and writes
 it to ``OUT_DIR/summary.md`` and ``OUT_DIR/PREFIX-summary.md``. Every figure is a ratio or a
 time measured in this run, on the machine named at the top; nothing is filled in by hand.
@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 
-SUITES = ("ops", "step", "tangent", "penalty", "precision", "scale_out")
+SUITES = ("ascent_step", "step", "tangent", "penalty", "precision", "scale_out")
 METHODS = ("lfr", "pgd_at", "trades", "plain")
 # Median ms of one training step at batch 128, measured earlier on an H200 with torch 2.11 (the
 # last row by a prototype of the linearized pass): reference points to read this run against.
@@ -97,7 +97,7 @@ def _goal(figure: str, goal: str, value: float | None, *, at_most: float | None 
 
 def headline(suites: dict) -> list[Goal]:
     """The goals of the GPU check, each computed from this run's results."""
-    step, ops = _rows(suites["step"]), _rows(suites["ops"])
+    step, ops = _rows(suites["step"]), _rows(suites["ascent_step"])
     goals = []
     for setup, label in (("smallcnn_mnist_k40", "SmallCNN K=40"), ("resnet18_cifar_k10", "ResNet-18 K=10")):
         lfr = _find(step, setup=setup, provider="lfr_ext_captured")
@@ -135,11 +135,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def step_table(suites: dict) -> list[str]:
-    rows = []
-    for row in _rows(suites["step"]):
+    rows, step = [], _rows(suites["step"])
+    for row in step:
         info = row["extra_info"]
+        pgd = _find(step, setup=info["setup"], batch=info["batch"], steps=info["steps"],
+                    provider="pgd_at_captured" if info["provider"].endswith("_captured") else "pgd_at")
         rows.append([info["setup"], f"b{info['batch']} K={info['steps']}", info["provider"],
-                     _fmt(_median(row) * 1e3, " ms"), _fmt(info.get("ratio_to_pgd_at")),
+                     _fmt(_median(row) * 1e3, " ms"), _fmt(_ratio(row, pgd)),
                      _fmt(info.get("peak_memory_mb"), " MB", 0), _fmt(info.get("graph_pool_mb"), " MB", 0)])
     return _table(["setup", "batch", "provider", "median", "vs PGD-AT (same capture mode)", "peak memory",
                    "graph pool"], rows)
@@ -153,9 +155,9 @@ def anchors_table(suites: dict) -> list[str]:
     return _table(["setup", "provider", "anchor (H200, torch 2.11; lfr_ext_captured: a prototype)", "this run"], rows)
 
 
-def ops_table(suites: dict) -> list[str]:
+def ascent_step_table(suites: dict) -> list[str]:
     rows = []
-    for row in _rows(suites["ops"]):
+    for row in _rows(suites["ascent_step"]):
         info = row["extra_info"]
         rows.append([f"{tuple(info['shape'])} {info['dtype']}", info["provider"], _fmt(info["device_us"], " us", 1),
                      _fmt(info["host_inclusive_us"], " us", 1), _fmt(100 * info["fraction_of_copy_bandwidth"], "%", 1)])
@@ -163,12 +165,13 @@ def ops_table(suites: dict) -> list[str]:
 
 
 def tangent_table(suites: dict) -> list[str]:
-    rows = []
-    for row in _rows(suites["tangent"]):
+    rows, tangent = [], _rows(suites["tangent"])
+    for row in tangent:
         info = row["extra_info"]
         ops = "" if info.get("ops_recorded") is None else f" ({info['ops_recorded']} ops recorded)"
+        gradient = _find(tangent, setup=info["setup"], batch=info["batch"], provider="gradient")
         rows.append([f"{info['setup']} b{info['batch']}", info["provider"] + ops, _fmt(_median(row) * 1e3, " ms"),
-                     _fmt(info.get("ratio_to_gradient"), "")])
+                     _fmt(_ratio(row, gradient), "")])
     return _table(["setup", "provider", "median", "in gradients"], rows)
 
 
@@ -192,13 +195,16 @@ def precision_table(suites: dict) -> list[str]:
 
 
 def scale_out_table(suites: dict) -> list[str]:
-    rows = []
-    for row in _rows(suites["scale_out"]):
+    rows, scale_out = [], _rows(suites["scale_out"])
+    for row in scale_out:
         info = row["extra_info"]
         if "world_size" in info:
             label = f"DDP, {info['world_size']} rank(s), global batch {info['global_batch']}"
             median = info["step_median_s"]
-            note = "" if info.get("scaling_efficiency") is None else f"efficiency {100 * info['scaling_efficiency']:.0f}%"
+            one = _find(scale_out, world_size=1, global_batch=info["global_batch"], steps=info["steps"])
+            note = ""
+            if one is not None and info["world_size"] > 1:  # strong scaling: T1 / (n Tn)
+                note = f"efficiency {100 * one['extra_info']['step_median_s'] / (info['world_size'] * median):.0f}%"
         else:
             label, median, note = f"LFR step, {info['variant']}", _median(row), ""
         rows.append([label, _fmt(median * 1e3, " ms"), _fmt(info.get("images_per_s"), " img/s", 0), note])
@@ -249,7 +255,7 @@ def render(out_dir: str, prefix: str, stages: str | None) -> str:
         lines += ["", f"Missing suites (failed, timed out or skipped): {', '.join(missing)}."]
     for title, table in (("Training steps (`bench/bench_step.py`)", step_table),
                          ("Against the anchors", anchors_table),
-                         ("Fused ascent step (`bench/bench_ops.py`)", ops_table),
+                         ("Fused ascent step (`bench/bench_ascent_step.py`)", ascent_step_table),
                          ("Inner step in gradients (`bench/bench_tangent.py`)", tangent_table),
                          ("Penalty call (`bench/bench_penalty.py`)", penalty_table),
                          ("Low precision (`bench/bench_precision.py`)", precision_table),

@@ -11,7 +11,7 @@
 #   2 tests        the GPU tests (pytest -m "cuda and not slow") with LFR_EXT_REQUIRE_GPU=1, under which
 #                  a skip is a failure: first the capture, training, Triton and CUDA-kernel tests
 #                  (tests-core), after the headline benchmarks the op and engine matrix (tests-matrix)
-#   3 benchmarks   one JSON per suite: OUT_DIR/<gpu>-<date>-{step,ops,tangent,precision,penalty,scale_out}.json
+#   3 benchmarks   one JSON per suite: OUT_DIR/<gpu>-<date>-{step,ascent_step,tangent,precision,penalty,scale_out}.json
 #   4 training     if time remains: the four methods with lfr-train on Fashion-MNIST, about 2 minutes
 #   5 summary      bench/summarize.py: Markdown printed last and written to OUT_DIR/summary.md
 # Per-stage logs (with pytest's slowest tests, to size the stages) are in OUT_DIR/logs/.
@@ -183,7 +183,7 @@ for file in "${CORE_TESTS[@]}"; do ignore_core+=(--ignore "$file"); done
 
 stage tests-core 120 "$PYTHON" -m pytest "${CORE_TESTS[@]}" "${TEST_ARGS[@]}" --junitxml "$OUT/logs/tests-core.xml"
 bench step 90
-bench ops 75
+bench ascent_step 75
 stage tests-matrix 120 "$PYTHON" -m pytest tests "${ignore_core[@]}" "${TEST_ARGS[@]}" "${MATRIX_ONLY[@]}" \
   --junitxml "$OUT/logs/tests-matrix.xml"
 bench tangent 30

@@ -1,29 +1,14 @@
-import os
+"""Hooks of the test run: GPU marks on the cuda variants, slow tests skipped unless selected,
+skipped GPU tests failed under LFR_EXT_REQUIRE_GPU=1, and one seed per test. The markers are
+declared in pyproject.toml; the helpers the tests import are in tests/utils.py."""
 
 import pytest
 import torch
 
-# LFR_EXT_REQUIRE_GPU=1 (scripts/gpu_check.sh sets it): the run exists to prove the GPU paths,
-# so a GPU test that skips is a failure (it proved nothing), and so is a machine without a GPU.
-REQUIRE_GPU = os.environ.get("LFR_EXT_REQUIRE_GPU", "0") == "1"
-REQUIRE_COMPILED = os.environ.get("LFR_EXT_REQUIRE_COMPILED", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-# `pytest -m cuda` selects the GPU tests: those marked with CUDA_MARKS (or @requires_cuda) and
-# the cuda variants of every test parametrised over `device`.
-CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
-
-
-def requires_cuda(test):
-    for mark in reversed(CUDA_MARKS):
-        test = mark(test)
-    return test
+from tests.utils import HAS_CUDA, REQUIRE_GPU
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: expensive checks (large tensors, long runs); run with -m slow")
-    config.addinivalue_line("markers", "cuda: a GPU test (select them with -m cuda)")
-    config.addinivalue_line("markers", "multi_gpu: needs several GPUs (may skip under LFR_EXT_REQUIRE_GPU=1)")
     if REQUIRE_GPU and not HAS_CUDA:
         raise pytest.UsageError("LFR_EXT_REQUIRE_GPU=1, but torch sees no CUDA GPU")
 

@@ -11,7 +11,7 @@ import torch
 
 from lfr_ext import _registry
 
-from conftest import DEVICES, REQUIRE_COMPILED, REQUIRE_GPU
+from tests.utils import DEVICES, REQUIRE_COMPILED, REQUIRE_GPU
 
 # CI sets LFR_EXT_REQUIRE_TRITON=1 (with TRITON_INTERPRET=1): then a missing Triton fails the
 # Triton tests instead of skipping them.

@@ -17,8 +17,8 @@ from lfr_ext.hvp import SecondOrderEngine, grad_and_hvp_linearized, penalty_line
 from lfr_ext.models import SmallCNN
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalty_at
 
-from conftest import requires_cuda
-from models_for_tests import TinyResNet
+from tests.models_for_tests import TinyResNet
+from tests.utils import requires_cuda
 
 MODELS = {"small_cnn": (lambda: SmallCNN(drop=0.0, zero_init_last=False), (32, 1, 28, 28), 10),
           "resnet_bn": (lambda: TinyResNet(drop=0.0), (32, 3, 10, 10), 5)}

@@ -14,7 +14,7 @@ import lfr_ext
 from lfr_ext.ops import q_code
 from lfr_ext.reference import ascent_step_reference
 
-from op_cases import (
+from tests.op_cases import (
     QS,
     SHAPES,
     assert_reduction_accurate,
@@ -104,65 +104,6 @@ def test_torch_compile_fullgraph_parity(impl, device, backend):
     eager = lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01, q=2, return_sign_g=True, impl=impl)
     assert torch.equal(got[0], eager[0] * 2) and torch.equal(got[2], eager[2])
     torch.testing.assert_close(got[1], eager[1].sum())
-
-
-# --------------------------------------------------------------------------------------
-# implementation selection
-# --------------------------------------------------------------------------------------
-def test_auto_picks_the_first_available_and_env_overrides(monkeypatch):
-    x, x_adv, h, g = make_inputs((2, 5), torch.float32, "cpu")
-    available = lfr_ext.ops.available_impls("cpu")
-    assert available[0] == lfr_ext.ops.resolve_impl("auto", torch.device("cpu"))
-    assert "reference" in available
-    monkeypatch.setenv("LFR_EXT_IMPL", "reference")
-    assert lfr_ext.ops.resolve_impl(None, torch.device("cpu")) == "reference"
-    monkeypatch.setenv("LFR_EXT_IMPL", "fastest")
-    with pytest.raises(ValueError, match="LFR_EXT_IMPL must be one of"):
-        lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01)
-    with pytest.raises(ValueError, match="impl must be one of"):
-        lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01, impl="fastest")
-
-
-def test_explicit_but_unavailable_impl_raises_with_the_reason():
-    x, x_adv, h, g = make_inputs((2, 5), torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match=r"impl='cuda' is not available on cpu: the CUDA kernels take CUDA"):
-        lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01, impl="cuda")
-    if "triton" in lfr_ext.ops.available_impls("cpu"):  # the Triton kernels have no fp64
-        with pytest.raises(RuntimeError, match="fp32, bf16 and fp16"):
-            lfr_ext.ops.grad_norm(g.double(), 1, impl="triton")
-        assert lfr_ext.ops.resolve_impl("auto", torch.device("cpu"), torch.float64) != "triton"
-    else:
-        with pytest.raises(RuntimeError, match="impl='triton' is not available"):
-            lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=0.1, step_size=0.01, impl="triton")
-
-
-def test_impl_selection_without_the_library(monkeypatch):
-    from lfr_ext import _extension
-
-    broken = _extension.ExtensionStatus(False, error="compiled library lfr_ext/_C not found")
-    monkeypatch.setattr(_extension, "status", lambda: broken)
-    assert "cpu" not in lfr_ext.ops.available_impls("cpu")
-    with pytest.raises(RuntimeError, match="impl='cpu' is not available on cpu: compiled library"):
-        lfr_ext.ops.resolve_impl("cpu", torch.device("cpu"))
-
-
-@pytest.mark.parametrize("impl, device", impl_device_cases())
-def test_flatness_penalty_same_with_every_impl(impl, device):
-    from lfr_ext.models import SmallCNN
-
-    torch.manual_seed(0)
-    model = SmallCNN(zero_init_last=False).to(device).eval()
-    x, y = torch.rand(2, 1, 28, 28, device=device), torch.randint(0, 10, (2,), device=device)
-    kw = dict(eps=0.1, step_size=0.02, steps=2, q=1)
-
-    def penalty(which):
-        return lfr_ext.flatness_penalty(model, x, y, impl=which, generator=_generator(device), **kw)
-
-    torch.testing.assert_close(penalty(impl), penalty("reference"), rtol=1e-6, atol=0)
-
-
-def _generator(device):
-    return torch.Generator(device=device).manual_seed(0)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lfr_ext
 
-from authors_lfr import authors_lfr_loss
+from tests.authors_lfr import authors_lfr_loss
 
 
 class TinyViT(nn.Module):

@@ -20,7 +20,7 @@ from lfr_ext.graphed_step import (
 )
 from lfr_ext.models import ResNet20, SmallCNN
 
-from conftest import requires_cuda
+from tests.utils import requires_cuda
 
 KW = dict(lam=0.02, eps=0.1, step_size=0.02, steps=3)
 META = torch.device("meta")  # stands in for a GPU tensor in the CPU checks of the rules

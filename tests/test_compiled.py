@@ -10,8 +10,8 @@ from lfr_ext import compiled
 from lfr_ext.models import SmallCNN
 from lfr_ext.reference import flatness_ascent_reference
 
-from models_for_tests import TinyResNet
-from test_linearized import _assert_grads_close, _params_grads, _rel_err
+from tests.models_for_tests import TinyResNet
+from tests.test_linearized import _assert_grads_close, _params_grads, _rel_err
 
 pytestmark = pytest.mark.skipif(compiled.compile_support_problem() is not None,
                                 reason=str(compiled.compile_support_problem()))

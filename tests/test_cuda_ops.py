@@ -12,8 +12,8 @@ import lfr_ext
 from lfr_ext import _registry
 from lfr_ext.reference import ascent_step_reference, grad_norm_reference
 
-from conftest import CUDA_MARKS, HAS_CUDA, REQUIRE_GPU
-from op_cases import LOW_PRECISION, QS, assert_reduction_accurate, make_inputs
+from tests.op_cases import LOW_PRECISION, QS, assert_reduction_accurate, make_inputs
+from tests.utils import CUDA_MARKS, HAS_CUDA, REQUIRE_GPU
 
 pytestmark = CUDA_MARKS
 

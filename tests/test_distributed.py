@@ -17,10 +17,10 @@ from lfr_ext.models import SmallCNN
 from lfr_ext.training.config import TrainConfig
 from lfr_ext.training.methods import METHOD_STEPS
 
-from conftest import requires_cuda
-from dist_helpers import free_port, relative_errors, run_on_ranks
-from models_for_tests import TinyResNet
-from test_captured import exact_fp32  # noqa: F401  (fixture: TF32 off, restored)
+from tests.dist_helpers import free_port, relative_errors, run_on_ranks
+from tests.models_for_tests import TinyResNet
+from tests.test_captured import exact_fp32  # noqa: F401  (fixture: TF32 off, restored)
+from tests.utils import requires_cuda
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 

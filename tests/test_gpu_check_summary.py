@@ -5,13 +5,10 @@ the headline arithmetic is checked here on synthetic suites: each goal is comput
 right providers, and met or missed on the right side of its threshold."""
 
 import json
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import summarize  # noqa: E402
+from bench import summarize
 
 
 def _row(median_s, params=None, **extra):
@@ -36,7 +33,7 @@ def results(tmp_path):
         for provider, median, peak in (("pgd_at_captured", pgd, 100.0), ("lfr_ext_captured", lfr, 160.0),
                                        ("authors_lfr", authors, 300.0)):
             step.append(_row(median, setup=setup, provider=provider, batch=128, steps=10, peak_memory_mb=peak,
-                             ratio_to_pgd_at=None, graph_pool_mb=None))
+                             graph_pool_mb=None))
     ops = [
         _ops_row("imagenet", "fp32", "cuda", 400.0, 420.0, 0.93),
         _ops_row("imagenet", "fp32", "triton", 450.0, 470.0, 0.85),
@@ -44,7 +41,7 @@ def results(tmp_path):
         _ops_row("mnist", "fp32", "cuda", 4.0, 12.5, 0.2),
         _ops_row("mnist", "fp32", "triton", 5.0, 31.0, 0.1),
     ]
-    for suite, rows in (("step", step), ("ops", ops)):
+    for suite, rows in (("step", step), ("ascent_step", ops)):
         (tmp_path / f"gpu-day-{suite}.json").write_text(json.dumps(_suite(rows)))
     return tmp_path
 
@@ -65,9 +62,30 @@ def test_headline_goals_from_the_right_providers(results):
     assert host.value == pytest.approx(12.5) and host.met is False  # judged on host-inclusive time
 
 
+def test_ratios_are_computed_from_the_results_whatever_their_order():
+    """The baseline of a ratio (PGD-AT at the same capture mode, one gradient, one rank) is
+    looked up in the results: it may come after the rows divided by it (-k, random order)."""
+    step = [_row(0.030, setup="s", provider="lfr_ext_captured", batch=8, steps=2),
+            _row(0.060, setup="s", provider="lfr_ext", batch=8, steps=2),
+            _row(0.020, setup="s", provider="pgd_at", batch=8, steps=2),
+            _row(0.010, setup="s", provider="pgd_at_captured", batch=8, steps=2)]
+    tangent = [_row(0.5, setup="t", provider="linearized", batch=4), _row(0.2, setup="t", provider="gradient", batch=4)]
+    scale_out = [_row(1.0, world_size=2, global_batch=8, steps=2, step_median_s=1.0, images_per_s=8.0),
+                 _row(1.6, world_size=1, global_batch=8, steps=2, step_median_s=1.6, images_per_s=5.0)]
+    suites = {"step": _suite(step), "tangent": _suite(tangent), "scale_out": _suite(scale_out)}
+    step_rows = summarize.step_table(suites)[2:]
+    assert "| 3.00x |" in step_rows[0] and "| 3.00x |" in step_rows[1]  # each against its own capture mode
+    assert "| 2.50 |" in summarize.tangent_table(suites)[2]
+    assert "efficiency 80%" in summarize.scale_out_table(suites)[2]
+    empty = {"step": _suite(step[:2]), "tangent": _suite(tangent[:1]), "scale_out": _suite(scale_out[:1])}
+    assert "n/a" in summarize.step_table(empty)[2] and "n/a" in summarize.tangent_table(empty)[2]
+    assert "efficiency" not in summarize.scale_out_table(empty)[2]
+
+
 def test_missing_suites_are_reported_not_invented(tmp_path):
     text = summarize.render(str(tmp_path), "nothing", None)
-    assert "Missing suites (failed, timed out or skipped): ops, step, tangent, penalty, precision, scale_out" in text
+    assert ("Missing suites (failed, timed out or skipped): ascent_step, step, tangent, penalty, precision, "
+            "scale_out") in text
     assert "yes" not in text.split("## Headline figures")[1].split("##")[0]
 
 

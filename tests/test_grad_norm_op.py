@@ -11,7 +11,7 @@ from lfr_ext.ops import grad_norm_backward
 from lfr_ext.ops import q_code
 from lfr_ext.reference import grad_norm_reference
 
-from op_cases import QS, SHAPES, assert_reduction_accurate, dtypes_for, impl_device_cases, make_inputs
+from tests.op_cases import QS, SHAPES, assert_reduction_accurate, dtypes_for, impl_device_cases, make_inputs
 
 
 def _g(shape, dtype, device, contiguous=True):

@@ -19,9 +19,9 @@ from lfr_ext.linearized import TangentTape, UnsupportedOpError
 from lfr_ext.models import SmallCNN, ViTCifar, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalty_at
 
-from conftest import DEVICES
-from models_for_tests import (BNNet, ConvNeXtBlockNet, GeluLayerNormNet, LeakyAvgNet, MaskedAttentionWeightsNet,
-                               ReLUNet, SineNet, SmoothZooNet, TinyResNet, WrittenOutAttentionNet)
+from tests.models_for_tests import (BNNet, ConvNeXtBlockNet, GeluLayerNormNet, LeakyAvgNet, MaskedAttentionWeightsNet,
+                                     SineNet, SmoothZooNet, TinyResNet, WrittenOutAttentionNet)
+from tests.utils import DEVICES
 
 MODELS = {
     "small_cnn": (lambda: SmallCNN(zero_init_last=False), (3, 1, 28, 28), 10),  # one shared in-place ReLU

@@ -11,8 +11,8 @@ from torch import nn
 import lfr_ext
 from lfr_ext.linearized import TangentTape
 
-from conftest import DEVICES
-from test_linearized import _assert_grads_close, _double_vjp_jvp, _params_grads, _rel_err
+from tests.test_linearized import _assert_grads_close, _double_vjp_jvp, _params_grads, _rel_err
+from tests.utils import DEVICES
 
 
 class _Base(nn.Module):

@@ -19,7 +19,7 @@ from lfr_ext.training import loop as loop_module
 from lfr_ext.training.checkpoint import atomic_torch_save, load_checkpoint
 from lfr_ext.training.monitor import collapse_message
 
-from conftest import requires_cuda
+from tests.utils import requires_cuda
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),

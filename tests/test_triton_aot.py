@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from op_cases import REQUIRE_TRITON
+from tests.op_cases import REQUIRE_TRITON
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARCHS = ["90", "80"]

@@ -19,8 +19,8 @@ from lfr_ext import _registry
 from lfr_ext.ops import q_code
 from lfr_ext.reference import ascent_step_reference, grad_norm_reference
 
-from conftest import HAS_CUDA, REQUIRE_GPU
-from op_cases import LOW_PRECISION, QS, REQUIRE_TRITON, assert_reduction_accurate, make_inputs
+from tests.op_cases import LOW_PRECISION, QS, REQUIRE_TRITON, assert_reduction_accurate, make_inputs
+from tests.utils import HAS_CUDA, REQUIRE_GPU
 
 TRITON_DEVICES = [d for d in (["cuda"] if HAS_CUDA else []) + ["cpu"]
                   if _registry.unavailable_reason("triton", torch.device(d)) is None]

@@ -102,16 +102,3 @@ def test_lam_checked(data):
 def test_steps_zero_allows_any_step_size(data):
     model, x, y = data
     lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.0, steps=0)
-
-
-def test_unavailable_impl_raises_clearly(data):
-    model, x, y = data
-    with pytest.raises(RuntimeError, match="impl='cuda' is not available on cpu"):
-        lfr_ext.flatness_penalty(model, x, y, impl="cuda", **KW)
-
-
-def test_env_var_selects_impl(data, monkeypatch):
-    model, x, y = data
-    monkeypatch.setenv("LFR_EXT_IMPL", "nonsense")
-    with pytest.raises(ValueError, match="LFR_EXT_IMPL must be one of"):
-        lfr_ext.flatness_penalty(model, x, y, **KW)

@@ -37,7 +37,7 @@ import torch
 import lfr_ext
 from lfr_ext.reference import ascent_step_reference
 
-from conftest import (
+from bench.utils import (
     BENCH_DEVICE,
     TINY,
     device_seconds_per_call,
@@ -50,7 +50,6 @@ SHAPES = {"mnist": (128, 1, 28, 28), "cifar": (128, 3, 32, 32), "imagenet": (256
 if TINY:
     SHAPES = {"mnist": (8, 1, 28, 28), "cifar": (4, 3, 32, 32), "imagenet": (2, 3, 64, 64)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PROVIDERS = ["reference", "compiled", "cpu", "cuda", "triton"]
 EPS, STEP_SIZE, LO, HI, Q = 8 / 255, 2 / 255, 0.0, 1.0, 1
 
 
@@ -86,20 +85,31 @@ def _inputs(shape, dtype):
     return [t.to(dtype) for t in (x, x_adv, h, g)]
 
 
-def _step_fn(provider: str, inputs):
-    x, x_adv, h, g = inputs
-    if provider == "reference":
-        return lambda: ascent_step_reference(x, x_adv, h, g, EPS, STEP_SIZE, LO, HI, Q)
-    if provider == "compiled":
-        chain = torch.compile(
-            lambda x, x_adv, h, g: ascent_step_reference(x, x_adv, h, g, EPS, STEP_SIZE, LO, HI, Q), fullgraph=True
-        )
-        return lambda: chain(x, x_adv, h, g)
+def setup_reference(x, x_adv, h, g):
+    return lambda: ascent_step_reference(x, x_adv, h, g, EPS, STEP_SIZE, LO, HI, Q)
+
+
+def setup_compiled(x, x_adv, h, g):
+    chain = torch.compile(
+        lambda x, x_adv, h, g: ascent_step_reference(x, x_adv, h, g, EPS, STEP_SIZE, LO, HI, Q), fullgraph=True
+    )
+    return lambda: chain(x, x_adv, h, g)
+
+
+def setup_kernel(impl, x, x_adv, h, g):
     return lambda: lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=EPS, step_size=STEP_SIZE, lo=LO, hi=HI, q=Q,
-                                           impl=provider)
+                                           impl=impl)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+# provider -> factory(x, x_adv, h, g) of the timed call
+PROVIDERS = {
+    "reference": setup_reference,
+    "compiled": setup_compiled,
+    **{impl: functools.partial(setup_kernel, impl) for impl in ("cpu", "cuda", "triton")},
+}
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_ascent_step(benchmark, shape_name, dtype_name, provider):
@@ -112,7 +122,7 @@ def test_ascent_step(benchmark, shape_name, dtype_name, provider):
     if reason:
         pytest.skip(reason)
     inputs = _inputs(shape, dtype)
-    step = _step_fn(provider, inputs)
+    step = PROVIDERS[provider](*inputs)
     fn = synchronized(step)
     fn()  # compile / warm up outside the timing
 
