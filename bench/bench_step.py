@@ -5,12 +5,13 @@ One step = inner maximisation + loss + backward + optimizer step, on a fixed bat
 * ``plain``, ``pgd_at`` (K), ``trades`` (K): the baselines of :mod:`lfr_ext.training.methods`;
 * ``authors_lfr``: a transcription of the authors' LFR loss (double backprop, eager);
 * ``lfr_ext``: ``lfr_ext.lfr_loss`` with its defaults (``hvp="auto"``: the linearized pass);
-* ``lfr_ext_double_backprop``: the same API with ``hvp="double_backprop"``;
+* ``lfr_ext_double_backprop``, ``lfr_ext_linearized``: the same API with that ``hvp=``;
 * ``*_captured`` (CUDA only): the step as one CUDA graph (:class:`lfr_ext.CapturedStep` for
   LFR, :class:`lfr_ext.GraphedStep` for the baselines: the same capture, as in ``lfr-train``).
 
 Setups: the authors' MNIST SmallCNN, batch 128, K=40; CIFAR ResNet-18, batch 128,
-K=10; the authors' CIFAR ResNet-20, batch 128, K=10. On a CPU the ResNets run with a smaller batch
+K=10; the authors' CIFAR ResNet-20, batch 128, K=10; WRN-16-4 with SiLU and the small ConvNeXt and
+ViT of :mod:`lfr_ext.models`, batch 128, K=10. On a CPU the ResNets run with a smaller batch
 (``LFR_BENCH_CPU_BATCH``, default 16) so the suite finishes; every result records its batch.
 ``LFR_BENCH_K`` replaces every setup's K and ``LFR_BENCH_SETUPS`` (comma-separated) selects setups.
 ``extra_info`` holds images/s and the peak CUDA memory of the step: ``peak_memory_mb`` is the
@@ -27,9 +28,10 @@ import os
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lfr_ext
-from lfr_ext.models import ResNet18, ResNet20, SmallCNN
+from lfr_ext.models import ConvNeXtCifar, ResNet18, ResNet20, SmallCNN, ViTCifar, WideResNet
 from lfr_ext.training.config import TrainConfig
 from lfr_ext.training.methods import pgd_at_step, plain_step, trades_step
 
@@ -43,6 +45,12 @@ SETUPS = {
     "smallcnn_mnist_k40": (lambda: SmallCNN(zero_init_last=False), (1, 28, 28), 128, 40, 0.3, 0.01, 0.02),
     "resnet18_cifar_k10": (ResNet18, (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031, 0.007, 0.03),
     "resnet20_cifar_k10": (ResNet20, (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031, 0.007, 0.03),
+    # Beyond ReLU: SiLU, LayerNorm and GELU, attention.
+    "wrn16_4_silu_cifar_k10": (lambda: WideResNet(16, 4, activation="silu"), (3, 32, 32), 128 if ON_GPU else CPU_BATCH,
+                               10, 0.031, 0.007, 0.03),
+    "convnext_tiny_cifar_k10": (ConvNeXtCifar, (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031, 0.007, 0.03),
+    "vit_tiny_cifar_k10": (lambda: ViTCifar(image_size=32), (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031,
+                           0.007, 0.03),
 }
 if TINY:
     SETUPS = {name: (factory, shape, 4, 1, eps, step_size, lam)
@@ -79,8 +87,12 @@ def setup_baseline(method, model, optimizer, x, y, cfg):
 
 
 def setup_authors_lfr(model, optimizer, x, y, cfg):
-    return _eager_step(optimizer, lambda: authors_lfr_loss(model, x, y, cfg.lam, step_size=cfg.step_size,
-                                                           epsilon=cfg.eps, perturb_steps=cfg.steps)[0]), None
+    def loss():
+        with sdpa_kernel(SDPBackend.MATH):  # attention differentiated twice needs its math backend
+            return authors_lfr_loss(model, x, y, cfg.lam, step_size=cfg.step_size, epsilon=cfg.eps,
+                                    perturb_steps=cfg.steps)[0]
+
+    return _eager_step(optimizer, loss), None
 
 
 def setup_lfr_ext(hvp, model, optimizer, x, y, cfg):
@@ -109,6 +121,7 @@ PROVIDERS = {
     **{name: functools.partial(setup_baseline, method) for name, method in BASELINES.items()},
     "authors_lfr": setup_authors_lfr,
     "lfr_ext_double_backprop": functools.partial(setup_lfr_ext, "double_backprop"),
+    "lfr_ext_linearized": functools.partial(setup_lfr_ext, "linearized"),
     "lfr_ext": functools.partial(setup_lfr_ext, "auto"),
 }
 if ON_GPU:

@@ -13,8 +13,10 @@ The inner step needs ``g = grad_x sum_i l_i`` and ``h = H v`` at the current poi
   the Python cost of recording. ``extra_info["ops_recorded"]`` must be > 0 (under
   ``torch.no_grad()`` the tape records nothing, which would time nothing).
 
-Setups: SmallCNN (b128, MNIST shapes), ResNet-20 and WRN-16-4 with SiLU (CIFAR shapes; b128 on
-GPU, ``LFR_BENCH_CPU_BATCH`` (default 16) on CPU). ``bench/summarize.py`` states each median in
+Setups: SmallCNN (b128, MNIST shapes), ResNet-20, WRN-16-4 with SiLU, the small ConvNeXt and ViT
+of :mod:`lfr_ext.models` (CIFAR shapes; b128 on GPU, ``LFR_BENCH_CPU_BATCH`` (default 16) on CPU).
+The providers that differentiate attention twice (double backprop, forward-over-reverse) run it on
+its math backend, the only one with a double backward; the linearized pass runs PyTorch's default. ``bench/summarize.py`` states each median in
 gradients: over the ``gradient`` provider's median at the same setup.
 """
 
@@ -25,10 +27,11 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lfr_ext.hvp import grad_and_hvp_forward, grad_and_hvp_linearized
 from lfr_ext.linearized import TangentTape
-from lfr_ext.models import ResNet20, SmallCNN, WideResNet
+from lfr_ext.models import ConvNeXtCifar, ResNet20, SmallCNN, ViTCifar, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, input_gradient
 
 from bench.utils import BENCH_DEVICE, CPU_BATCH, TINY, environment, synchronized
@@ -40,6 +43,9 @@ SETUPS = {
     # Smooth activations: the linear maps depend on x, so the HVP differentiates the tangent itself.
     "wrn16_4_silu": (lambda: WideResNet(16, 4, activation="silu"), (3, 32, 32),
                      4 if TINY else (128 if ON_GPU else CPU_BATCH)),
+    # Normalisation layers, GELU and (ViT) attention.
+    "convnext_tiny": (ConvNeXtCifar, (3, 32, 32), 4 if TINY else (128 if ON_GPU else CPU_BATCH)),
+    "vit_tiny": (lambda: ViTCifar(image_size=32), (3, 32, 32), 4 if TINY else (128 if ON_GPU else CPU_BATCH)),
 }
 
 
@@ -49,6 +55,14 @@ def setup_gradient(model, x, y):
 
 def setup_hvp(grad_and_hvp, model, x, y):
     return lambda: grad_and_hvp(model, x, y, default_loss, 1)
+
+
+def setup_hvp_twice_differentiable(grad_and_hvp, model, x, y):
+    def fn():
+        with sdpa_kernel(SDPBackend.MATH):
+            return grad_and_hvp(model, x, y, default_loss, 1)
+
+    return fn
 
 
 def setup_forward(model, x, y):
@@ -75,8 +89,8 @@ def setup_forward_recorded(model, x, y):
 PROVIDERS = {
     "gradient": setup_gradient,
     "linearized": functools.partial(setup_hvp, grad_and_hvp_linearized),
-    "double_backprop": functools.partial(setup_hvp, grad_and_hvp_double_backprop),
-    "forward_over_reverse": functools.partial(setup_hvp, grad_and_hvp_forward),
+    "double_backprop": functools.partial(setup_hvp_twice_differentiable, grad_and_hvp_double_backprop),
+    "forward_over_reverse": functools.partial(setup_hvp_twice_differentiable, grad_and_hvp_forward),
     "forward": setup_forward,
     "forward_recorded": setup_forward_recorded,
 }

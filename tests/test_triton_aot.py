@@ -16,7 +16,7 @@ ARCHS = ["90", "80"]
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None and not REQUIRE_TRITON, reason="triton not installed")
 def test_kernels_compile_ahead_of_time_for_sm80_and_sm90():
-    from triton_aot_check import variants  # the variants declared beside the kernels, once per architecture
+    from tests.triton_aot_check import variants  # the variants declared beside the kernels, once per architecture
 
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     out = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot_check.py"), *ARCHS],
