@@ -3,7 +3,7 @@ goals, and the supporting tables, read from the suites' pytest-benchmark JSON fi
 
     python bench/summarize.py OUT_DIR --prefix PREFIX [--stages OUT_DIR/stages.tsv]
 
-reads ``OUT_DIR/PREFIX-{ascent_step,step,tangent,penalty,precision,scale_out}.json`` (missing suites are reported
+reads ``OUT_DIR/PREFIX-{ascent_step,step,tangent,penalty,precision,scale_out,step_beyond_relu}.json`` (missing suites are reported
 as missing) and the training runs under ``OUT_DIR/PREFIX-train/``, prints the summary and writes
 it to ``OUT_DIR/summary.md`` and ``OUT_DIR/PREFIX-summary.md``. Every figure is a ratio or a
 time measured in this run, on the machine named at the top; nothing is filled in by hand.
@@ -12,12 +12,13 @@ time measured in this run, on the machine named at the top; nothing is filled in
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 from dataclasses import dataclass
 
-SUITES = ("ascent_step", "step", "tangent", "penalty", "precision", "scale_out")
+SUITES = ("ascent_step", "step", "tangent", "penalty", "precision", "scale_out", "step_beyond_relu")
 METHODS = ("lfr", "pgd_at", "trades", "plain")
 # Median ms of one training step at batch 128, measured earlier on an H200 with torch 2.11 (the
 # last row by a prototype of the linearized pass): reference points to read this run against.
@@ -134,8 +135,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def step_table(suites: dict) -> list[str]:
-    rows, step = [], _rows(suites["step"])
+def step_table(suites: dict, suite: str = "step") -> list[str]:
+    rows, step = [], _rows(suites[suite])
     for row in step:
         info = row["extra_info"]
         pgd = _find(step, setup=info["setup"], batch=info["batch"], steps=info["steps"],
@@ -259,7 +260,9 @@ def render(out_dir: str, prefix: str, stages: str | None) -> str:
                          ("Inner step in gradients (`bench/bench_tangent.py`)", tangent_table),
                          ("Penalty call (`bench/bench_penalty.py`)", penalty_table),
                          ("Low precision (`bench/bench_precision.py`)", precision_table),
-                         ("Scale out (`bench/bench_scale_out.py`)", scale_out_table)):
+                         ("Scale out (`bench/bench_scale_out.py`)", scale_out_table),
+                         ("Training steps beyond ReLU: SiLU, ConvNeXt, ViT (`bench/bench_step.py`)",
+                          functools.partial(step_table, suite="step_beyond_relu"))):
         lines += ["", f"## {title}", ""] + table(suites)
     lines += ["", "## Training comparison (`lfr-train`, stage 4)", ""]
     lines += training_table(os.path.join(out_dir, f"{prefix}-train"))

@@ -178,18 +178,23 @@ bench() {  # bench SUITE LIMIT_S
   stage "bench-$1" "$2" "$PYTHON" -m pytest "bench/bench_$1.py" --benchmark-only -q -p no:cacheprovider \
     --benchmark-json "$OUT/$PREFIX-$1.json"
 }
+bench_step() {  # bench_step NAME LIMIT_S SETUPS: bench_step.py on some setups, results in PREFIX-NAME.json
+  stage "bench-$1" "$2" env LFR_BENCH_SETUPS="$3" "$PYTHON" -m pytest bench/bench_step.py --benchmark-only -q \
+    -p no:cacheprovider --benchmark-json "$OUT/$PREFIX-$1.json"
+}
 ignore_core=()
 for file in "${CORE_TESTS[@]}"; do ignore_core+=(--ignore "$file"); done
 
 stage tests-core 120 "$PYTHON" -m pytest "${CORE_TESTS[@]}" "${TEST_ARGS[@]}" --junitxml "$OUT/logs/tests-core.xml"
-bench step 90
+bench_step step 90 smallcnn_mnist_k40,resnet18_cifar_k10,resnet20_cifar_k10
 bench ascent_step 75
 stage tests-matrix 120 "$PYTHON" -m pytest tests "${ignore_core[@]}" "${TEST_ARGS[@]}" "${MATRIX_ONLY[@]}" \
   --junitxml "$OUT/logs/tests-matrix.xml"
-bench tangent 30
+bench tangent 45  # linearized vs double backprop per inner step, ReLU to attention
 bench precision 25
 bench penalty 30
 bench scale_out 120  # DDP at 1 (and 2) GPUs with NCCL, hvp='compiled' (Inductor compiles), captured, bf16, fp16
+bench_step step_beyond_relu 75 wrn16_4_silu_cifar_k10,convnext_tiny_cifar_k10,vit_tiny_cifar_k10
 
 # ---------------------------------------------------------------------------------------------
 # 4 training comparison, if time remains

@@ -15,7 +15,7 @@ from lfr_ext.hvp import (
     grad_and_hvp_linearized,
     penalty_linearized,
 )
-from lfr_ext.linearized import TangentTape, UnsupportedOpError
+from lfr_ext.linearized import DeclinedOpError, TangentTape, UnsupportedOpError
 from lfr_ext.models import SmallCNN, ViTCifar, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalty_at
 
@@ -234,6 +234,35 @@ def test_auto_picks_linearized_and_logs(caplog):
     with caplog.at_level(logging.DEBUG, logger="lfr_ext"):
         lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=1)
     assert "hvp='auto' -> linearized" in caplog.text
+
+
+def test_a_declined_op_class_is_refused_by_name_and_class():
+    model, x, _ = _make("vit_block")
+    x = x.requires_grad_(True)
+    with pytest.raises(DeclinedOpError, match=r"`torch.nn.functional.multi_head_attention_forward` is attention.*slow"):
+        with TangentTape(x, declined={"attention": "measured slow"}):
+            model(x)
+    with TangentTape(x, declined={"batch statistics": "measured slow"}) as tape:  # other classes still record
+        logits = model(x)
+    assert tape.carries(logits) and tape.source_dependent_classes == {"normalisation", "smooth activation", "attention"}
+
+
+@pytest.mark.parametrize("name, on_linearized", [("convnext_block", True), ("vit_block", "attention" not in
+                                                                              lfr_ext.hvp.AUTO_DECLINED_CLASSES)])
+def test_auto_follows_the_measured_policy(name, on_linearized, caplog, recwarn):
+    """auto runs a declined class (lfr_ext.hvp.AUTO_DECLINED_CLASSES) by double backprop, saying so
+    in the log, not as a coverage warning; the result is the exact one either way."""
+    model, x, y = _make(name, train=True)
+    with lfr_ext.hvp.CACHE.scoped(), caplog.at_level(logging.DEBUG, logger="lfr_ext"):
+        torch.manual_seed(5)
+        auto = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2)
+        engine = lfr_ext.hvp.SecondOrderEngine("auto", model, default_loss=True)
+        assert engine.method == ("linearized" if on_linearized else "double_backprop")
+    assert ("leaves to double backprop" in caplog.text) != on_linearized
+    assert not any("falls back" in str(w.message) for w in recwarn.list)
+    torch.manual_seed(5)
+    exact = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, hvp="double_backprop")
+    assert _rel_err(auto, exact) < 1e-10
 
 
 def test_custom_loss_falls_back_and_linearized_refuses():
