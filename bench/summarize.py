@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 SUITES = ("ascent_step", "step", "tangent", "penalty", "precision", "scale_out", "step_beyond_relu")
 METHODS = ("lfr", "pgd_at", "trades", "plain")
-# Median ms of one training step at batch 128, measured earlier on an H200 with torch 2.11 (the
-# last row by a prototype of the linearized pass): reference points to read this run against.
+# Median ms of one training step at batch 128, measured on an H200 with torch 2.11 before
+# 2026-11-26 (lfr_ext_captured: an earlier implementation of the linearized pass, outside this
+# repository; no raw data in bench/results/): reference points to read this run against.
 ANCHORS_H200 = {
     ("smallcnn_mnist_k40", "pgd_at"): 64.3, ("smallcnn_mnist_k40", "pgd_at_captured"): 16.5,
     ("smallcnn_mnist_k40", "authors_lfr"): 141.6, ("smallcnn_mnist_k40", "lfr_ext_captured"): 33.3,
@@ -153,7 +154,7 @@ def anchors_table(suites: dict) -> list[str]:
     for (setup, provider), anchor in ANCHORS_H200.items():
         row = _find(_rows(suites["step"]), setup=setup, provider=provider)
         rows.append([setup, provider, f"{anchor:.1f} ms", _fmt(None if row is None else _median(row) * 1e3, " ms", 1)])
-    return _table(["setup", "provider", "anchor (H200, torch 2.11; lfr_ext_captured: a prototype)", "this run"], rows)
+    return _table(["setup", "provider", "anchor (H200, torch 2.11; lfr_ext_captured: an earlier implementation)", "this run"], rows)
 
 
 def ascent_step_table(suites: dict) -> list[str]:

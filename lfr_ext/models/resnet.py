@@ -20,7 +20,7 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
-def _init_weights(model: nn.Module) -> None:
+def init_weights(model: nn.Module) -> None:
     """Kaiming-normal convolutions, unit BatchNorm, default linear (torchvision's scheme)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -90,7 +90,7 @@ class _StageNet(nn.Module):
         self.blocks = nn.Sequential(*stages)
         self.final_bn = nn.BatchNorm2d(cin) if preact else None
         self.fc = nn.Linear(cin, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.stem(x)

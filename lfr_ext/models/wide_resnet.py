@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .resnet import init_weights
+
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
 
@@ -59,14 +61,8 @@ class WideResNet(nn.Module):
         self.act = act()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        init_weights(self)
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x):
         out = self.act(self.bn(self.blocks(self.stem(x))))
