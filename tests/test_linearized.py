@@ -16,7 +16,7 @@ from lfr_ext.hvp import (
     penalty_linearized,
 )
 from lfr_ext.linearized import DeclinedOpError, TangentTape, UnsupportedOpError
-from lfr_ext.models import SmallCNN, ViTCifar, WideResNet
+from lfr_ext.models import ConvNeXtCifar, SmallCNN, ViTCifar, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalty_at
 
 from tests.models_for_tests import (BNNet, ConvNeXtBlockNet, GeluLayerNormNet, LeakyAvgNet, MaskedAttentionWeightsNet,
@@ -37,6 +37,7 @@ MODELS = {
                                                  nn.ELU(inplace=True), nn.Linear(8, 3)), (4, 6), 3),
     # Attention: softmax and products of two input-dependent tensors.
     "vit_block": (lambda: ViTCifar(num_classes=5, image_size=8, patch=4, dim=12, depth=1, heads=2), (3, 3, 8, 8), 5),
+    "convnext_cifar": (lambda: ConvNeXtCifar(num_classes=5, dims=(4, 8), depths=(1, 1)), (3, 3, 8, 8), 5),
     "attention_written_out": (WrittenOutAttentionNet, (3, 24), 3),
     "attention_masks_weights": (MaskedAttentionWeightsNet, (3, 24), 3),
 }
