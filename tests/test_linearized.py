@@ -237,6 +237,23 @@ def test_auto_picks_linearized_and_logs(caplog):
     assert "hvp='auto' -> linearized" in caplog.text
 
 
+def test_attention_dropout_is_refused_by_name():
+    """Attention dropout draws its mask inside the kernel, where the tape cannot read it."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    attention = nn.MultiheadAttention(6, 2, dropout=0.5, batch_first=True).double().train()
+    with pytest.raises(UnsupportedOpError, match="multi_head_attention_forward with dropout in training"):
+        with TangentTape(x):
+            attention(x, x, x, need_weights=False)
+    with TangentTape(x) as tape:  # in eval mode its dropout is off: covered
+        out = attention.eval()(x, x, x, need_weights=False)[0]
+    assert tape.carries(out)
+    with pytest.raises(UnsupportedOpError, match="scaled_dot_product_attention with dropout_p > 0"):
+        with TangentTape(x):
+            q = x.view(2, 4, 2, 3).transpose(1, 2)
+            nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+
+
 def test_a_declined_op_class_is_refused_by_name_and_class():
     model, x, _ = _make("vit_block")
     x = x.requires_grad_(True)
