@@ -7,10 +7,13 @@ the penalty needs ``grad_theta mean_i ||g_i||_q``.
 ==================== ====================================================================
 ``double_backprop``  the authors' way: ``create_graph=True`` and a gradient of a gradient
                      (exact, any model; ~4.7x a gradient per HVP on GPU)
-``linearized``       the exact linearized tangent pass (:mod:`lfr_ext.linearized`): for
-                     networks piecewise linear in x and the cross-entropy loss,
+``linearized``       the exact linearized tangent pass (:mod:`lfr_ext.linearized`), for the
+                     cross-entropy loss: for networks piecewise linear in x,
                      ``H v = J^T (diag(p) - p p^T) J v``: one tangent pass plus one VJP
-                     through the graph the gradient pass kept (~2 gradients per step). The
+                     through the graph the gradient pass kept (~2 gradients per step); for
+                     any other network of covered ops (smooth activations, normalisations,
+                     softmax, attention) ``H v = grad_x[(p - e_y)^T J(x) v]``, the tangent
+                     replayed under autograd and one more backward. The
                      penalty's weight gradient backprops ``sum_i (p_i - e_{y_i})^T (J s)_i``
                      with ``s = d||g||_q/dg`` fixed, which equals ``sum_i ||g_i||_q`` as a
                      function of the weights around the current point: exact, train-mode
@@ -349,7 +352,9 @@ class SecondOrderEngine:
     def _linearized(self, kind: str, x_adv: torch.Tensor, run: Callable[[bool], tuple]) -> Result | None:
         """``run(verify) -> (value, couples)``, verified the first time for this model and modes
         (not while a CUDA graph is being captured: verification syncs). None when the recording
-        was refused under ``auto``: the refusal is in :data:`CACHE` and the RNG rewound."""
+        was refused under ``auto``: the refusal is in :data:`CACHE`. A pass that was being
+        verified rewinds the RNG when refused (so the double-backprop redo draws the same noise
+        and Dropout masks); a refusal after verification (data-dependent control flow) does not."""
         key = self._key(kind)
         verified = CACHE.verified.get(self.model, {})
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -358,10 +363,10 @@ class SecondOrderEngine:
         try:
             value, couples = run(verify)
         except UnsupportedOpError as error:
-            if self.requested != "auto":
-                raise
             if rng is not None:
                 rng.rewind()
+            if self.requested != "auto":
+                raise
             self._remember_refusal(error)
             return None
         if verify:

@@ -258,7 +258,8 @@ def flatness_penalty(
             or ``"eval"``. The ascent always runs in eval mode. See the module docstring.
         hvp: how the second-order products are computed (:mod:`lfr_ext.hvp`): ``"auto"``
             (default: the exact linearized tangent pass when the loss is the default
-            cross-entropy and the model is piecewise linear in x, else double backprop),
+            cross-entropy and every op of the model has a rule, except the op classes
+            measured slower there, ``lfr_ext.hvp.AUTO_DECLINED_CLASSES``; else double backprop),
             ``"linearized"``, ``"double_backprop"`` (the authors'), ``"forward"``,
             ``"finite_difference"`` (an approximation, never chosen by auto).
         impl: implementation of the fused ascent op (``"auto"``, ``"cpu"``, ``"cuda"``,

@@ -254,6 +254,55 @@ def test_attention_dropout_is_refused_by_name():
             nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
 
 
+def test_fully_masked_attention_rows_are_zero_as_in_pytorch():
+    """A query row whose keys are all masked is 0 in PyTorch's attention (not NaN): so are its
+    tangent and its HVP, through SDPA's boolean mask and a fully padded sample of
+    nn.MultiheadAttention."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(6, 2, batch_first=True).double()
+    keep = torch.tensor([[True, True, False, True], [False] * 4, [True] * 4, [True, False, False, False]])
+    padding = torch.tensor([[False, False, True, False], [True] * 4])
+
+    class Masked(nn.Module):
+        def forward(self, x):
+            q = x.view(2, 4, 2, 3).transpose(1, 2)
+            masked = nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=keep).transpose(1, 2)
+            padded = attention(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+            return (masked.reshape(2, 4, 6) + padded).flatten(1)
+
+    model = Masked()
+    x = torch.rand(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn_like(x)
+    with TangentTape(x) as tape:
+        out = model(x)
+    got = tape.tangent(v, out)
+    assert torch.isfinite(got).all()
+    assert _rel_err(got, _double_vjp_jvp(model, x, v, seed=0)) < 1e-12
+    head = nn.Linear(24, 3).double()
+    net = nn.Sequential(model, head)
+    y = torch.tensor([0, 2])
+    with sdpa_kernel(SDPBackend.MATH):
+        g_ref, h_ref = grad_and_hvp_double_backprop(net, x, y, default_loss, 1)
+    g, h = grad_and_hvp_linearized(net, x, y, default_loss, 1, verify=True)
+    assert _rel_err(g, g_ref) < 1e-12 and _rel_err(h, h_ref) < 1e-10
+
+
+def test_inplace_write_to_a_tensor_a_recorded_map_reads_is_refused():
+    """tanh's tangent reads its output: writing that output in place afterwards would change
+    the recorded map (autograd refuses the same for its saved tensors)."""
+    z = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    with TangentTape(z) as tape:
+        a = torch.tanh(z * 1.0)
+        a.mul_(3)
+    with pytest.raises(UnsupportedOpError, match="in-place write, after it was recorded"):
+        tape.tangent(torch.ones_like(z), a)
+    with TangentTape(z) as tape:  # SiLU's reads its input: writing its output is fine
+        b = nn.functional.silu(z * 1.0)
+        b.mul_(3)
+    expected = 3 * torch.func.jvp(nn.functional.silu, (z.detach(),), (torch.ones_like(z),))[1]
+    torch.testing.assert_close(tape.tangent(torch.ones_like(z), b), expected, rtol=1e-12, atol=0)
+
+
 def test_a_declined_op_class_is_refused_by_name_and_class():
     model, x, _ = _make("vit_block")
     x = x.requires_grad_(True)

@@ -41,6 +41,7 @@ def softmax(tape, func, name, args, kwargs):
     dim = _dim_of(name, args, kwargs)
     out = func(*args, **kwargs)
     tape.depends_on_source_through("softmax", name)
+    tape.keep(out)
 
     def tangent(t):  # softmax's Jacobian is symmetric: its JVP is ATen's fused backward kernel
         return torch.ops.aten._softmax_backward_data(t.to(out.dtype), out, dim, out.dtype)
@@ -67,11 +68,15 @@ def log_softmax(tape, func, name, args, kwargs):
 # Scaled dot-product attention
 # ---------------------------------------------------------------------------------------
 def _probabilities(q, k, additive_mask, scale: float):
-    """``softmax(scale * q k^T + additive_mask)`` (..., L, S), differentiable in q and k."""
+    """``softmax(scale * q k^T + additive_mask)`` (..., L, S), differentiable in q and k. A row
+    whose keys are all masked is 0, as PyTorch's attention gives it (a plain softmax gives NaN);
+    its scores are zeroed first, so that no NaN reaches the backward either."""
     scores = (q @ k.transpose(-2, -1)) * scale
-    if additive_mask is not None:
-        scores = scores + additive_mask
-    return torch.softmax(scores, dim=-1)
+    if additive_mask is None:
+        return torch.softmax(scores, dim=-1)
+    scores = scores + additive_mask
+    blocked = torch.isneginf(additive_mask).all(-1, keepdim=True)
+    return torch.softmax(scores.masked_fill(blocked, 0.0), dim=-1).masked_fill(blocked, 0.0)
 
 
 def _additive(mask, true_means_masked: bool, like: torch.Tensor):
@@ -132,6 +137,7 @@ def scaled_dot_product_attention(tape, func, name, args, kwargs):
     additive = _causal(q.size(-2), k.size(-2), q) if a.get("is_causal", False) else _additive(mask, False, q)
     probabilities = _probabilities(q, k, additive, scale)
     tape.depends_on_source_through("attention", name)
+    tape.keep(a["query"], a["key"], a["value"])
 
     def tangent(tq, tk, tv):
         if group > 1:

@@ -184,7 +184,8 @@ def product(tape, func, name, args, kwargs):
     out = func(*args, **kwargs)
     outplace = _OUTPLACE.get(name, func)
     if carries_b and (carries_a or is_div):
-        tape.depends_on_source_through("attention", name)
+        tape.depends_on_source_through("product", name)
+        tape.keep(a, b, out) if is_div else tape.keep(a, b)
         if is_div:
             def tangent(ta, tb):
                 return ((0 if ta is None else ta) - out * tb) / b
@@ -201,6 +202,7 @@ def product(tape, func, name, args, kwargs):
         def tangent(t):
             return outplace(a, t, *rest, **kw)
         source = b
+    tape.keep(b if carries_a else a)  # the constant operand the tangent reads
     tape.emit([out], tangent, [source])
     return out
 
@@ -362,10 +364,10 @@ def _sigmoid_tangent(z, out, args, kwargs):
     return lambda t: _ATEN.sigmoid_backward(t.to(out.dtype), out)
 
 
-def smooth(tangent_of, inplace_at: int | None = None):
+def smooth(tangent_of, inplace_at: int | None = None, reads_output: bool = False):
     """The rule of an elementwise activation whose tangent map at input ``z`` (output ``out``) is
     ``tangent_of(z, out, args, kwargs)``; ``inplace_at``: the position of its ``inplace``
-    argument, if it has one."""
+    argument, if it has one; ``reads_output``: the map reads ``out`` (else ``z``)."""
 
     def rule(tape, func, name, args, kwargs):
         z = args[0]
@@ -377,6 +379,7 @@ def smooth(tangent_of, inplace_at: int | None = None):
             z = z.clone()
         out = func(*args, **kwargs)
         tape.depends_on_source_through("smooth activation", name)
+        tape.keep(out if reads_output else z)
         tape.emit([out], tangent_of(z, None if inplace else out, args, kwargs), [args[0]])
         return out
 
@@ -589,8 +592,8 @@ _register([_F + "silu"], smooth(_silu_tangent, inplace_at=1))
 _register([_F + "gelu"], smooth(_gelu_tangent))
 _register([_F + "softplus"], smooth(_softplus_tangent))
 _register([_F + "elu", _F + "elu_"], smooth(_elu_tangent, inplace_at=2))
-_register(["torch.tanh", _T + "tanh", _F + "tanh"], smooth(_tanh_tangent))
-_register(["torch.sigmoid", _T + "sigmoid", _F + "sigmoid"], smooth(_sigmoid_tangent))
+_register(["torch.tanh", _T + "tanh", _F + "tanh"], smooth(_tanh_tangent, reads_output=True))
+_register(["torch.sigmoid", _T + "sigmoid", _F + "sigmoid"], smooth(_sigmoid_tangent, reads_output=True))
 _register(["torch.softmax", _T + "softmax", _F + "softmax"], softmax)
 _register(["torch.log_softmax", _T + "log_softmax", _F + "log_softmax"], log_softmax)
 _register([_F + "scaled_dot_product_attention"], scaled_dot_product_attention)

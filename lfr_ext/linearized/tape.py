@@ -84,6 +84,8 @@ class TangentTape(TorchFunctionMode):
         self._slots: dict[int, int] = {id(source): 0}
         self._alive: list = [source]  # keeps ids unique while the tape lives
         self._viewed: set[int] = set()  # ids of tensors that a recorded view aliases
+        # Tensors of the model's that recorded maps read, with their version then (see keep()).
+        self._kept: list[tuple[torch.Tensor, int]] = []
         self._program: list[tuple[Callable, tuple, tuple]] = []
         self._num_slots = 1
         self.couples_samples = False  # True once an op mixes samples (batch statistics)
@@ -118,12 +120,19 @@ class TangentTape(TorchFunctionMode):
 
     def depends_on_source_through(self, op_class: str, name: str) -> None:
         """A rule's linear map depends on the source: ``op_class`` is one of ``"batch statistics"``,
-        ``"normalisation"``, ``"smooth activation"``, ``"softmax"``, ``"attention"`` (attention
-        kernels and products of two input-dependent tensors). Refused if the class is declined."""
+        ``"normalisation"``, ``"smooth activation"``, ``"softmax"``, ``"attention"`` (the attention
+        functions) or ``"product"`` (of two input-dependent tensors: gates, attention written out).
+        Refused if the class is declined."""
         if op_class in self._declined:
             raise DeclinedOpError(name, op_class, self._declined[op_class])
         self.depends_on_source = True
         self.source_dependent_classes.add(op_class)
+
+    def keep(self, *tensors) -> None:
+        """A recorded map reads these tensors of the forward's (an activation's input or output,
+        a product's operands): :meth:`tangent` refuses to replay once one of them was written in
+        place after it was recorded (autograd's own saved-tensor check, for the tape)."""
+        self._kept.extend((t, t._version) for t in tensors if isinstance(t, torch.Tensor))
 
     def check_inplace_target(self, target: torch.Tensor, name: str) -> None:
         """An in-place op on a tensor that aliases another recorded tensor would silently
@@ -221,6 +230,10 @@ class TangentTape(TorchFunctionMode):
         on; run it under ``torch.no_grad()`` when only the value is needed."""
         if not self.carries(output):
             return torch.zeros_like(output)
+        for kept, version in self._kept:
+            if kept._version != version:
+                raise UnsupportedOpError("an in-place write, after it was recorded, to a tensor that a recorded linear "
+                                         f"map reads (shape {tuple(kept.shape)})")
         env: list = [None] * self._num_slots
         env[0] = v
         for fn, in_slots, out_slots in self._program:
