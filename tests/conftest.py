@@ -41,3 +41,12 @@ def pytest_runtest_makereport(item, call):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def exact_fp32():
+    """TF32 off for parity checks, restored afterwards (the flags are process-global)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

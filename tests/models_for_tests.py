@@ -205,3 +205,30 @@ class MaskedAttentionWeightsNet(nn.Module):
         padding[:, 3] = True
         out, weights = self.attn(tokens, tokens, tokens, attn_mask=blocked, key_padding_mask=padding)
         return self.head(torch.cat([out.mean(0), weights.mean(1)], dim=-1))
+
+
+class LinearToy(nn.Module):
+    """Score s = w . (x - 0.5) over 4 pixels with w = 1: logits (s, -s, -10, -10). Classes 2
+    and 3 never win (they are there because AutoAttack's targeted DLR loss needs 4 classes).
+    For an L-inf attacker of radius eps, a sample is robust iff it is correct and |s| > 4 eps."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))  # torchattacks finds the device through the parameters
+
+    def forward(self, x):
+        s = ((x - 0.5).flatten(1) * self.w).sum(1)
+        never = torch.full_like(s, -10.0)
+        return torch.stack([s, -s, never, never], dim=1)
+
+
+# Scores and labels: sample 3 is misclassified (s > 0 but label 1).
+
+
+TOY_SCORES = [0.1, 0.15, 0.3, 0.6, -0.05, -0.15, -0.35, -0.8]
+TOY_LABELS = [0, 0, 0, 1, 1, 1, 1, 1]
+
+
+def toy_data():
+    x = torch.tensor(TOY_SCORES).view(-1, 1, 1, 1).expand(-1, 1, 2, 2) / 4 + 0.5
+    return x.contiguous(), torch.tensor(TOY_LABELS)

@@ -26,15 +26,6 @@ KW = dict(lam=0.02, eps=0.1, step_size=0.02, steps=3)
 META = torch.device("meta")  # stands in for a GPU tensor in the CPU checks of the rules
 
 
-@pytest.fixture
-def exact_fp32():
-    """TF32 off for parity checks, restored afterwards (the flags are process-global)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _setup(device="cpu", drop=0.0, model="small_cnn", optimizer="sgd", dtype=torch.float32):
     torch.manual_seed(0)
     if model == "small_cnn":

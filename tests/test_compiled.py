@@ -11,7 +11,7 @@ from lfr_ext.models import SmallCNN
 from lfr_ext.reference import flatness_ascent_reference
 
 from tests.models_for_tests import TinyResNet
-from tests.test_linearized import _assert_grads_close, _params_grads, _rel_err
+from tests.utils import assert_grads_close, params_grads, rel_err
 
 pytestmark = pytest.mark.skipif(compiled.compile_support_problem() is not None,
                                 reason=str(compiled.compile_support_problem()))
@@ -33,9 +33,9 @@ def _equals_double_backprop(name):
     for hvp in ("double_backprop", "compiled"):
         torch.manual_seed(5)
         value = lfr_ext.flatness_penalty(model, x, y, hvp=hvp, **KW)
-        results[hvp] = (value, _params_grads(model, value))
-    assert _rel_err(results["compiled"][0], results["double_backprop"][0]) < 1e-12
-    _assert_grads_close(results["compiled"][1], results["double_backprop"][1], 1e-10)
+        results[hvp] = (value, params_grads(model, value))
+    assert rel_err(results["compiled"][0], results["double_backprop"][0]) < 1e-12
+    assert_grads_close(results["compiled"][1], results["double_backprop"][1], 1e-10)
     model.eval()
     points = []
     for hvp in ("double_backprop", "compiled"):
@@ -88,13 +88,13 @@ def test_gradients_reach_the_parameters_of_the_call(monkeypatch):
     monkeypatch.setenv("LFR_EXT_COMPILE_BACKEND", "aot_eager")
     model, x, y = _problem("resnet_bn")
     torch.manual_seed(5)
-    expected = _params_grads(model, lfr_ext.flatness_penalty(model, x, y, hvp="double_backprop", **KW))
+    expected = params_grads(model, lfr_ext.flatness_penalty(model, x, y, hvp="double_backprop", **KW))
     for _ in range(2):
         with fresh_parameter_leaves(model) as leaves:
             torch.manual_seed(5)
-            inside = _params_grads(model, lfr_ext.flatness_penalty(model, x, y, hvp="compiled", **KW))
-        _assert_grads_close(inside, expected, 1e-10)
+            inside = params_grads(model, lfr_ext.flatness_penalty(model, x, y, hvp="compiled", **KW))
+        assert_grads_close(inside, expected, 1e-10)
         torch.manual_seed(5)
-        after = _params_grads(model, lfr_ext.flatness_penalty(model, x, y, hvp="compiled", **KW))
-        _assert_grads_close(after, expected, 1e-10)
+        after = params_grads(model, lfr_ext.flatness_penalty(model, x, y, hvp="compiled", **KW))
+        assert_grads_close(after, expected, 1e-10)
     assert leaves

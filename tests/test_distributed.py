@@ -19,7 +19,6 @@ from lfr_ext.training.methods import METHOD_STEPS
 
 from tests.dist_helpers import free_port, relative_errors, run_on_ranks
 from tests.models_for_tests import TinyResNet
-from tests.test_captured import exact_fp32  # noqa: F401  (fixture: TF32 off, restored)
 from tests.utils import requires_cuda
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

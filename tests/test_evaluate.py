@@ -1,7 +1,6 @@
 """Evaluation: torchattacks without torchvision, attack numbers on a toy model checked by hand,
 the gradient-masking checks, the end-to-end evaluation of a trained run, and the report."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,14 +8,12 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from lfr_ext.evaluation.attacks import INSTALL_COMMAND, AttackSuite, accuracy_vs_eps, require_torchattacks, run_attacks
 from lfr_ext.evaluation.sanity import accuracy_reaches_zero, black_box_not_better, stronger_attacks_not_weaker
 
-HAVE_TORCHATTACKS = importlib.util.find_spec("torchattacks") is not None
-needs_torchattacks = pytest.mark.skipif(
-    not HAVE_TORCHATTACKS, reason=f"torchattacks not installed (optional extra; CI installs it: {INSTALL_COMMAND})")
+from tests.models_for_tests import LinearToy, toy_data
+from tests.utils import HAVE_TORCHATTACKS, needs_torchattacks
 
 
 @needs_torchattacks
@@ -40,31 +37,6 @@ def test_missing_torchattacks_names_the_install_command(monkeypatch, capsys):
 
     assert main(["runs/does-not-matter"]) == 2
     assert INSTALL_COMMAND in capsys.readouterr().err
-
-
-class LinearToy(nn.Module):
-    """Score s = w . (x - 0.5) over 4 pixels with w = 1: logits (s, -s, -10, -10). Classes 2
-    and 3 never win (they are there because AutoAttack's targeted DLR loss needs 4 classes).
-    For an L-inf attacker of radius eps, a sample is robust iff it is correct and |s| > 4 eps."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(4))  # torchattacks finds the device through the parameters
-
-    def forward(self, x):
-        s = ((x - 0.5).flatten(1) * self.w).sum(1)
-        never = torch.full_like(s, -10.0)
-        return torch.stack([s, -s, never, never], dim=1)
-
-
-# Scores and labels: sample 3 is misclassified (s > 0 but label 1).
-TOY_SCORES = [0.1, 0.15, 0.3, 0.6, -0.05, -0.15, -0.35, -0.8]
-TOY_LABELS = [0, 0, 0, 1, 1, 1, 1, 1]
-
-
-def toy_data():
-    x = torch.tensor(TOY_SCORES).view(-1, 1, 1, 1).expand(-1, 1, 2, 2) / 4 + 0.5
-    return x.contiguous(), torch.tensor(TOY_LABELS)
 
 
 @needs_torchattacks

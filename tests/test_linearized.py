@@ -21,7 +21,7 @@ from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalt
 
 from tests.models_for_tests import (BNNet, ConvNeXtBlockNet, GeluLayerNormNet, LeakyAvgNet, MaskedAttentionWeightsNet,
                                      SineNet, SmoothZooNet, TinyResNet, WrittenOutAttentionNet)
-from tests.utils import DEVICES
+from tests.utils import DEVICES, assert_grads_close, double_vjp_jvp, params_grads, rel_err
 
 MODELS = {
     "small_cnn": (lambda: SmallCNN(zero_init_last=False), (3, 1, 28, 28), 10),  # one shared in-place ReLU
@@ -53,23 +53,6 @@ def _make(name, dtype=torch.float64, train=False, seed=0, device="cpu"):
     return model, x, y
 
 
-def _rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def _double_vjp_jvp(model, x, v, seed):
-    """J v by the double-VJP trick, an independent oracle (same Dropout masks via the seed;
-    attention on its twice-differentiable math backend)."""
-    torch.manual_seed(seed)
-    x = x.detach().requires_grad_(True)
-    with sdpa_kernel(SDPBackend.MATH):
-        out = model(x)
-    u = torch.zeros_like(out, requires_grad=True)
-    (gx,) = torch.autograd.grad(out, x, u, create_graph=True)
-    (jv,) = torch.autograd.grad(gx, u, v)
-    return jv
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("train", [False, True])
@@ -81,8 +64,8 @@ def test_tangent_pass_is_the_jacobian(name, train, device):
     with TangentTape(x) as tape:
         logits = model(x)
     got = tape.tangent(v, logits)
-    expected = _double_vjp_jvp(model, x, v, seed=1)
-    assert _rel_err(got, expected) < 1e-12
+    expected = double_vjp_jvp(model, x, v, seed=1)
+    assert rel_err(got, expected) < 1e-12
     assert tape.couples_samples == (train and name in COUPLED_IN_TRAIN)
 
 
@@ -94,25 +77,9 @@ def test_inner_step_gradient_and_hvp(name, q, device):
     with sdpa_kernel(SDPBackend.MATH):  # the oracle differentiates attention twice
         g_ref, h_ref = grad_and_hvp_double_backprop(model, x, y, default_loss, q)
     g, h = grad_and_hvp_linearized(model, x, y, default_loss, q)  # attention on PyTorch's default kernels
-    assert _rel_err(g, g_ref) < 1e-12
-    assert _rel_err(h, h_ref) < 1e-10
+    assert rel_err(g, g_ref) < 1e-12
+    assert rel_err(h, h_ref) < 1e-10
     assert torch.equal(torch.sign(h), torch.sign(h_ref)) or (torch.sign(h) != torch.sign(h_ref)).float().mean() < 1e-3
-
-
-def _assert_grads_close(got, expected, rtol):
-    """Per parameter ``||a - b|| <= rtol ||b||``, except that parameters whose true gradient is
-    0 (a conv bias before train-mode BatchNorm) are held to rounding of the overall scale."""
-    scale = torch.sqrt(sum((b.norm() ** 2 for b in expected if b is not None), torch.tensor(0.0, dtype=torch.float64)))
-    floor = 64 * torch.finfo(expected[0].dtype).eps * scale
-    for a, b in zip(got, expected):
-        assert (a is None) == (b is None)
-        if b is not None:
-            assert (a - b).norm() <= rtol * b.norm() + floor, ((a - b).norm(), b.norm())
-
-
-def _params_grads(model, value):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -129,10 +96,10 @@ def test_flatness_penalty_linearized_equals_double_backprop_fp64(name, q, penalt
         torch.manual_seed(5)  # same start noise and Dropout masks
         value = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=4, q=q, hvp=hvp,
                                          penalty_mode=penalty_mode)
-        results[hvp] = (value, _params_grads(model, value))
+        results[hvp] = (value, params_grads(model, value))
     (ref, ref_grads), (got, got_grads) = results["double_backprop"], results["linearized"]
-    assert _rel_err(got, ref) < 1e-10
-    _assert_grads_close(got_grads, ref_grads, 1e-10)
+    assert rel_err(got, ref) < 1e-10
+    assert_grads_close(got_grads, ref_grads, 1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -155,9 +122,9 @@ def test_flatness_penalty_fp32(name):
     for hvp in ("double_backprop", "linearized"):
         torch.manual_seed(2)
         value = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=3, hvp=hvp)
-        values[hvp] = (value, _params_grads(model, value))
-    assert _rel_err(values["linearized"][0], values["double_backprop"][0]) < 1e-4
-    _assert_grads_close(values["linearized"][1], values["double_backprop"][1], 1e-4)
+        values[hvp] = (value, params_grads(model, value))
+    assert rel_err(values["linearized"][0], values["double_backprop"][0]) < 1e-4
+    assert_grads_close(values["linearized"][1], values["double_backprop"][1], 1e-4)
 
 
 def test_penalty_gradient_wrt_point():
@@ -169,7 +136,7 @@ def test_penalty_gradient_wrt_point():
     torch.manual_seed(0)
     z = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(penalty_at(model, z, y, q=1).sum(), z)
-    assert _rel_err(got, expected) < 1e-10
+    assert rel_err(got, expected) < 1e-10
 
 
 def test_train_batchnorm_outer_gradient_is_exact_for_every_method():
@@ -180,9 +147,9 @@ def test_train_batchnorm_outer_gradient_is_exact_for_every_method():
     for hvp in ("double_backprop", "linearized", "forward", "finite_difference"):
         torch.manual_seed(3)
         value = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=0, hvp=hvp)
-        grads[hvp] = _params_grads(model, value)
+        grads[hvp] = params_grads(model, value)
     for hvp in ("linearized", "forward", "finite_difference"):
-        _assert_grads_close(grads[hvp], grads["double_backprop"], 1e-10)
+        assert_grads_close(grads[hvp], grads["double_backprop"], 1e-10)
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet_bn"])
@@ -190,7 +157,7 @@ def test_forward_mode_hvp_exact(name):
     model, x, y = _make(name, train=False)
     g_ref, h_ref = grad_and_hvp_double_backprop(model, x, y, default_loss, 1)
     g, h = grad_and_hvp_forward(model, x, y, default_loss, 1)
-    assert _rel_err(g, g_ref) < 1e-12 and _rel_err(h, h_ref) < 1e-10
+    assert rel_err(g, g_ref) < 1e-12 and rel_err(h, h_ref) < 1e-10
 
 
 def test_finite_difference_is_an_approximation():
@@ -211,7 +178,7 @@ def test_relu_kink_convention():
     v = torch.randn_like(x)
     with TangentTape(x.requires_grad_(True)) as tape:
         out = model(x)
-    assert _rel_err(tape.tangent(v, out), _double_vjp_jvp(model, x, v, seed=0)) < 1e-14
+    assert rel_err(tape.tangent(v, out), double_vjp_jvp(model, x, v, seed=0)) < 1e-14
     g_ref, h_ref = grad_and_hvp_double_backprop(model, x, torch.tensor([0, 1, 2, 0, 1]), default_loss, 1)
     g, h = grad_and_hvp_linearized(model, x, torch.tensor([0, 1, 2, 0, 1]), default_loss, 1)
     assert torch.allclose(h, h_ref, rtol=1e-12, atol=1e-15)
@@ -277,14 +244,14 @@ def test_fully_masked_attention_rows_are_zero_as_in_pytorch():
         out = model(x)
     got = tape.tangent(v, out)
     assert torch.isfinite(got).all()
-    assert _rel_err(got, _double_vjp_jvp(model, x, v, seed=0)) < 1e-12
+    assert rel_err(got, double_vjp_jvp(model, x, v, seed=0)) < 1e-12
     head = nn.Linear(24, 3).double()
     net = nn.Sequential(model, head)
     y = torch.tensor([0, 2])
     with sdpa_kernel(SDPBackend.MATH):
         g_ref, h_ref = grad_and_hvp_double_backprop(net, x, y, default_loss, 1)
     g, h = grad_and_hvp_linearized(net, x, y, default_loss, 1, verify=True)
-    assert _rel_err(g, g_ref) < 1e-12 and _rel_err(h, h_ref) < 1e-10
+    assert rel_err(g, g_ref) < 1e-12 and rel_err(h, h_ref) < 1e-10
 
 
 def test_inplace_write_to_a_tensor_a_recorded_map_reads_is_refused():
@@ -329,7 +296,7 @@ def test_auto_follows_the_measured_policy(name, on_linearized, caplog, recwarn):
     assert not any("falls back" in str(w.message) for w in recwarn.list)
     torch.manual_seed(5)
     exact = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, hvp="double_backprop")
-    assert _rel_err(auto, exact) < 1e-10
+    assert rel_err(auto, exact) < 1e-10
 
 
 def test_custom_loss_falls_back_and_linearized_refuses():
@@ -352,7 +319,7 @@ def test_per_sample_penalty_with_coupled_batchnorm():
     ref = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, reduction="none", init_std=0.0,
                                    hvp="double_backprop")
     for i in range(len(x)):  # each sample's penalty has its own exact gradient
-        _assert_grads_close(_params_grads(model, auto[i]), _params_grads(model, ref[i]), 1e-10)
+        assert_grads_close(params_grads(model, auto[i]), params_grads(model, ref[i]), 1e-10)
     with pytest.raises(ValueError, match="couples samples"):
         lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, reduction="none", hvp="linearized")
 
@@ -419,11 +386,11 @@ def test_input_aliases_made_by_a_pre_hook_carry_the_tangent():
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).double()
     x = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
     v = torch.randn_like(x)
-    expected = _double_vjp_jvp(model, x, v, seed=0)
+    expected = double_vjp_jvp(model, x, v, seed=0)
     handle = model[2].register_forward_pre_hook(alias_hook)
     with TangentTape(x) as tape, tape.through_input_aliases([model[2]]):
         logits = model(x)
-    assert _rel_err(tape.tangent(v, logits), expected) < 1e-12
+    assert rel_err(tape.tangent(v, logits), expected) < 1e-12
     with TangentTape(x) as tape:  # without it, the alias breaks the chain
         logits = model(x)
     assert not tape.carries(logits)

@@ -11,8 +11,7 @@ from torch import nn
 import lfr_ext
 from lfr_ext.linearized import TangentTape
 
-from tests.test_linearized import _assert_grads_close, _double_vjp_jvp, _params_grads, _rel_err
-from tests.utils import DEVICES
+from tests.utils import DEVICES, assert_grads_close, double_vjp_jvp, params_grads, rel_err
 
 
 class _Base(nn.Module):
@@ -135,12 +134,12 @@ def test_auto_equals_double_backprop(cls, reduction):
             value = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=3, reduction=reduction)
         results[hvp] = value
         if reduction == "none":
-            results[hvp + "_grads"] = [_params_grads(model, value[i]) for i in range(len(x))]
+            results[hvp + "_grads"] = [params_grads(model, value[i]) for i in range(len(x))]
         else:
-            results[hvp + "_grads"] = [_params_grads(model, value)]
-    assert _rel_err(results["auto"], results["double_backprop"]) < 1e-10
+            results[hvp + "_grads"] = [params_grads(model, value)]
+    assert rel_err(results["auto"], results["double_backprop"]) < 1e-10
     for got, expected in zip(results["auto_grads"], results["double_backprop_grads"]):
-        _assert_grads_close(got, expected, 1e-10)
+        assert_grads_close(got, expected, 1e-10)
     # The RNG stream ends where double backprop leaves it (a fallback redraws, never skews).
     torch.manual_seed(9)
     lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=3, reduction=reduction,
@@ -163,7 +162,7 @@ def test_recorded_tangent_matches_oracle(cls):
     source = x.clone().requires_grad_(True)
     with TangentTape(source) as tape:
         out = model(source)
-    assert _rel_err(tape.tangent(v, out), _double_vjp_jvp(model, x, v, seed=0)) < 1e-12
+    assert rel_err(tape.tangent(v, out), double_vjp_jvp(model, x, v, seed=0)) < 1e-12
 
 
 @pytest.mark.parametrize("device", DEVICES)

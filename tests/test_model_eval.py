@@ -14,7 +14,8 @@ import lfr_ext
 from lfr_ext.evaluation import EvalConfig, load_weights
 from lfr_ext.models import SmallCNN
 
-from tests.test_evaluate import TOY_LABELS, LinearToy, needs_torchattacks, toy_data
+from tests.models_for_tests import TOY_LABELS, LinearToy, toy_data
+from tests.utils import needs_torchattacks
 
 TINY = EvalConfig(n=8, pgd_steps=10, pgd_restarts=2, square_queries=0, curve_n=8, curve_steps=10, lf_n=8,
                   lf_steps=2, batch_size=8)

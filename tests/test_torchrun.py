@@ -2,7 +2,6 @@
 as one process stepping through the same global batches, and a killed rank that torchrun
 restarts loses nothing."""
 
-import functools
 import json
 import os
 import subprocess

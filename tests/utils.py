@@ -1,15 +1,20 @@
-"""What the tests share about the machine they run on: which devices there are, which paths a
-run requires, and the marks of a GPU test.
+"""What the tests share: the machine they run on (which devices there are, which paths a run
+requires, the marks of a GPU test and of an optional dependency) and the comparisons of the
+engines against double backprop.
 
 ``LFR_EXT_REQUIRE_GPU=1`` (``scripts/gpu_check.sh`` sets it): the run exists to prove the GPU
 paths, so a GPU test that skips is a failure (it proved nothing, see ``tests/conftest.py``), and
 so is a machine without a GPU. ``LFR_EXT_REQUIRE_COMPILED=1`` (CI): the C++ kernels must be live.
 """
 
+import importlib.util
 import os
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lfr_ext.evaluation.attacks import INSTALL_COMMAND
 
 REQUIRE_GPU = os.environ.get("LFR_EXT_REQUIRE_GPU", "0") == "1"
 REQUIRE_COMPILED = os.environ.get("LFR_EXT_REQUIRE_COMPILED", "0") == "1"
@@ -24,3 +29,41 @@ def requires_cuda(test):
     for mark in reversed(CUDA_MARKS):
         test = mark(test)
     return test
+
+
+HAVE_TORCHATTACKS = importlib.util.find_spec("torchattacks") is not None
+needs_torchattacks = pytest.mark.skipif(
+    not HAVE_TORCHATTACKS, reason=f"torchattacks not installed (optional extra; CI installs it: {INSTALL_COMMAND})")
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def double_vjp_jvp(model, x, v, seed):
+    """J v by the double-VJP trick, an independent oracle (same Dropout masks via the seed;
+    attention on its twice-differentiable math backend)."""
+    torch.manual_seed(seed)
+    x = x.detach().requires_grad_(True)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = model(x)
+    u = torch.zeros_like(out, requires_grad=True)
+    (gx,) = torch.autograd.grad(out, x, u, create_graph=True)
+    (jv,) = torch.autograd.grad(gx, u, v)
+    return jv
+
+
+def assert_grads_close(got, expected, rtol):
+    """Per parameter ``||a - b|| <= rtol ||b||``, except that parameters whose true gradient is
+    0 (a conv bias before train-mode BatchNorm) are held to rounding of the overall scale."""
+    scale = torch.sqrt(sum((b.norm() ** 2 for b in expected if b is not None), torch.tensor(0.0, dtype=torch.float64)))
+    floor = 64 * torch.finfo(expected[0].dtype).eps * scale
+    for a, b in zip(got, expected):
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert (a - b).norm() <= rtol * b.norm() + floor, ((a - b).norm(), b.norm())
+
+
+def params_grads(model, value):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)

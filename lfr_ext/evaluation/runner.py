@@ -17,7 +17,7 @@ from ..models import build_model
 from ..training.checkpoint import atomic_write_text, load_checkpoint
 from ..training.config import TrainConfig, build_run_model
 from ..training.monitor import accuracy, nan_to_none
-from .model_eval import EVAL_BUDGETS, EvalConfig, evaluate_model, pixel_classifier
+from .model_eval import EvalConfig, evaluate_model, pixel_classifier
 from .weights import load_weights
 
 

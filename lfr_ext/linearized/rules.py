@@ -41,7 +41,6 @@ in-place writes into views, ops with no rule such as ``torch.sin``, ...).
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
