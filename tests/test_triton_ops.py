@@ -16,7 +16,7 @@ import torch
 
 import lfr_ext
 from lfr_ext import _registry
-from lfr_ext.ops import q_code
+from lfr_ext.ops import OPS, q_code
 from lfr_ext.reference import ascent_step_reference, grad_norm_reference
 
 from tests.op_cases import LOW_PRECISION, QS, REQUIRE_TRITON, assert_reduction_accurate, make_inputs
@@ -87,9 +87,9 @@ def test_launch_plan():
 
 def test_registration_kind():
     """A triton_op (kernels visible to Inductor) on GPU; an opaque custom_op under the interpreter."""
-    for name in ("lfr_ext::ascent_step_triton", "lfr_ext::grad_norm_triton"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd") or \
-            torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    for spec in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(spec.triton, "CompositeExplicitAutograd") or \
+            torch._C._dispatch_has_kernel_for_dispatch_key(spec.triton, "CPU"), spec.triton
 
 
 def test_triton_op_knows_its_kernels():
@@ -104,12 +104,13 @@ def test_triton_op_knows_its_kernels():
         "except ImportError:\n"
         "    print('SKIP: this torch does not track the kernels of triton_ops'); raise SystemExit\n"
         "from lfr_ext.kernels import ops\n"
-        "from lfr_ext.kernels.ascent_step import _ascent_step_fwd_kernel\n"
-        "from lfr_ext.kernels.grad_norm import _grad_norm_fwd_kernel\n"
+        "from lfr_ext.kernels.aot import op_matrices\n"
+        "from lfr_ext.ops import OPS\n"
         "assert not ops.INTERPRETED\n"
-        "assert get_triton_kernels_for_op('lfr_ext::ascent_step_triton') == [_ascent_step_fwd_kernel], "
-        "get_triton_kernels_for_op('lfr_ext::ascent_step_triton')\n"
-        "assert get_triton_kernels_for_op('lfr_ext::grad_norm_triton') == [_grad_norm_fwd_kernel]\n"
+        "for spec in OPS:\n"
+        "    declared = [matrix.kernel for matrix in op_matrices(spec.name)]\n"
+        "    found = get_triton_kernels_for_op(spec.triton)\n"
+        "    assert found == declared, (spec.triton, found, declared)\n"
         "print('OK')\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0"}
