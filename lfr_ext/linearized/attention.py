@@ -67,11 +67,12 @@ def log_softmax(tape, func, name, args, kwargs):
 # ---------------------------------------------------------------------------------------
 # Scaled dot-product attention
 # ---------------------------------------------------------------------------------------
-def _probabilities(q, k, additive_mask, scale: float):
-    """``softmax(scale * q k^T + additive_mask)`` (..., L, S), differentiable in q and k. A row
-    whose keys are all masked is 0, as PyTorch's attention gives it (a plain softmax gives NaN);
-    its scores are zeroed first, so that no NaN reaches the backward either."""
-    scores = (q @ k.transpose(-2, -1)) * scale
+def _probabilities(q_scaled, k, additive_mask):
+    """``softmax(q_scaled k^T + additive_mask)`` (..., L, S), ``q_scaled = scale * q``,
+    differentiable in q and k. A row whose keys are all masked is 0, as PyTorch's attention gives
+    it (a plain softmax gives NaN); its scores are zeroed first, so that no NaN reaches the
+    backward either. (The scale is applied to q, (..., L, E), not to the (..., L, S) scores.)"""
+    scores = q_scaled @ k.transpose(-2, -1)
     if additive_mask is None:
         return torch.softmax(scores, dim=-1)
     scores = scores + additive_mask
@@ -92,18 +93,18 @@ def _causal(length: int, source_length: int, like: torch.Tensor):
     return _additive(keep, False, like)
 
 
-def probabilities_tangent(probabilities, q, k, tq, tk, scale: float):
-    """``dP = P * (dS - sum(P * dS))`` for ``dS = s (dQ K^T + Q dK^T)``; None when both
+def probabilities_tangent(probabilities, q_scaled, k, tq, tk, scale: float):
+    """``dP = P * (dS - sum(P * dS))`` for ``dS = (s dQ) K^T + (s Q) dK^T``; None when both
     tangents are (zero). (..., L, S)."""
     scores = None
     if tq is not None:
-        scores = tq @ k.transpose(-2, -1)
+        scores = (tq * scale) @ k.transpose(-2, -1)
     if tk is not None:
-        term = q @ tk.transpose(-2, -1)
+        term = q_scaled @ tk.transpose(-2, -1)
         scores = term if scores is None else scores + term
     if scores is None:
         return None
-    return torch.ops.aten._softmax_backward_data(scores * scale, probabilities, -1, probabilities.dtype)
+    return torch.ops.aten._softmax_backward_data(scores, probabilities, -1, probabilities.dtype)
 
 
 def attention_tangent(probabilities, t_probabilities, v, tv):
@@ -135,7 +136,8 @@ def scaled_dot_product_attention(tape, func, name, args, kwargs):
     else:
         group = 1
     additive = _causal(q.size(-2), k.size(-2), q) if a.get("is_causal", False) else _additive(mask, False, q)
-    probabilities = _probabilities(q, k, additive, scale)
+    q_scaled = q * scale
+    probabilities = _probabilities(q_scaled, k, additive)
     tape.depends_on_source_through("attention", name)
     tape.keep(a["query"], a["key"], a["value"])
 
@@ -143,7 +145,8 @@ def scaled_dot_product_attention(tape, func, name, args, kwargs):
         if group > 1:
             tk = None if tk is None else tk.repeat_interleave(group, dim=-3)
             tv = None if tv is None else tv.repeat_interleave(group, dim=-3)
-        return attention_tangent(probabilities, probabilities_tangent(probabilities, q, k, tq, tk, scale), v, tv)
+        t_probabilities = probabilities_tangent(probabilities, q_scaled, k, tq, tk, scale)
+        return attention_tangent(probabilities, t_probabilities, v, tv)
 
     tape.emit([out], tangent, [a["query"], a["key"], a["value"]])
     return out
@@ -204,13 +207,14 @@ def multi_head_attention(tape, func, name, args, kwargs):
             padding = padding.view(batch, 1, 1, source_length)
             additive = padding if additive is None else additive + padding
     scale = 1.0 / math.sqrt(head_dim)
-    probabilities = _probabilities(q, k, additive, scale)
+    q_scaled = q * scale
+    probabilities = _probabilities(q_scaled, k, additive)
     tape.depends_on_source_through("attention", name)
 
     def tangent(t_query, t_key, t_value):
         tq, tk, tv = (None if t is None else split(t, w, None)
                       for t, w in zip((t_query, t_key, t_value), projections))
-        t_probabilities = probabilities_tangent(probabilities, q, k, tq, tk, scale)  # (N, h, L, S)
+        t_probabilities = probabilities_tangent(probabilities, q_scaled, k, tq, tk, scale)  # (N, h, L, S)
         t_heads = attention_tangent(probabilities, t_probabilities, v, tv)  # (N, h, L, d)
         t_out = F.linear(t_heads.permute(2, 0, 1, 3).reshape(length, batch, embed), out_weight)
         if not batched:
