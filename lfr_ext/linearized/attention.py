@@ -188,13 +188,21 @@ def multi_head_attention(tape, func, name, args, kwargs):
     biases = [None] * 3 if a["in_proj_bias"] is None else list(a["in_proj_bias"].chunk(3))
     out_weight = a["out_proj_weight"]
 
-    def split(t, weight, bias):
-        """(T, N, E) or (T, E) -> the projection's heads (N, h, T, d)."""
-        t = t if batched else t.unsqueeze(1)
-        p = F.linear(t, weight, bias)
-        return p.reshape(t.shape[0], t.shape[1], heads, head_dim).permute(1, 2, 0, 3)
+    def heads_of(p):
+        """(T, N, E) -> (N, h, T, d)."""
+        return p.reshape(p.shape[0], p.shape[1], heads, head_dim).permute(1, 2, 0, 3)
 
-    q, k, v = (split(t, w, b) for t, w, b in zip((query, key, value), projections, biases))
+    def project(inputs, with_bias: bool):
+        """The q, k, v projections' heads of ``inputs`` (three (T, N, E) or (T, E) tensors, or
+        None); self-attention with packed weights takes one product for the three."""
+        inputs = [None if t is None else (t if batched else t.unsqueeze(1)) for t in inputs]
+        if not a["use_separate_proj_weight"] and inputs[0] is not None and inputs[0] is inputs[1] is inputs[2]:
+            packed_bias = a["in_proj_bias"] if with_bias else None
+            return [heads_of(p) for p in F.linear(inputs[0], a["in_proj_weight"], packed_bias).chunk(3, dim=-1)]
+        return [None if t is None else heads_of(F.linear(t, w, b if with_bias else None))
+                for t, w, b in zip(inputs, projections, biases)]
+
+    q, k, v = project([query, key, value], with_bias=True)
     batch, length, source_length = q.shape[0], q.shape[2], k.shape[2]
     if a["is_causal"] and a["key_padding_mask"] is None and not a["need_weights"]:
         additive = _causal(length, source_length, q)  # the functional's own choice: attn_mask is a hint then
@@ -212,8 +220,7 @@ def multi_head_attention(tape, func, name, args, kwargs):
     tape.depends_on_source_through("attention", name)
 
     def tangent(t_query, t_key, t_value):
-        tq, tk, tv = (None if t is None else split(t, w, None)
-                      for t, w in zip((t_query, t_key, t_value), projections))
+        tq, tk, tv = project([t_query, t_key, t_value], with_bias=False)
         t_probabilities = probabilities_tangent(probabilities, q_scaled, k, tq, tk, scale)  # (N, h, L, S)
         t_heads = attention_tangent(probabilities, t_probabilities, v, tv)  # (N, h, L, d)
         t_out = F.linear(t_heads.permute(2, 0, 1, 3).reshape(length, batch, embed), out_weight)
