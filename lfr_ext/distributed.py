@@ -55,6 +55,30 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def sync_buffers_as_forward_would(model: nn.Module) -> None:
+    """Give ``ddp.module`` the buffers DDP's own forward would run with, before a pass on it.
+
+    A DDP forward first broadcasts the module's buffers (BatchNorm's running statistics) from
+    rank 0, unless the wrapper was built not to (``broadcast_buffers=False``, or
+    ``forward_sync_buffers=False`` from torch 2.13). The inner ascent and the training attacks run
+    on ``ddp.module`` before the step's forward through the wrapper; without this they would see
+    each rank's own running statistics, which DDP's contract has replaced by rank 0's. The
+    broadcast is DDP's own (its buffer communication hook, if one is registered), so the check is
+    the one its forward makes; it leaves the buffers' version counters unchanged, as DDP does from
+    torch 2.13 on, so that a graph of the step built before still backpropagates. A no-op for any
+    other model, and inside ``no_sync()`` (where DDP's forward does not sync either).
+    """
+    ddp = getattr(model, "_orig_mod", model)  # through a torch.compile of the wrapper
+    if not isinstance(ddp, DistributedDataParallel):
+        return
+    # DDP has no public call for this; its forward runs exactly these two private methods (read
+    # here only, so that a change in torch's internals has one place to adapt).
+    if not ddp._check_sync_bufs_pre_fwd():
+        return
+    with torch.autograd._unsafe_preserve_version_counter(tuple(ddp.module.buffers())):
+        ddp._sync_buffers()
+
+
 def check_data_parallel(model: nn.Module, penalty_mode: str | None) -> None:
     """Refuse the wrappers and layers with which an LFR step would be wrong, naming why.
 
@@ -318,4 +342,5 @@ def identity_autograd_functions() -> tuple[type, ...]:
     return (RegisterPostBackwardFunction,)
 
 
-__all__ = ["ShardedStep", "check_data_parallel", "open_sharded_step", "sharded_modules", "sharded_step", "unwrapped"]
+__all__ = ["ShardedStep", "check_data_parallel", "open_sharded_step", "sharded_modules", "sharded_step",
+           "sync_buffers_as_forward_would", "unwrapped"]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .distributed import check_data_parallel, sharded_step, unwrapped
+from .distributed import check_data_parallel, sharded_step, sync_buffers_as_forward_would, unwrapped
 from .hvp import SecondOrderEngine
 from ._state import frozen_running_stats, module_modes, preserved_state, restore_modes, set_eval
 from ._validation import (
@@ -150,9 +150,11 @@ class _Ascended(NamedTuple):
 @contextlib.contextmanager
 def _ascended(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config, *,
               close_at_exit: bool = False) -> Iterator[_Ascended]:
-    """The start every public function shares: open the step on the module a wrapper holds,
-    then run the ascent in eval mode with every mode and buffer given back afterwards.
+    """The start every public function shares: give a DDP model's module the buffers the
+    wrapper's forward would, open the step on the module a wrapper holds, then run the ascent in
+    eval mode with every mode and buffer given back afterwards.
     ``close_at_exit``: no backward will follow (the FSDP2 step closes when the block ends)."""
+    sync_buffers_as_forward_would(model)
     net = unwrapped(model)
     with sharded_step(net) as step:
         if close_at_exit:

@@ -69,6 +69,45 @@ def test_ddp_gradient_is_the_mean_of_per_rank_gradients(method):
     run_on_ranks(_exact_on_ranks, 2, method)
 
 
+def _ddp_buffers_on_ranks(rank, world, method):
+    """Two SGD steps on a BatchNorm model under DDP with its default buffer broadcast, against
+    single-process replicas that each start every step from rank 0's buffers (DDP's contract:
+    its forward broadcasts them) and step with the mean of their gradients. The inner
+    maximisation runs on ``ddp.module`` before the wrapper's forward, so it must see rank 0's
+    running statistics too; LFR's replicas use double backprop."""
+    model, xs, ys = _batch("resnet_bn", world)
+    replicas = [copy.deepcopy(model) for _ in range(world)]
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    replica_opts = [torch.optim.SGD(r.parameters(), lr=0.5) for r in replicas]
+    for step in range(2):
+        opt.zero_grad()
+        _method_step(method, ddp, xs[rank], ys[rank], rank, "auto").loss.backward()
+        got = [p.grad.clone() for p in model.parameters()]
+        rank0_buffers = [b.clone() for b in replicas[0].buffers()]
+        per_rank = []
+        for r, replica in enumerate(replicas):
+            with torch.no_grad():
+                for b, b0 in zip(replica.buffers(), rank0_buffers):
+                    b.copy_(b0)
+            replica_loss = _method_step(method, replica, xs[r], ys[r], r, "double_backprop").loss
+            per_rank.append(torch.autograd.grad(replica_loss, list(replica.parameters())))
+        expected = [sum(grads) / world for grads in zip(*per_rank)]
+        assert max(relative_errors(got, expected)) < 1e-10, (method, step, max(relative_errors(got, expected)))
+        for b, b_replica in zip(model.buffers(), replicas[rank].buffers()):  # (parameters differ by rounding)
+            torch.testing.assert_close(b, b_replica, rtol=1e-12, atol=1e-15, msg=f"{method} step {step}")
+        opt.step()
+        for replica, replica_opt in zip(replicas, replica_opts):
+            for p, g in zip(replica.parameters(), expected):
+                p.grad = g.clone()
+            replica_opt.step()
+
+
+@pytest.mark.parametrize("method", ["lfr", "pgd_at", "trades"])
+def test_ddp_inner_maximisation_sees_the_buffers_ddp_broadcasts(method):
+    run_on_ranks(_ddp_buffers_on_ranks, 2, method)
+
+
 def _refusals_on_ranks(rank, world):
     model, xs, ys = _batch("resnet_bn", world)
     x, y = xs[rank], ys[rank]

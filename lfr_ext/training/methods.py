@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lfr_ext
-from lfr_ext.distributed import unwrapped
+from lfr_ext.distributed import sync_buffers_as_forward_would, unwrapped
 from lfr_ext.penalty import input_gradient_scale
 from lfr_ext.reference import project_linf
 
@@ -91,7 +91,9 @@ def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCon
 def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None,
                 compiled: bool = False) -> StepOutput:
     """Madry et al. (2018): mean CE on PGD adversarial examples only. The attack runs on the
-    module a DDP wrapper holds (no gradient synchronisation needed), the loss through ``model``."""
+    module a DDP wrapper holds (no gradient synchronisation needed) with the buffers the wrapper's
+    forward would use, the loss through ``model``."""
+    sync_buffers_as_forward_would(model)
     model.eval()
     x_adv = pgd_linf_ce(unwrapped(model), x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
                         loss_scale=_loss_scale(grad_scaler, x))
@@ -102,14 +104,23 @@ def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
 
 def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None,
                 compiled: bool = False) -> StepOutput:
-    """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x')) / B; the attack on the module
-    a DDP wrapper holds, both loss forwards through ``model``."""
+    """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x')) / B.
+
+    The attack runs on the module a DDP wrapper holds, with the buffers the wrapper's forward
+    would use. The clean forward goes through ``model`` (it prepares DDP's gradient reduction);
+    the adversarial one runs on the held module, like LFR's penalty pass: its graph reaches the
+    same parameters, so one all-reduce still follows the backward. A second forward through the
+    wrapper would broadcast the buffers again, in place, after the first had saved them for its
+    backward, which DDP before torch 2.13 does without a version-counter guard (autograd then
+    refuses the backward). Rank 0's buffers, the ones DDP keeps, are the same either way."""
+    sync_buffers_as_forward_would(model)
     model.eval()
-    x_adv = trades_attack(unwrapped(model), x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+    net = unwrapped(model)
+    x_adv = trades_attack(net, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
                           loss_scale=_loss_scale(grad_scaler, x))
     model.train()
     logits = model(x)
-    kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+    kl = F.kl_div(F.log_softmax(net(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return StepOutput(F.cross_entropy(logits, y) + cfg.trades_beta * kl, logits, kl.detach())
 
 
