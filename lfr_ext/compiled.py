@@ -91,6 +91,12 @@ class _PenaltyWithGradients(torch.autograd.Function):
         return (None, None, *(scale * g for g in ctx.saved_tensors))
 
 
+def _differentiable_leaf(x_adv: torch.Tensor) -> torch.Tensor:
+    """``x_adv`` as a fresh leaf that requires grad, made outside the compiled functions: Dynamo
+    in torch 2.11 does not trace ``requires_grad_()`` on a tensor inside a fullgraph region."""
+    return x_adv.detach().requires_grad_(True)
+
+
 class CompiledSecondOrder:
     """The compiled inner step and penalty step of one model, loss and norm.
 
@@ -111,19 +117,23 @@ class CompiledSecondOrder:
             grads = torch.autograd.grad(values.sum(), params, allow_unused=True, materialize_grads=True)
             return values.detach(), [g.detach() for g in grads]
 
-        self._inner = torch.compile(inner, backend=backend, fullgraph=True)
-        self._penalty = torch.compile(penalty, backend=backend, fullgraph=True)
+        # Static shapes: a new batch shape compiles anew. Both closures share one code object for
+        # every engine, so with automatic dynamic shapes a second model or batch shape would be
+        # traced with symbolic sizes, and torch 2.11's convolution double backward calls numel()
+        # on them and fails.
+        self._inner = torch.compile(inner, backend=backend, fullgraph=True, dynamic=False)
+        self._penalty = torch.compile(penalty, backend=backend, fullgraph=True, dynamic=False)
 
     def grad_and_hvp(self, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with _tracing_autograd():
-            return self._inner(self._model(), x_adv.detach(), y)
+            return self._inner(self._model(), _differentiable_leaf(x_adv), y)
 
     def penalty(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample penalties (B,) for a caller that reduces them by mean or sum."""
         model = self._model()
         params = [p for p in model.parameters() if p.requires_grad]
         with _tracing_autograd():
-            values, grads = self._penalty(model, params, x_adv.detach(), y)
+            values, grads = self._penalty(model, params, _differentiable_leaf(x_adv), y)
         return _PenaltyWithGradients.apply(values, grads, *params)
 
 

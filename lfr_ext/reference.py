@@ -151,9 +151,12 @@ def grad_and_hvp_double_backprop(
     ``loss_scale``: both backwards run on scaled losses and the results are unscaled (see
     :func:`input_gradient`).
     ``norm_fn(g, q)`` computes the per-sample norms (the fused ``lfr_ext.ops.grad_norm`` in
-    the public path; it must be twice differentiable).
+    the public path; it must be twice differentiable). An ``x_adv`` that is already a leaf
+    requiring grad is differentiated as it is (a function compiled whole may not call
+    ``requires_grad_()`` on its input in torch 2.11: the caller does it outside).
     """
-    x_adv = x_adv.detach().requires_grad_(True)
+    if not (x_adv.is_leaf and x_adv.requires_grad):
+        x_adv = x_adv.detach().requires_grad_(True)
     g = input_gradient(model, x_adv, y, loss_fn, create_graph=True, loss_scale=loss_scale)
     total = norm_fn(g, q).sum()
     if not total.requires_grad:  # g does not depend on x' (a model with zero gradients, e.g. quantised inputs)
