@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random crop + flip (default: on for CIFAR-10)")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile: LFR's inner and penalty steps compiled whole (hvp='compiled'), the other "
-                             "methods' model compiled; falls back with a message where this torch cannot")
+                             "methods' model compiled; where this torch cannot compile LFR's steps, LFR runs eagerly and "
+                             "the log says why")
     parser.add_argument("--amp", choices=AMP_MODES, default=None,
                         help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler (CUDA); default none")
     for flag, kind, text in CONFIG_FLAGS:

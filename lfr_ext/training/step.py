@@ -48,13 +48,20 @@ class TrainingStep:
         self.compiled = False
         self._method_model = model  # what the method's step runs: the model, compiled for the baselines
         if cfg.compile:
-            problem = compile_support_problem()
-            if problem is not None:
-                log(f"WARNING --compile: {problem}; training without torch.compile")
-            else:
-                self.compiled = True
-                if step_fn is not METHOD_STEPS["lfr"]:  # first-order methods: the model itself compiles
-                    self._method_model = torch.compile(model, backend=compile_backend())
+            self.compiled = self._compile(model, step_fn, log)
+
+    def _compile(self, model: nn.Module, step_fn, log) -> bool:
+        """``--compile``, method by method: LFR's inner and penalty steps compiled whole when this
+        torch can trace their autograd calls (else LFR runs eagerly, and the log says why); the
+        first-order methods' model itself, which needs no autograd tracing."""
+        if step_fn is not METHOD_STEPS["lfr"]:
+            self._method_model = torch.compile(model, backend=compile_backend())
+            return True
+        problem = compile_support_problem()
+        if problem is not None:
+            log(f"WARNING --compile: lfr runs eagerly: {problem}")
+            return False
+        return True
 
     def _objective(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         options = dict(grad_scaler=self.grad_scaler, compiled=self.compiled)
