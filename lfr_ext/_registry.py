@@ -39,6 +39,13 @@ def triton_kernels():
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if not interpreted and not torch.cuda.is_available():
         return "Triton needs a CUDA GPU here (or TRITON_INTERPRET=1 for CPU tensors, set before importing lfr_ext)"
+    if interpreted:
+        import numpy
+        import triton
+
+        problem = interpreter_problem(triton.__version__, numpy.__version__)
+        if problem is not None:
+            return problem
     try:
         from .kernels import ops as kernel_ops
     except ModuleNotFoundError as exc:
@@ -48,6 +55,24 @@ def triton_kernels():
     except Exception as exc:  # a broken triton install must not break `import lfr_ext`
         return f"importing the Triton kernels failed: {type(exc).__name__}: {exc}"
     return kernel_ops
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run the kernels with these versions, or None.
+
+    Before Triton 3.7 the interpreter turns a scalar into an index with ``int()`` of a
+    one-element array, which numpy 2.4 removed, so every loop over a runtime bound fails
+    inside the kernel with ``TypeError: only 0-dimensional arrays can be converted to Python
+    scalars``. Compiled kernels on a GPU are not affected."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy {numpy_version}: "
+                "install numpy<2.4 or triton>=3.7")
+    return None
 
 
 def _not_installed_reason() -> str:
