@@ -19,9 +19,8 @@ from lfr_ext.data import (
     read_idx,
 )
 
-HAVE_FASHION = os.path.exists(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))
-needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason=f"Debian's dataset-fashion-mnist not installed in "
-                                                            f"{FASHION_MNIST_DIR} (scripts/install.sh installs it)")
+from tests.utils import needs_fashion_mnist
+
 
 
 def _write_idx(path, array: np.ndarray, type_code: int = 0x08):
@@ -32,7 +31,7 @@ def _write_idx(path, array: np.ndarray, type_code: int = 0x08):
         f.write(data)
 
 
-@needs_fashion
+@needs_fashion_mnist
 def test_idx_reader_on_the_package_files():
     """Header fields read by hand from the gz bytes agree with read_idx, and the known facts of
     Fashion-MNIST hold: 10k/60k images of 28x28, exactly 1000/6000 of each of the 10 classes."""
@@ -49,7 +48,7 @@ def test_idx_reader_on_the_package_files():
         assert np.bincount(labels).tolist() == [count] * 10
 
 
-@needs_fashion
+@needs_fashion_mnist
 def test_load_fashion_mnist_scales_to_unit_interval():
     x, y = load_fashion_mnist("test")
     assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64

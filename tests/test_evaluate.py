@@ -13,7 +13,7 @@ from lfr_ext.evaluation.attacks import INSTALL_COMMAND, AttackSuite, accuracy_vs
 from lfr_ext.evaluation.sanity import accuracy_reaches_zero, black_box_not_better, stronger_attacks_not_weaker
 
 from tests.models_for_tests import LinearToy, toy_data
-from tests.utils import HAVE_TORCHATTACKS, needs_torchattacks
+from tests.utils import HAVE_TORCHATTACKS, needs_fashion_mnist, needs_torchattacks
 
 
 @needs_torchattacks
@@ -83,11 +83,8 @@ def test_gradient_masking_checks_flag_what_they_should():
 @pytest.fixture(scope="module")
 def two_trained_runs(tmp_path_factory):
     """An LFR run and a plain run, trained for one tiny epoch."""
-    from lfr_ext.data import FASHION_MNIST_DIR
     from lfr_ext.training import resolve_config, train
 
-    if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
-        pytest.skip("needs Debian's dataset-fashion-mnist (scripts/install.sh installs it)")
     root = tmp_path_factory.mktemp("runs")
     dirs = []
     for method in ("lfr", "plain"):
@@ -98,6 +95,7 @@ def two_trained_runs(tmp_path_factory):
     return dirs
 
 
+@needs_fashion_mnist
 @needs_torchattacks
 def test_evaluate_and_report_end_to_end(two_trained_runs, tmp_path, capsys):
     from lfr_ext.evaluate import main
@@ -145,6 +143,7 @@ def test_evaluate_reports_a_missing_run_clearly(tmp_path, capsys):
     assert "best.pt not found" in capsys.readouterr().err
 
 
+@needs_fashion_mnist
 @needs_torchattacks
 def test_runs_evaluated_side_by_side_match_one_by_one(two_trained_runs, monkeypatch):
     """``--jobs 2``: one process per run with one thread each; the results are those of the runs

@@ -3,7 +3,6 @@ model, logits picked out of tuples and dicts), foreign checkpoints through ``lfr
 --weights``, clear errors that write nothing, and the gradient-masking flags."""
 
 import json
-import os
 import warnings
 
 import pytest
@@ -15,7 +14,7 @@ from lfr_ext.evaluation import EvalConfig, load_weights
 from lfr_ext.models import SmallCNN
 
 from tests.models_for_tests import TOY_LABELS, LinearToy, toy_data
-from tests.utils import needs_torchattacks
+from tests.utils import needs_fashion_mnist, needs_torchattacks
 
 TINY = EvalConfig(n=8, pgd_steps=10, pgd_restarts=2, square_queries=0, curve_n=8, curve_steps=10, lf_n=8,
                   lf_steps=2, batch_size=8)
@@ -161,13 +160,11 @@ def test_robustbench_eps_is_a_fraction_only_where_tables_write_one():
         ["8/255", "8/255", "4/255", "0.031", "0.1", "0.2", "0.3"]
 
 
+@needs_fashion_mnist
 @needs_torchattacks
 def test_lfr_eval_on_foreign_weights_writes_robustbench_json(tmp_path, capsys):
-    from lfr_ext.data import FASHION_MNIST_DIR
     from lfr_ext.evaluate import main
 
-    if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")):
-        pytest.skip("needs Debian's dataset-fashion-mnist (scripts/install.sh installs it)")
     torch.manual_seed(0)
     weights = tmp_path / "foreign.pt"
     state = SmallCNN(zero_init_last=False).state_dict()
@@ -237,15 +234,13 @@ def test_evaluate_model_leaves_the_rng_and_the_model_as_they_were():
     assert torch.equal(torch.rand(3), expected) and model.training
 
 
+@needs_fashion_mnist
 def test_lfr_train_with_normalisation_trains_and_evaluates_in_pixel_space(tmp_path):
     """``--mean/--std``: the run's model normalises inside (PixelClassifier), its checkpoint
     loads back into the same, and the saved config refuses mismatched values."""
-    from lfr_ext.data import FASHION_MNIST_DIR
     from lfr_ext.evaluation import load_trained_model
     from lfr_ext.training import resolve_config, train
 
-    if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
-        pytest.skip("needs Debian's dataset-fashion-mnist (scripts/install.sh installs it)")
     with pytest.raises(ValueError, match="std must be positive"):
         resolve_config(dict(mean=[0.5], std=[0.0]))
     with pytest.raises(ValueError, match="1 or 1 values"):

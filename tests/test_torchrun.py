@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from lfr_ext.data import FASHION_MNIST_DIR, DATASETS
+from lfr_ext.data import DATASETS
 from lfr_ext.models import build_model
 from lfr_ext.training import parallel, resolve_config
 from lfr_ext.training.checkpoint import load_checkpoint
@@ -19,9 +19,10 @@ from lfr_ext.training.data_order import epoch_batches
 from lfr_ext.training.loop import load_run_data, make_optimizer, seed_everything
 from lfr_ext.training.methods import METHOD_STEPS
 
+from tests.utils import FASHION_MNIST_MARKS
+
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
-                       reason="needs Debian's dataset-fashion-mnist (scripts/install.sh installs it)"),
+    *FASHION_MNIST_MARKS,
     pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
 ]
 

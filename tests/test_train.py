@@ -13,17 +13,15 @@ import textwrap
 import pytest
 import torch
 
-from lfr_ext.data import FASHION_MNIST_DIR, load_dataset
+from lfr_ext.data import load_dataset
 from lfr_ext.training import METHODS, PRESETS, TrainConfig, resolve_config, train
 from lfr_ext.training import loop as loop_module
 from lfr_ext.training.checkpoint import atomic_torch_save, load_checkpoint
 from lfr_ext.training.monitor import collapse_message
 
-from tests.utils import requires_cuda
+from tests.utils import FASHION_MNIST_MARKS, requires_cuda
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
-    reason="needs Debian's dataset-fashion-mnist (scripts/install.sh installs it)")
+pytestmark = FASHION_MNIST_MARKS
 
 # Small enough for a few seconds per run on 2 CPU cores, big enough to exercise every part.
 TINY = dict(train_subset=64, batch_size=32, epochs=2, val_size=48, val_robust_size=16, val_attack_steps=2, steps=2,
