@@ -56,14 +56,17 @@ def compile_support_problem() -> str | None:
 def _trial_compile_problem() -> str | None:
     from .reference import default_loss
 
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    x, y = torch.rand(2, 3), torch.tensor([0, 1])
-    try:
-        engine = CompiledSecondOrder(model, default_loss, 1, "eager")
-        engine.grad_and_hvp(x, y)
-        engine.penalty(x, y).sum().backward()
-    except Exception as error:  # noqa: BLE001  (whatever Dynamo raises, the answer is: not here)
-        return f"compiling a step with its autograd calls fails with this torch ({type(error).__name__}: {error})"
+    # The trial runs inside the caller's first hvp='compiled' call: it must not draw from the
+    # global RNG, or that call's start noise would differ from an eager engine's.
+    with torch.random.fork_rng(devices=[]):
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        x, y = torch.rand(2, 3), torch.tensor([0, 1])
+        try:
+            engine = CompiledSecondOrder(model, default_loss, 1, "eager")
+            engine.grad_and_hvp(x, y)
+            engine.penalty(x, y).sum().backward()
+        except Exception as error:  # noqa: BLE001  (whatever Dynamo raises, the answer is: not here)
+            return f"compiling a step with its autograd calls fails with this torch ({type(error).__name__}: {error})"
     return None
 
 

@@ -2,6 +2,11 @@
 (autograd traced into the graph), checked against eager double backprop in fp64: the ascended
 point, the penalty and every parameter gradient; Dropout draws the same masks."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -13,8 +18,8 @@ from lfr_ext.reference import flatness_ascent_reference
 from tests.models_for_tests import TinyResNet
 from tests.utils import assert_grads_close, params_grads, rel_err
 
-pytestmark = pytest.mark.skipif(compiled.compile_support_problem() is not None,
-                                reason=str(compiled.compile_support_problem()))
+# No skip where the engine is unavailable: every supported torch (2.11 and later) must compile
+# these steps, and a skip would hide the torch that cannot.
 MODELS = {"small_cnn_dropout": (lambda: SmallCNN(drop=0.3, zero_init_last=False), (4, 1, 28, 28), 10),
           "resnet_bn": (TinyResNet, (4, 3, 10, 10), 5)}
 KW = dict(eps=0.1, step_size=0.02, steps=3)
@@ -49,6 +54,10 @@ def _equals_double_backprop(name):
 def test_compiled_equals_double_backprop_fp64_aot_eager(monkeypatch, name):
     monkeypatch.setenv("LFR_EXT_COMPILE_BACKEND", "aot_eager")
     _equals_double_backprop(name)
+
+
+def test_this_torch_compiles_the_steps():
+    assert compiled.compile_support_problem() is None
 
 
 def test_compiled_equals_double_backprop_fp64_inductor(monkeypatch):
@@ -98,3 +107,21 @@ def test_gradients_reach_the_parameters_of_the_call(monkeypatch):
         after = params_grads(model, lfr_ext.flatness_penalty(model, x, y, hvp="compiled", **KW))
         assert_grads_close(after, expected, 1e-10)
     assert leaves
+
+
+def test_the_first_compiled_call_leaves_the_global_rng_alone():
+    """Whether this torch can compile the steps is tried once per process, inside the first
+    hvp='compiled' call: that trial must not draw from the global RNG (a fresh process, so
+    that the trial has not run yet)."""
+    code = textwrap.dedent("""
+        import torch
+        from lfr_ext import compiled
+        torch.manual_seed(7)
+        expected = torch.rand(3)
+        torch.manual_seed(7)
+        assert compiled.compile_support_problem() is None
+        assert torch.equal(torch.rand(3), expected), "the trial compile drew from the global RNG"
+    """)
+    env = {**os.environ, "LFR_EXT_COMPILE_BACKEND": "aot_eager"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
