@@ -40,9 +40,9 @@ VENV=$(cd "$VENV" && pwd)
 WORK=$(mktemp -d /tmp/lfr_ext_cuda_build.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 # Tracked and untracked-but-not-ignored files: the working tree as it is, without build outputs.
-git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
-  [ -e "$f" ] && { mkdir -p "$WORK/$(dirname "$f")"; cp -p "$f" "$WORK/$f"; }
-done
+# shellcheck source=scripts/copy_tree.sh
+. scripts/copy_tree.sh
+lfr_ext_copy_tree "$WORK"
 cd "$WORK"
 echo "check_cuda_build: compiling with nvcc from $CUDA_HOME for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 start=$(date +%s)

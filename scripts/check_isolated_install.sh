@@ -23,9 +23,9 @@ WORK=$(mktemp -d /tmp/lfr_ext_isolated_install.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 # Tracked and untracked-but-not-ignored files: the working tree as it is, without build outputs
 # (no lfr_ext/_C*.so, build_info.json or build/ from an earlier in-place build).
-git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
-  [ -e "$f" ] && { mkdir -p "$WORK/src/$(dirname "$f")"; cp -p "$f" "$WORK/src/$f"; }
-done
+# shellcheck source=scripts/copy_tree.sh
+. scripts/copy_tree.sh
+lfr_ext_copy_tree "$WORK/src"
 
 start=$(date +%s)
 "$PYTHON" -m venv "$WORK/venv"
