@@ -1,12 +1,13 @@
-"""The Markdown summary of one ``scripts/gpu_check.sh`` run: stages, headline figures against the
-goals, and the supporting tables, read from the suites' pytest-benchmark JSON files.
+"""The Markdown summary of one part of a ``scripts/gpu_check.sh`` run: its stages, the headline
+figures against the goals, and the supporting tables, read from the suites' pytest-benchmark JSON.
 
-    python bench/summarize.py OUT_DIR --prefix PREFIX [--stages OUT_DIR/stages.tsv]
+    python bench/summarize.py OUT_DIR --prefix PREFIX --part N [--suites step,ascent_step]
+                              [--stages STAGES.tsv] [--training PREFIX-train.json]
 
-reads ``OUT_DIR/PREFIX-{ascent_step,step,tangent,penalty,precision,scale_out,step_beyond_relu}.json`` (missing suites are reported
-as missing) and the training runs under ``OUT_DIR/PREFIX-train/``, prints the summary and writes
-it to ``OUT_DIR/summary.md`` and ``OUT_DIR/PREFIX-summary.md``. Every figure is a ratio or a
-time measured in this run, on the machine named at the top; nothing is filled in by hand.
+reads ``OUT_DIR/PREFIX-<suite>.json`` for each suite of the part (a missing one is reported as
+missing) and the training summaries ``lfr-train`` wrote, gathered in one JSON ``{method: summary}``;
+prints the summary and writes it to ``OUT_DIR/PREFIX-partN-summary.md``. Every figure is a ratio
+or a time measured in this run, on the machine named at the top; nothing is filled in by hand.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class Goal:
     met: bool | None
 
 
-def _load(out_dir: str, prefix: str) -> dict[str, dict | None]:
-    suites = {}
-    for suite in SUITES:
+def _load(out_dir: str, prefix: str, names: tuple[str, ...] = SUITES) -> dict[str, dict | None]:
+    """Every suite of SUITES, None for those not in ``names`` or missing."""
+    suites = dict.fromkeys(SUITES)
+    for suite in names:
         path = os.path.join(out_dir, f"{prefix}-{suite}.json")
         try:
             with open(path) as f:
@@ -213,15 +215,19 @@ def scale_out_table(suites: dict) -> list[str]:
     return _table(["what", "median step", "throughput", ""], rows)
 
 
-def training_table(train_dir: str) -> list[str]:
+def training_table(path: str) -> list[str]:
+    """The training comparison from ``{method: lfr-train's summary.json}`` at ``path``."""
+    try:
+        with open(path) as f:
+            summaries = json.load(f)
+    except (OSError, ValueError):
+        summaries = {}
     rows = []
     for method in METHODS:
-        path = os.path.join(train_dir, method, "summary.json")
-        if not os.path.exists(path):
+        summary = summaries.get(method)
+        if summary is None:
             rows.append([method, "not run (or not finished)", "", "", "", ""])
             continue
-        with open(path) as f:
-            summary = json.load(f)
         final = summary["final"]
         robust = final.get("val_robust_acc")
         rows.append([method, summary.get("steps_ran", "?"), str(summary["epochs"]), _fmt(summary["mean_epoch_seconds"], " s"),
@@ -241,45 +247,67 @@ def stages_table(path: str | None) -> list[str]:
     return _table(["stage", "result", "seconds", "note"], rows)
 
 
-def render(out_dir: str, prefix: str, stages: str | None) -> str:
-    suites = _load(out_dir, prefix)
-    goals = headline(suites)
-    lines = [f"# lfr_ext GPU check: {prefix}", "", f"Machine: {_machine(suites)}", ""]
+# The tables of each suite, in the order they are shown: (suite, title, table).
+TABLES = (
+    ("step", "Training steps (`bench/bench_step.py`)", step_table),
+    ("step", "Against the anchors", anchors_table),
+    ("ascent_step", "Fused ascent step (`bench/bench_ascent_step.py`)", ascent_step_table),
+    ("tangent", "Inner step in gradients (`bench/bench_tangent.py`)", tangent_table),
+    ("penalty", "Penalty call (`bench/bench_penalty.py`)", penalty_table),
+    ("precision", "Low precision (`bench/bench_precision.py`)", precision_table),
+    ("scale_out", "Scale out (`bench/bench_scale_out.py`)", scale_out_table),
+    ("step_beyond_relu", "Training steps beyond ReLU: SiLU, ConvNeXt, ViT, and ResNet-20 for scale (`bench/bench_step.py`)",
+     functools.partial(step_table, suite="step_beyond_relu")),
+)
+HEADLINE_SUITES = ("step", "ascent_step")  # what headline() reads
+
+
+def render(out_dir: str, prefix: str, stages: str | None, *, part: int | None = None,
+           names: tuple[str, ...] = SUITES, training: str | None = None) -> str:
+    """The summary of the suites ``names`` (and the training comparison at ``training``)."""
+    suites = _load(out_dir, prefix, names)
+    title = prefix if part is None else f"part {part}, {prefix}"
+    lines = [f"# lfr_ext GPU check: {title}", "", f"Machine: {_machine(suites)}", ""]
     if any(data and data["machine_info"].get("lfr_ext_environment", {}).get("tiny") for data in suites.values()):
         lines += ["**Tiny sizes (LFR_BENCH_TINY=1): a check that every stage runs; the figures measure nothing.**", ""]
     lines += ["## Stages", ""]
     lines += stages_table(stages)
-    lines += ["", "## Headline figures", ""]
-    lines += _table(["figure", "goal", "measured", "met"],
-                    [[g.figure, g.goal, g.shown, {True: "yes", False: "**no**", None: "n/a"}[g.met]] for g in goals])
-    missing = [s for s, data in suites.items() if data is None]
+    if any(suite in names for suite in HEADLINE_SUITES):
+        goals = headline(suites)
+        lines += ["", "## Headline figures", ""]
+        lines += _table(["figure", "goal", "measured", "met"],
+                        [[g.figure, g.goal, g.shown, {True: "yes", False: "**no**", None: "n/a"}[g.met]] for g in goals])
+    missing = [suite for suite in names if suites[suite] is None]
     if missing:
         lines += ["", f"Missing suites (failed, timed out or skipped): {', '.join(missing)}."]
-    for title, table in (("Training steps (`bench/bench_step.py`)", step_table),
-                         ("Against the anchors", anchors_table),
-                         ("Fused ascent step (`bench/bench_ascent_step.py`)", ascent_step_table),
-                         ("Inner step in gradients (`bench/bench_tangent.py`)", tangent_table),
-                         ("Penalty call (`bench/bench_penalty.py`)", penalty_table),
-                         ("Low precision (`bench/bench_precision.py`)", precision_table),
-                         ("Scale out (`bench/bench_scale_out.py`)", scale_out_table),
-                         ("Training steps beyond ReLU: SiLU, ConvNeXt, ViT (`bench/bench_step.py`)",
-                          functools.partial(step_table, suite="step_beyond_relu"))):
-        lines += ["", f"## {title}", ""] + table(suites)
-    lines += ["", "## Training comparison (`lfr-train`, stage 4)", ""]
-    lines += training_table(os.path.join(out_dir, f"{prefix}-train"))
+    for suite, heading, table in TABLES:
+        if suite in names:
+            lines += ["", f"## {heading}", ""] + table(suites)
+    if training is not None:
+        lines += ["", "## Training comparison (`lfr-train`)", ""] + training_table(training)
     return "\n".join(lines) + "\n"
+
+
+def summary_name(prefix: str, part: int) -> str:
+    return f"{prefix}-part{part}-summary.md"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--prefix", required=True, help="file prefix of this run's results (<gpu>-<date>)")
-    parser.add_argument("--stages", default=None, help="the stage log written by scripts/gpu_check.sh")
+    parser.add_argument("--part", type=int, required=True, help="the part of the check (1 or 2)")
+    parser.add_argument("--suites", default=",".join(SUITES), help="comma-separated suites of this part")
+    parser.add_argument("--stages", default=None, help="the stage table written by scripts/gpu_check.sh")
+    parser.add_argument("--training", default=None, help="the training summaries, {method: summary} (JSON)")
     args = parser.parse_args(argv)
-    text = render(args.out_dir, args.prefix, args.stages)
-    for name in ("summary.md", f"{args.prefix}-summary.md"):
-        with open(os.path.join(args.out_dir, name), "w") as f:
-            f.write(text)
+    names = tuple(name for name in args.suites.split(",") if name)
+    unknown = [name for name in names if name not in SUITES]
+    if unknown:
+        parser.error(f"unknown suites {unknown}; known: {', '.join(SUITES)}")
+    text = render(args.out_dir, args.prefix, args.stages, part=args.part, names=names, training=args.training)
+    with open(os.path.join(args.out_dir, summary_name(args.prefix, args.part)), "w") as f:
+        f.write(text)
     print(text)
 
 

@@ -83,13 +83,28 @@ def test_ratios_are_computed_from_the_results_whatever_their_order():
 
 
 def test_missing_suites_are_reported_not_invented(tmp_path):
-    text = summarize.render(str(tmp_path), "nothing", None)
-    assert ("Missing suites (failed, timed out or skipped): ascent_step, step, tangent, penalty, precision, "
-            "scale_out") in text
+    text = summarize.render(str(tmp_path), "nothing", None, part=1, names=("step", "ascent_step"))
+    assert "Missing suites (failed, timed out or skipped): step, ascent_step." in text
     assert "yes" not in text.split("## Headline figures")[1].split("##")[0]
 
 
-def test_summary_files_written(results):
-    summarize.main([str(results), "--prefix", "gpu-day"])
-    assert (results / "summary.md").read_text() == (results / "gpu-day-summary.md").read_text()
-    assert "Machine: Test GPU" in (results / "summary.md").read_text()
+def test_a_part_shows_its_own_suites_only(results):
+    """Part 2 holds no headline suite: no headline table, and the suites of part 1 are neither
+    missing nor shown; the training comparison comes from the gathered summaries."""
+    summaries = {"lfr": {"steps_ran": "captured", "epochs": 2, "mean_epoch_seconds": 3.5,
+                         "final": {"val_clean_acc": 0.81, "val_robust_acc": 0.52}}}
+    (results / "train.json").write_text(json.dumps(summaries))
+    text = summarize.render(str(results), "gpu-day", None, part=2, names=("tangent",),
+                            training=str(results / "train.json"))
+    assert "## Headline figures" not in text and "## Training steps (" not in text
+    assert "Missing suites (failed, timed out or skipped): tangent." in text
+    assert "| lfr | captured | 2 | 3.50 s | 0.810 | 0.520 |" in text
+    assert "| plain | not run (or not finished) |" in text
+
+
+def test_summary_file_written(results):
+    summarize.main([str(results), "--prefix", "gpu-day", "--part", "1", "--suites", "step,ascent_step"])
+    assert [p.name for p in results.iterdir() if p.suffix == ".md"] == ["gpu-day-part1-summary.md"]
+    assert "Machine: Test GPU" in (results / "gpu-day-part1-summary.md").read_text()
+    with pytest.raises(SystemExit):
+        summarize.main([str(results), "--prefix", "gpu-day", "--part", "1", "--suites", "steps"])
