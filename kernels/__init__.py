@@ -6,7 +6,7 @@ variants ``AOT`` (:mod:`.aot`):
 
 * :mod:`.ascent_step` - fused LFR ascent update + per-sample norm (``_ascent_step_fwd_kernel``)
 * :mod:`.grad_norm` - per-sample norm (``_grad_norm_fwd_kernel``)
-* :mod:`.ops` - every launcher registered as ``lfr_ext::<op>_triton``
+* :mod:`.registration` - every launcher registered as ``lfr_ext::<op>_triton``
 
 Importing the modules imports triton; :mod:`lfr_ext.ops` does so only when Triton can run
 (a CUDA GPU, or ``TRITON_INTERPRET=1`` for CPU tensors).

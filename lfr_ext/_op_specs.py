@@ -8,11 +8,11 @@ Every op ``<name>`` of :data:`OPS` exists twice, with one schema:
   also declares its kernels' ahead-of-time variants (``AOT``, see ``kernels/aot.py``).
 
 Everything else is derived from this table: :mod:`lfr_ext.ops` registers the fakes and autograd
-of the compiled ops, ``kernels/ops.py`` registers the Triton twins (with the same fake and
+of the compiled ops, ``kernels/registration.py`` registers the Triton twins (with the same fake and
 autograd), ``scripts/check_cuda_build.sh`` checks that a CUDA build holds a CPU and a CUDA kernel
 for each op, and ``tests/triton_aot_check.py`` compiles each op's declared Triton variants.
 
-This module imports only torch, because ``kernels/ops.py`` reads it while :mod:`lfr_ext.ops`
+This module imports only torch, because ``kernels/registration.py`` reads it while :mod:`lfr_ext.ops`
 is still being imported.
 """
 

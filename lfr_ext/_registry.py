@@ -32,7 +32,7 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference
 
 @functools.lru_cache(maxsize=None)
 def triton_kernels():
-    """The registered Triton ops (module :mod:`lfr_ext.kernels.ops`), or the reason they cannot
+    """The registered Triton ops (module :mod:`lfr_ext.kernels.registration`), or the reason they cannot
     run here as a string. Imported once, and only where Triton can run at all."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'lfr_ext[triton]')"
@@ -47,7 +47,7 @@ def triton_kernels():
         if problem is not None:
             return problem
     try:
-        from .kernels import ops as kernel_ops
+        from .kernels import registration as kernel_ops
     except ModuleNotFoundError as exc:
         if exc.name == __package__ + ".kernels":
             return _not_installed_reason()

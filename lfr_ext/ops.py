@@ -1,7 +1,7 @@
 r"""The ``lfr_ext::*`` operators: Python entry points, fake kernels, autograd, implementation choice.
 
 Ops (declared once, with their fake kernels and autograd, in :data:`OPS`; schemas in
-``csrc/lfr_ext.cpp``; Triton twins with a ``_triton`` suffix in ``kernels/ops.py``):
+``csrc/lfr_ext.cpp``; Triton twins with a ``_triton`` suffix in ``kernels/registration.py``):
 
 * ``ascent_step(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g) -> (x_new, g_norm, sign_g)``
   the fused LFR update; no autograd (callers that need ``d x_new / d x`` use the reference).
@@ -41,7 +41,7 @@ def _register_compiled_ops() -> None:
 
 if _extension.is_loaded():
     _register_compiled_ops()
-# The Triton twins register themselves, with the same fakes and autograd, when kernels/ops.py is
+# The Triton twins register themselves, with the same fakes and autograd, when kernels/registration.py is
 # imported; importing it here (where Triton can run) makes torch.ops.lfr_ext.<name>_triton exist
 # after `import lfr_ext`, as the compiled ops do.
 _registry.triton_kernels()
