@@ -59,7 +59,7 @@ def _skip_reason(provider: str, dtype: torch.dtype) -> str | None:
     device = torch.device(BENCH_DEVICE)
     if provider == "triton" and device.type == "cpu":
         return "Triton on CPU tensors is the interpreter (a testing aid): not benchmarked"
-    return lfr_ext._registry.unavailable_reason(provider, device, dtype)
+    return lfr_ext._impl.unavailable_reason(provider, device, dtype)
 
 
 @functools.lru_cache(maxsize=None)

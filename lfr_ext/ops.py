@@ -9,7 +9,7 @@ Ops (declared once, with their fake kernels and autograd, in :data:`OPS`; schema
   differentiable (double backward), as LFR's penalty needs.
 
 Each runs as ``reference`` / ``cpu`` / ``cuda`` / ``triton``, chosen per call by ``impl``
-(see :mod:`lfr_ext._registry`; ``impl=None`` reads ``LFR_EXT_IMPL``, then ``auto``).
+(see :mod:`lfr_ext._impl`; ``impl=None`` reads ``LFR_EXT_IMPL``, then ``auto``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from . import _extension, _registry
+from . import _extension, _impl
 from ._op_specs import OPS, OpSpec, grad_norm_backward  # noqa: F401  (public API of this module)
-from ._registry import IMPLS, available_impls, resolve_impl  # noqa: F401  (public API of this module)
+from ._impl import IMPLS, available_impls, resolve_impl  # noqa: F401  (public API of this module)
 from .reference import ascent_step_reference, grad_norm_reference
 
 
@@ -44,7 +44,7 @@ if _extension.is_loaded():
 # The Triton twins register themselves, with the same fakes and autograd, when kernels/registration.py is
 # imported; importing it here (where Triton can run) makes torch.ops.lfr_ext.<name>_triton exist
 # after `import lfr_ext`, as the compiled ops do.
-_registry.triton_kernels()
+_impl.triton_kernels()
 
 
 # --------------------------------------------------------------------------------------

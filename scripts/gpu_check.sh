@@ -205,13 +205,13 @@ if mode == "gpu":
     assert torch.cuda.is_available(), "torch sees no GPU"
     assert status.with_cuda, f"CUDA sources were not compiled: {status.build_info}"
     for impl in ("cuda", "triton"):
-        reason = lfr_ext._registry.unavailable_reason(impl, torch.device("cuda"))
+        reason = lfr_ext._impl.unavailable_reason(impl, torch.device("cuda"))
         assert reason is None, f"impl {impl!r} is not live on the GPU: {reason}"
     print("build: CUDA compiled for", status.build_info["cuda_arch_list"], "- cuda and triton live")
 else:
     assert "cpu" in lfr_ext.ops.available_impls("cpu"), "the C++ kernels are not live"
     if os.environ.get("TRITON_INTERPRET") == "1":
-        reason = lfr_ext._registry.unavailable_reason("triton", torch.device("cpu"))
+        reason = lfr_ext._impl.unavailable_reason("triton", torch.device("cpu"))
         assert reason is None, f"triton is not live under the interpreter: {reason}"
     print("build: CPU library live:", lfr_ext.ops.available_impls("cpu"))
 PY

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from lfr_ext import _registry
+from lfr_ext import _impl
 
 from tests.utils import DEVICES, REQUIRE_COMPILED, REQUIRE_GPU
 
@@ -52,7 +52,7 @@ def impl_device_cases(impls=("reference", "cpu", "cuda", "triton")):
         for impl in impls:
             if _IMPL_DEVICE.get(impl, device) != device:
                 continue
-            reason = _registry.unavailable_reason(impl, torch.device(device))
+            reason = _impl.unavailable_reason(impl, torch.device(device))
             marks = [pytest.mark.skip(reason=reason)] if reason and not _required(impl, device) else []
             cases.append(pytest.param(impl, device, id=f"{impl}-{device}", marks=marks))
     return cases

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext import _registry
+from lfr_ext import _impl
 from lfr_ext.reference import ascent_step_reference, grad_norm_reference
 
 from tests.op_cases import LOW_PRECISION, QS, assert_reduction_accurate, make_inputs
@@ -25,7 +25,7 @@ def gpu_impls():
         return []
     cases = []
     for impl in ("cuda", "triton"):
-        reason = _registry.unavailable_reason(impl, torch.device("cuda"))
+        reason = _impl.unavailable_reason(impl, torch.device("cuda"))
         cases.append(pytest.param(impl, marks=[pytest.mark.skip(reason=reason)] if reason and not REQUIRE_GPU else []))
     return cases
 

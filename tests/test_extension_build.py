@@ -124,7 +124,7 @@ def test_uninstalled_source_tree_names_the_missing_install(tmp_path):
         "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
         "import torch, lfr_ext\n"
         "assert lfr_ext.__file__.startswith(sys.argv[1]), lfr_ext.__file__\n"
-        "print(lfr_ext._registry.unavailable_reason('triton', torch.device('cpu')))\n"
+        "print(lfr_ext._impl.unavailable_reason('triton', torch.device('cpu')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(checkout)], capture_output=True, text=True, timeout=300,
                          cwd=checkout, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(checkout)})

@@ -97,7 +97,7 @@ def test_flatness_penalty_same_with_every_impl(impl, device, train):
 def test_triton_interpreter_refuses_the_numpy_it_cannot_run_with(triton_version, numpy_version, broken):
     """Triton before 3.7 interprets with int() of one-element arrays, which numpy 2.4 removed: the
     pair is refused in one sentence that names both versions and the way out."""
-    problem = lfr_ext._registry.interpreter_problem(triton_version, numpy_version)
+    problem = lfr_ext._impl.interpreter_problem(triton_version, numpy_version)
     if broken:
         assert problem == (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy "
                            f"{numpy_version}: install numpy<2.4 or triton>=3.7")

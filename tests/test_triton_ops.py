@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext import _registry
+from lfr_ext import _impl
 from lfr_ext.ops import OPS, q_code
 from lfr_ext.reference import ascent_step_reference, grad_norm_reference
 
@@ -23,9 +23,9 @@ from tests.op_cases import LOW_PRECISION, QS, REQUIRE_TRITON, assert_reduction_a
 from tests.utils import HAS_CUDA, REQUIRE_GPU
 
 TRITON_DEVICES = [d for d in (["cuda"] if HAS_CUDA else []) + ["cpu"]
-                  if _registry.unavailable_reason("triton", torch.device(d)) is None]
+                  if _impl.unavailable_reason("triton", torch.device(d)) is None]
 if not TRITON_DEVICES and not (REQUIRE_TRITON or REQUIRE_GPU):
-    pytest.skip(f"Triton kernels unavailable: {_registry.unavailable_reason('triton', torch.device('cpu'))}",
+    pytest.skip(f"Triton kernels unavailable: {_impl.unavailable_reason('triton', torch.device('cpu'))}",
                 allow_module_level=True)
 DEVICE = TRITON_DEVICES[0] if TRITON_DEVICES else ("cuda" if HAS_CUDA else "cpu")
 if DEVICE == "cuda":
@@ -45,7 +45,7 @@ def _round_kernel(SRC, DST, n, BLOCK: tl.constexpr):
 
 
 def _kernels():
-    kernels = _registry.triton_kernels()
+    kernels = _impl.triton_kernels()
     assert not isinstance(kernels, str), kernels
     return kernels
 
