@@ -15,7 +15,8 @@
 
 namespace lfr_ext {
 
-// Norm order codes of the ops' `int q` argument (lfr_ext.ops.q_code): 1, 2, or kQInf for inf.
+// Norm order codes of the ops' `int q` argument: 1, 2, or kQInf for inf; Q_CODES, Q_INF and q_code in
+// lfr_ext/_op_specs.py declare the same codes for Python (the entry points and the Triton kernels).
 constexpr int64_t kQInf = -1;
 
 inline void check_q(const char* op, int64_t q) {

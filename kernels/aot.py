@@ -16,8 +16,9 @@ from typing import Any, Mapping
 import torch
 import triton.language as tl
 
+from .._op_specs import Q_CODES
 from . import op_module
-from .launch import Q_CODES, num_warps_for
+from .launch import num_warps_for
 
 STORAGE = "*storage"  # argument type: a pointer to the inputs' dtype (one variant per dtype)
 

@@ -32,8 +32,15 @@ from .common import (
     sign_of,
     to_fp32,
 )
-from .grad_norm import SUPPORTED_DTYPES
-from .launch import INTERPRETED, MAX_BLOCK, Q_CODES, device_guard, fold_partial_norms, plan_launch
+from .launch import (
+    INTERPRETED,
+    MAX_BLOCK,
+    SUPPORTED_DTYPES,
+    check_dtype_and_q,
+    device_guard,
+    fold_partial_norms,
+    plan_launch,
+)
 
 
 @triton.jit
@@ -128,10 +135,7 @@ def check_ascent_step_args(x, x_adv, h, g, q) -> None:
         )
     if not (x.dtype == x_adv.dtype == h.dtype == g.dtype):
         raise ValueError("ascent_step: x, x_adv, h and g must have one dtype")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"ascent_step: the Triton kernel takes {SUPPORTED_DTYPES}, got {x.dtype}")
-    if q not in Q_CODES:
-        raise ValueError(f"ascent_step: q must be 1, 2 or -1 (inf), got {q}")
+    check_dtype_and_q("ascent_step", x.dtype, q)
 
 
 def ascent_step_triton(

@@ -8,6 +8,12 @@ in fp32 and rounded to the storage dtype, as PyTorch's own op chain does between
 import triton
 import triton.language as tl
 
+from .. import _op_specs
+
+# The q code of the inf-norm (lfr_ext/_op_specs.py), as a constexpr: a @triton.jit function reads
+# no other kind of global.
+Q_INF: tl.constexpr = tl.constexpr(_op_specs.Q_INF)
+
 
 @triton.jit
 def round_to_storage(v, DTYPE: tl.constexpr):
@@ -64,7 +70,7 @@ def clamp_keep_nan(v, lo, hi):
 @triton.jit
 def accumulate_norm(acc, g, Q: tl.constexpr):
     """Fold a block of ``g`` (any float dtype, masked lanes 0) into the fp32 per-lane ``acc``:
-    ``sum |g|`` (Q=1), ``sum g^2`` (Q=2) or ``max |g|`` (Q=-1, inf; NaN kept)."""
+    ``sum |g|`` (Q=1), ``sum g^2`` (Q=2) or ``max |g|`` (Q=Q_INF; NaN kept)."""
     a = tl.abs(to_fp32(g))
     if Q == 1:
         acc += a
@@ -78,7 +84,7 @@ def accumulate_norm(acc, g, Q: tl.constexpr):
 @triton.jit
 def reduce_norm(acc, Q: tl.constexpr):
     """Reduce the per-lane accumulator to one fp32 value (not yet square-rooted for Q=2)."""
-    if Q == -1:
+    if Q == Q_INF:
         has_nan = tl.max((acc != acc).to(tl.int32), axis=0) > 0  # tl.max does not propagate NaN
         return tl.where(has_nan, float("nan"), tl.max(acc, axis=0))
     return tl.sum(acc, axis=0)

@@ -13,9 +13,7 @@ from torch.library import wrap_triton
 
 from .aot import STORAGE, AotMatrix
 from .common import accumulate_norm, finish_norm, reduce_norm, round_to_storage
-from .launch import INTERPRETED, Q_CODES, device_guard, fold_partial_norms, plan_launch
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .launch import INTERPRETED, SUPPORTED_DTYPES, check_dtype_and_q, device_guard, fold_partial_norms, plan_launch
 
 
 @triton.jit
@@ -30,7 +28,7 @@ def _grad_norm_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     """Program (b, c): ``acc = fold_{i in chunk c} term(g[b, i])`` with term |g| (Q=1), g^2 (Q=2)
-    or max |g| (Q=-1); then ``OUT[b] = acc`` (sqrt for Q=2) or ``PARTIAL[b, c] = acc``."""
+    or max |g| (Q=Q_INF); then ``OUT[b] = acc`` (sqrt for Q=2) or ``PARTIAL[b, c] = acc``."""
     sample = tl.program_id(0).to(tl.int64)  # int64: B * per_sample may exceed 2^31
     chunk = tl.program_id(1).to(tl.int64)
     start = chunk * chunk_len
@@ -64,10 +62,7 @@ AOT = (
 def check_grad_norm_args(g: torch.Tensor, q: int) -> None:
     if g.dim() < 1:
         raise ValueError("grad_norm: g must have a batch dimension, got a 0-dim tensor")
-    if g.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"grad_norm: the Triton kernel takes {SUPPORTED_DTYPES}, got {g.dtype}")
-    if q not in Q_CODES:
-        raise ValueError(f"grad_norm: q must be 1, 2 or -1 (inf), got {q}")
+    check_dtype_and_q("grad_norm", g.dtype, q)
 
 
 def grad_norm_triton(g: torch.Tensor, q: int) -> torch.Tensor:

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .._op_specs import Q_CODES, Q_INF
+
 MAX_BLOCK = 2048  # elements per program per loop iteration
-# The ops' `int q` codes (lfr_ext.ops.q_code; kQInf in csrc/op_args.h): 1, 2, or -1 for inf.
-Q_INF = -1
-Q_CODES = (1, 2, Q_INF)
+# The storage dtypes of every Triton kernel (kernels/common.py rounds to each of them as PyTorch does).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # triton.jit reads the variable when the kernels are defined, i.e. when this package is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _FORCED_CHUNKS: contextvars.ContextVar[int | None] = contextvars.ContextVar("lfr_ext_forced_chunks", default=None)
@@ -75,6 +76,14 @@ def plan_launch(batch: int, per_sample: int, device: torch.device, chunks: int |
 def num_warps_for(block: int) -> int:
     """Warps per program for a ``block``-element loop: 4 up to 1024 elements, 8 above."""
     return 4 if block <= 1024 else 8
+
+
+def check_dtype_and_q(op: str, dtype: torch.dtype, q: int) -> None:
+    """The launchers' refusal of a dtype the kernels lack or of an unknown q code."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: the Triton kernel takes {SUPPORTED_DTYPES}, got {dtype}")
+    if q not in Q_CODES:
+        raise ValueError(f"{op}: q must be 1, 2 or {Q_INF} (inf), got {q}")
 
 
 def fold_partial_norms(partial: torch.Tensor, q_code: int, dtype: torch.dtype) -> torch.Tensor:

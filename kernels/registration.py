@@ -17,8 +17,7 @@ import torch
 
 from .._op_specs import OPS, OpSpec
 from . import op_module
-from .grad_norm import SUPPORTED_DTYPES
-from .launch import INTERPRETED
+from .launch import INTERPRETED, SUPPORTED_DTYPES
 
 __all__ = ["INTERPRETED", "SUPPORTED_DTYPES", "TRITON_OPS"]
 

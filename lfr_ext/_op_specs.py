@@ -21,7 +21,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import math
+
 import torch
+
+# --------------------------------------------------------------------------------------
+# the norm order argument
+# --------------------------------------------------------------------------------------
+# The ops take the norm order q as an `int` code: q itself for 1 and 2, Q_INF for inf. The C++
+# kernels spell it kQInf (csrc/op_args.h); everything in Python imports it from here.
+Q_INF = -1
+Q_CODES = (1, 2, Q_INF)
+
+
+def q_code(q: float) -> int:
+    """Integer code of the norm order the ops take (their ``int q`` argument): 1, 2, or
+    :data:`Q_INF` for inf. Other orders pass through, for the ops to refuse."""
+    return Q_INF if math.isinf(q) else int(q)
 
 
 @dataclass(frozen=True)

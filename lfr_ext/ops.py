@@ -14,20 +14,12 @@ Each runs as ``reference`` / ``cpu`` / ``cuda`` / ``triton``, chosen per call by
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _extension, _impl
-from ._op_specs import OPS, OpSpec, grad_norm_backward  # noqa: F401  (public API of this module)
+from ._op_specs import OPS, OpSpec, grad_norm_backward, q_code  # noqa: F401  (public API of this module)
 from ._impl import IMPLS, available_impls, resolve_impl  # noqa: F401  (public API of this module)
 from .reference import ascent_step_reference, grad_norm_reference
-
-
-def q_code(q: float) -> int:
-    """Integer code of the norm order the compiled ops take (their ``int q`` argument): 1, 2, or
-    -1 for inf (``kQInf`` in ``csrc/op_args.h``)."""
-    return -1 if math.isinf(q) else int(q)
 
 
 # --------------------------------------------------------------------------------------
