@@ -1,4 +1,4 @@
-r"""The ``lfr_ext`` ops, declared once: each op's name, fake (meta) kernel and autograd.
+r"""The ``lfr_ext`` ops, declared once: each op's name, reference, arguments, fake (meta) kernel and autograd.
 
 Every op ``<name>`` of :data:`OPS` exists twice, with one schema:
 
@@ -7,13 +7,17 @@ Every op ``<name>`` of :data:`OPS` exists twice, with one schema:
 * ``lfr_ext::<name>_triton``: the launcher ``<name>_triton`` of ``kernels/<name>.py``, which
   also declares its kernels' ahead-of-time variants (``AOT``, see ``kernels/aot.py``).
 
-Everything else is derived from this table: :mod:`lfr_ext.ops` registers the fakes and autograd
-of the compiled ops, ``kernels/registration.py`` registers the Triton twins (with the same fake and
-autograd), ``scripts/check_cuda_build.sh`` checks that a CUDA build holds a CPU and a CUDA kernel
-for each op, and ``tests/triton_aot_check.py`` compiles each op's declared Triton variants.
+and a third time as the eager chain of PyTorch ops it fuses, its ``reference`` function in
+:mod:`lfr_ext.reference`.
 
-This module imports only torch, because ``kernels/registration.py`` reads it while :mod:`lfr_ext.ops`
-is still being imported.
+Everything else is derived from this table: :mod:`lfr_ext.ops` registers the fakes and autograd
+of the compiled ops and sends each call to the reference, the compiled op or the Triton twin;
+``kernels/registration.py`` registers the Triton twins (with the same fake and autograd),
+``scripts/check_cuda_build.sh`` checks that a CUDA build holds a CPU and a CUDA kernel for each
+op, and ``tests/triton_aot_check.py`` compiles each op's declared Triton variants.
+
+This module imports only torch and :mod:`lfr_ext.reference` (itself plain PyTorch), because
+``kernels/registration.py`` reads it while :mod:`lfr_ext.ops` is still being imported.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Callable
 import math
 
 import torch
+
+from .reference import ascent_step_reference, grad_norm_reference
 
 # --------------------------------------------------------------------------------------
 # the norm order argument
@@ -42,11 +48,19 @@ def q_code(q: float) -> int:
 
 @dataclass(frozen=True)
 class OpSpec:
-    """One op: ``fake`` computes its outputs' metadata (shapes, dtypes, devices) from its
-    arguments' for FakeTensor tracing; ``backward`` and ``setup_context`` are its
+    """One op.
+
+    ``reference`` is the eager PyTorch function the kernels must match; its arguments are the
+    op's, in the schema's order, with the norm order ``q`` as a number (1, 2, ``math.inf``), and
+    its first argument is the tensor whose device and dtype choose the implementation.
+    ``op_args`` turns those arguments into the schema's (``float`` scalars, :func:`q_code`).
+    ``fake`` computes the outputs' metadata (shapes, dtypes, devices) from the schema's
+    arguments for FakeTensor tracing; ``backward`` and ``setup_context`` are its
     :func:`torch.library.register_autograd` formula, ``None`` for an op without autograd."""
 
     name: str
+    reference: Callable
+    op_args: Callable[..., tuple]
     fake: Callable
     backward: Callable | None = None
     setup_context: Callable | None = None
@@ -61,6 +75,11 @@ class OpSpec:
         """Its Triton twin, ``lfr_ext::<name>_triton``."""
         return f"lfr_ext::{self.name}_triton"
 
+    def op(self, impl: str):
+        """The registered op that ``impl`` runs: ``torch.ops.lfr_ext.<name>`` (the compiled library,
+        whose dispatcher picks the CPU or the CUDA kernel) or, for ``"triton"``, its Triton twin."""
+        return getattr(torch.ops.lfr_ext, f"{self.name}_triton" if impl == "triton" else self.name)
+
     def register(self, op, *, fake: bool = True) -> None:
         """Register the fake kernel (unless ``fake=False``: a ``triton_op`` traces its own body)
         and the autograd formula on ``op``, a qualified name or a ``custom_op``."""
@@ -73,6 +92,10 @@ class OpSpec:
 # --------------------------------------------------------------------------------------
 # ascent_step
 # --------------------------------------------------------------------------------------
+def _ascent_step_op_args(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g) -> tuple:
+    return x, x_adv, h, g, float(eps), float(step_size), float(lo), float(hi), q_code(q), bool(return_sign_g)
+
+
 def _ascent_step_fake(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g):
     """``(x_new (B, ...), g_norm (B,), sign_g (B, ...) or (0,))``, dense, in x's dtype and device:
     the kernels write contiguous outputs whatever the inputs' strides."""
@@ -86,6 +109,10 @@ def _ascent_step_fake(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g):
 # --------------------------------------------------------------------------------------
 # grad_norm
 # --------------------------------------------------------------------------------------
+def _grad_norm_op_args(g, q) -> tuple:
+    return g, q_code(q)
+
+
 def _grad_norm_fake(g, q):
     """``(B,)`` norms in g's dtype and device."""
     torch._check(g.dim() >= 1, lambda: "grad_norm: g needs a batch dimension")
@@ -136,9 +163,9 @@ def _grad_norm_autograd_backward(ctx, grad_out):
 # --------------------------------------------------------------------------------------
 # the table
 # --------------------------------------------------------------------------------------
-OPS: tuple[OpSpec, ...] = (
-    # The fused LFR update; no autograd (callers that need d x_new / d x use the reference).
-    OpSpec("ascent_step", _ascent_step_fake),
-    # One formula for the C++ and the Triton op, itself differentiable (LFR's double backward).
-    OpSpec("grad_norm", _grad_norm_fake, _grad_norm_autograd_backward, _grad_norm_setup_context),
-)
+# The fused LFR update; no autograd (callers that need d x_new / d x use the reference).
+ASCENT_STEP = OpSpec("ascent_step", ascent_step_reference, _ascent_step_op_args, _ascent_step_fake)
+# One formula for the C++ and the Triton op, itself differentiable (LFR's double backward).
+GRAD_NORM = OpSpec("grad_norm", grad_norm_reference, _grad_norm_op_args, _grad_norm_fake,
+                   _grad_norm_autograd_backward, _grad_norm_setup_context)
+OPS: tuple[OpSpec, ...] = (ASCENT_STEP, GRAD_NORM)

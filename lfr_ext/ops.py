@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 
 from . import _extension, _impl
-from ._op_specs import OPS, OpSpec, grad_norm_backward, q_code  # noqa: F401  (public API of this module)
+from ._op_specs import ASCENT_STEP, GRAD_NORM, OPS, OpSpec, grad_norm_backward, q_code  # noqa: F401  (public API)
 from ._impl import IMPLS, available_impls, resolve_impl  # noqa: F401  (public API of this module)
-from .reference import ascent_step_reference, grad_norm_reference
 
 
 # --------------------------------------------------------------------------------------
@@ -42,6 +41,17 @@ _impl.triton_kernels()
 # --------------------------------------------------------------------------------------
 # entry points
 # --------------------------------------------------------------------------------------
+def _dispatch(spec: OpSpec, impl: str | None, *args):
+    """Run the op ``spec`` on ``args`` (the reference's arguments) as ``impl`` chooses for the
+    device and dtype of ``args[0]``: the reference function, or the registered op (compiled or
+    Triton) on the arguments converted to its schema."""
+    lead = args[0]
+    chosen = resolve_impl(impl, lead.device, lead.dtype)
+    if chosen == "reference":
+        return spec.reference(*args)
+    return spec.op(chosen)(*spec.op_args(*args))
+
+
 def ascent_step(
     x: torch.Tensor,
     x_adv: torch.Tensor,
@@ -74,11 +84,7 @@ def ascent_step(
         ``sign(0) = sign(NaN) = 0`` as ``torch.sign``. The update rounds exactly as the eager
         chain on the same device; norms accumulate in fp32 (fp64 for fp64).
     """
-    chosen = resolve_impl(impl, x.device, x.dtype)
-    if chosen == "reference":
-        return ascent_step_reference(x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g)
-    op = torch.ops.lfr_ext.ascent_step_triton if chosen == "triton" else torch.ops.lfr_ext.ascent_step
-    return op(x, x_adv, h, g, float(eps), float(step_size), float(lo), float(hi), q_code(q), bool(return_sign_g))
+    return _dispatch(ASCENT_STEP, impl, x, x_adv, h, g, eps, step_size, lo, hi, q, return_sign_g)
 
 
 def grad_norm(g: torch.Tensor, q: float = 1, *, impl: str | None = None) -> torch.Tensor:
@@ -89,8 +95,4 @@ def grad_norm(g: torch.Tensor, q: float = 1, *, impl: str | None = None) -> torc
     :func:`lfr_ext.reference.grad_norm_reference` (see :func:`grad_norm_backward`).
     ``impl`` as in :func:`ascent_step`.
     """
-    chosen = resolve_impl(impl, g.device, g.dtype)
-    if chosen == "reference":
-        return grad_norm_reference(g, q)
-    op = torch.ops.lfr_ext.grad_norm_triton if chosen == "triton" else torch.ops.lfr_ext.grad_norm
-    return op(g, q_code(q))
+    return _dispatch(GRAD_NORM, impl, g, q)
