@@ -9,7 +9,8 @@ variants ``AOT`` (:mod:`.aot`):
 * :mod:`.registration` - every launcher registered as ``lfr_ext::<op>_triton``
 
 Importing the modules imports triton; :mod:`lfr_ext.ops` does so only when Triton can run
-(a CUDA GPU, or ``TRITON_INTERPRET=1`` for CPU tensors).
+(a CUDA GPU, or ``TRITON_INTERPRET=1`` for CPU tensors). How the op layer fits together, and
+what adding an op takes: ``kernels/README.md``.
 """
 
 import importlib

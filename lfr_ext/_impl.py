@@ -1,14 +1,10 @@
-"""Which implementation of the ``lfr_ext`` ops runs where: availability, ``auto`` and errors.
+"""Which implementation of an ``lfr_ext`` op runs: availability, ``auto``'s order, and errors.
 
-============  ===============================================================================
-``reference`` eager chain of PyTorch ops (:mod:`lfr_ext.reference`); always available
-``cpu``       C++ kernels of the compiled library (``csrc/cpu``), CPU tensors
-``cuda``      CUDA kernels of the compiled library (``csrc/cuda``), CUDA tensors
-``triton``    Triton kernels (``kernels/``): CUDA tensors, or CPU tensors through the Triton
-              interpreter when ``TRITON_INTERPRET=1`` was set before ``import lfr_ext`` (a
-              testing aid: correct but slow); fp32/bf16/fp16
-``auto``      the first available in ``AUTO_ORDER`` for the device
-============  ===============================================================================
+``impl`` is one of :data:`IMPLS`: ``reference`` (always available), ``cpu`` (CPU tensors) and
+``cuda`` (CUDA tensors) when the compiled library is loaded, ``triton`` for fp32/bf16/fp16 CUDA
+tensors, or CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` was set before
+``import lfr_ext`` (a testing aid: correct but slow), and ``auto``: the first available in
+``AUTO_ORDER`` for the device. Where each implementation lives: ``kernels/README.md``.
 
 ``AUTO_ORDER`` is fastest first. On CUDA the compiled kernel comes first; on the CPU the C++
 kernel, then the eager chain, and the Triton interpreter last (it exists to test the Triton
