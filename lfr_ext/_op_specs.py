@@ -22,10 +22,9 @@ This module imports only torch and :mod:`lfr_ext.reference` (itself plain PyTorc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
-
-import math
 
 import torch
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from . import _extension, _impl
-from ._op_specs import ASCENT_STEP, GRAD_NORM, OPS, OpSpec, grad_norm_backward, q_code  # noqa: F401  (public API)
 from ._impl import IMPLS, available_impls, resolve_impl  # noqa: F401  (public API of this module)
+from ._op_specs import ASCENT_STEP, GRAD_NORM, OPS, OpSpec, grad_norm_backward, q_code  # noqa: F401  (public API)
 
 
 # --------------------------------------------------------------------------------------
