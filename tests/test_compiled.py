@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext import compiled
+from lfr_ext.hvp import compiled
 from lfr_ext.models import SmallCNN
 from lfr_ext.reference import flatness_ascent_reference
 
@@ -115,7 +115,7 @@ def test_the_first_compiled_call_leaves_the_global_rng_alone():
     that the trial has not run yet)."""
     code = textwrap.dedent("""
         import torch
-        from lfr_ext import compiled
+        from lfr_ext.hvp import compiled
         torch.manual_seed(7)
         expected = torch.rand(3)
         torch.manual_seed(7)

@@ -33,7 +33,7 @@ import weakref
 import torch
 from torch import nn
 
-from .reference import LossFn, grad_and_hvp_double_backprop, grad_norm_reference, penalty_at
+from ..reference import LossFn, grad_and_hvp_double_backprop, grad_norm_reference, penalty_at
 
 def compile_backend() -> str:
     """``torch.compile``'s backend for these functions: ``$LFR_EXT_COMPILE_BACKEND`` or inductor
@@ -54,7 +54,7 @@ def compile_support_problem() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _trial_compile_problem() -> str | None:
-    from .reference import default_loss
+    from ..reference import default_loss
 
     # The trial runs inside the caller's first hvp='compiled' call: it must not draw from the
     # global RNG, or that call's start noise would differ from an eager engine's.

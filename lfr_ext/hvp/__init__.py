@@ -29,7 +29,7 @@ the penalty needs ``grad_theta mean_i ||g_i||_q``.
                      penalty uses double backprop. Never picked by ``auto``.
 ``compiled``         double backprop with each inner step and the penalty step compiled
                      whole by ``torch.compile`` (autograd traced into the graph,
-                     :mod:`lfr_ext.compiled`); penalty exact to first order, batch-reduced
+                     :mod:`lfr_ext.hvp.compiled`); penalty exact to first order, batch-reduced
                      only. Never picked by ``auto``.
 ``auto``             ``linearized`` when the loss is the default cross-entropy and every op
                      of the model is covered, else ``double_backprop`` (with a one-time
@@ -57,10 +57,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import compiled
-from .distributed import identity_autograd_functions, sharded_modules
-from .linearized import DeclinedOpError, TangentTape, UnsupportedOpError
-from .linearized.verify import verify_recording
-from .reference import (LossFn, grad_and_hvp_double_backprop, grad_norm_reference, input_gradient, logits_hint,
+from ..distributed import identity_autograd_functions, sharded_modules
+from ..linearized import DeclinedOpError, TangentTape, UnsupportedOpError
+from ..linearized.verify import verify_recording
+from ..reference import (LossFn, grad_and_hvp_double_backprop, grad_norm_reference, input_gradient, logits_hint,
                         penalty_at)
 
 logger = logging.getLogger("lfr_ext")
