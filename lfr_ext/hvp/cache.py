@@ -1,0 +1,48 @@
+"""The one explicit process-wide memory of the second-order engines: :data:`CACHE`."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+
+from torch import nn
+
+
+class EngineCache:
+    """What the second-order engine learned about models, for the whole process.
+
+    * ``uncovered``: model -> the op its recording refused (``hvp="auto"`` then runs double
+      backprop for it without recording again);
+    * ``verified``: model -> {(pass, module modes): whether the pass couples samples}, the
+      recordings checked against autograd once;
+    * ``warned``: the one-time warnings already given.
+
+    Weak in the models. :data:`CACHE` is the one the engine uses: ``CACHE.clear()`` forgets
+    everything, ``with CACHE.scoped():`` runs a block with a fresh cache and puts the old one back.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.uncovered: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+        self.verified: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+        self.warned: set[tuple] = set()
+
+    @contextlib.contextmanager
+    def scoped(self):
+        saved = self.uncovered, self.verified, self.warned
+        self.clear()
+        try:
+            yield self
+        finally:
+            self.uncovered, self.verified, self.warned = saved
+
+    def warn_once(self, key: tuple, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+CACHE = EngineCache()
