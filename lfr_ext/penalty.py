@@ -29,6 +29,7 @@ from torch import nn
 from . import ops
 from .distributed import check_data_parallel, sharded_step, sync_buffers_as_forward_would, unwrapped
 from .hvp import SecondOrderEngine
+from .hvp.scaling import input_gradient_scale
 from ._state import frozen_running_stats, module_modes, preserved_state, restore_modes, set_eval
 from ._validation import (
     check_attack_args,
@@ -95,18 +96,6 @@ def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip
                                loss_scale=loss_scale)  # checks hvp
     return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, engine, chosen_impl,
                    loss_scale)
-
-
-def input_gradient_scale(grad_scaler, x: torch.Tensor) -> torch.Tensor | None:
-    """The factor for losses summed over the batch ``x`` whose input gradient is taken: the
-    scaler's current scale divided by the batch size (a 0-dim fp32 tensor, no host sync), so that
-    the gradients reaching the logits are as large as those of the scaled *mean* loss GradScaler
-    tunes its scale for (the full scale on a summed loss would overflow fp16 first). None for no
-    scaler or a disabled one."""
-    if grad_scaler is None or not grad_scaler.is_enabled():
-        return None
-    scale = grad_scaler.scale(torch.ones((), dtype=torch.float32, device=x.device))
-    return scale / max(x.shape[0], 1)
 
 
 def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config):

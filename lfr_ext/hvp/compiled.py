@@ -35,10 +35,13 @@ from torch import nn
 
 from ..reference import LossFn, grad_and_hvp_double_backprop, grad_norm_reference, penalty_at
 
+
 def compile_backend() -> str:
     """``torch.compile``'s backend for these functions: ``$LFR_EXT_COMPILE_BACKEND`` or inductor
     (``aot_eager`` compiles in seconds and runs the traced graph eagerly: a debugging aid)."""
     return os.environ.get("LFR_EXT_COMPILE_BACKEND", "inductor")
+
+
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..reference import LossFn, input_gradient
+from ..reference import LossFn
+from .scaling import input_gradient
 from .subgradient import norm_subgradient
 
 FINITE_DIFFERENCE_RADIUS = 1e-3
