@@ -34,6 +34,17 @@ import torch
 from torch import nn
 
 from ..reference import LossFn, grad_and_hvp_double_backprop, grad_norm_reference, penalty_at
+from .facts import MethodFacts
+
+FACTS = MethodFacts(
+    name="compiled",
+    description="double backprop, each step compiled whole by ``torch.compile``",
+    exact=True,
+    auto_may_choose=False,
+    takes_grad_scaler=False,
+    per_sample_penalty=False,
+    penalty_differentiable_in_x=False,
+)
 
 
 def compile_backend() -> str:

@@ -18,7 +18,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..reference import LossFn
 from .cache import CACHE
+from .facts import MethodFacts
 from .scaling import input_gradient, scaled, unscaled
+
+FACTS = MethodFacts(
+    name="double_backprop",
+    description="the authors': ``create_graph=True`` and a gradient of a gradient",
+    exact=True,
+    auto_may_choose=True,
+)
 
 
 def _has_attention(model: nn.Module) -> bool:

@@ -10,10 +10,18 @@ import torch
 from torch import nn
 
 from ..reference import LossFn
+from .facts import MethodFacts
 from .scaling import input_gradient
 from .subgradient import norm_subgradient
 
 FINITE_DIFFERENCE_RADIUS = 1e-3
+
+FACTS = MethodFacts(
+    name="finite_difference",
+    description="central differences of ``g`` along ``v``; penalty by double backprop",
+    exact=False,
+    auto_may_choose=False,
+)
 
 
 def grad_and_hvp_finite_difference(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,

@@ -10,8 +10,16 @@ import torch
 from torch import nn
 
 from ..reference import LossFn
+from .facts import MethodFacts
 from .scaling import scaled, unscaled
 from .subgradient import norm_subgradient
+
+FACTS = MethodFacts(
+    name="forward",
+    description="``torch.func`` forward-over-reverse; penalty by double backprop",
+    exact=True,
+    auto_may_choose=False,
+)
 
 
 def grad_and_hvp_forward(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,

@@ -26,8 +26,17 @@ from ..distributed import identity_autograd_functions, sharded_modules
 from ..linearized import TangentTape, UnsupportedOpError
 from ..linearized.verify import verify_recording
 from ..reference import LossFn, grad_norm_reference, logits_hint
+from .facts import MethodFacts
 from .scaling import scaled, unscaled
 from .subgradient import norm_subgradient
+
+FACTS = MethodFacts(
+    name="linearized",
+    description="a tangent pass through the recorded forward, then one VJP",
+    exact=True,
+    auto_may_choose=True,
+    needs_default_loss=True,
+)
 
 
 def _cross_entropy_residual(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ from torch import nn
 
 from ..linearized import DeclinedOpError, UnsupportedOpError
 from ..reference import grad_norm_reference
-from . import compiled, double_backprop
+from . import compiled, double_backprop, finite_difference, forward, linearized
 from .cache import CACHE
+from .facts import MethodFacts
 from .finite_difference import grad_and_hvp_finite_difference
 from .forward import grad_and_hvp_forward
 from .linearized import grad_and_hvp_linearized, penalty_linearized
@@ -29,7 +30,46 @@ AUTO_DECLINED_CLASSES: dict[str, str] = {
                  "hvp='linearized' still runs it, exactly",
 }
 
-HVP_METHODS = ("auto", "linearized", "double_backprop", "forward", "finite_difference", "compiled")
+# Every method's record, in the order lfr_ext.hvp's table and `python -m lfr_ext.info` list them.
+METHODS: dict[str, MethodFacts] = {facts.name: facts for facts in (
+    linearized.FACTS, double_backprop.FACTS, forward.FACTS, finite_difference.FACTS, compiled.FACTS)}
+HVP_METHODS = ("auto", *METHODS)
+
+
+def check_request(hvp: str, *, default_loss: bool, grad_scaler: bool, device_type: str | None = None,
+                  methods: dict[str, MethodFacts] = METHODS) -> None:
+    """Refuse, before any work, an ``hvp=`` request its method's record says it cannot serve:
+    an unknown name, a ``grad_scaler``, a loss other than the default, a device type. (``auto``
+    chooses among methods that serve every request.)"""
+    if hvp != "auto" and hvp not in methods:
+        raise ValueError(f"hvp must be one of {('auto', *methods)}, got {hvp!r}")
+    facts = methods.get(hvp)
+    if facts is None:
+        return
+    if grad_scaler and not facts.takes_grad_scaler:
+        raise ValueError(f"hvp={hvp!r} does not take a grad_scaler; use hvp='auto' for fp16 mixed precision")
+    if facts.needs_default_loss and not default_loss:
+        raise ValueError(
+            f"hvp={hvp!r} needs the default cross-entropy loss (its Hessian in the logits is "
+            "diag(p) - p p^T); pass loss_fn=None or use hvp='double_backprop'"
+        )
+    if device_type is not None and not facts.supports_device(device_type):
+        raise ValueError(f"hvp={hvp!r} runs on {', '.join(facts.devices)}, not {device_type}; use hvp='auto'")
+
+
+def check_penalty_request(facts: MethodFacts, *, reduction: str, x_requires_grad: bool) -> None:
+    """Refuse a penalty ``facts``' method cannot give: per-sample values (``reduction="none"``)
+    or, when ``x`` requires grad, a derivative w.r.t. ``x``."""
+    if not ((reduction == "none" and not facts.per_sample_penalty) or
+            (x_requires_grad and not facts.penalty_differentiable_in_x)):
+        return
+    gives = []
+    if not facts.per_sample_penalty:
+        gives.append("the penalty reduced over the batch (reduction='mean' or 'sum')")
+    if not facts.penalty_differentiable_in_x:
+        whose = "its" if gives else "the penalty's"
+        gives.append(f"{whose} gradient w.r.t. the parameters only (x must not require grad)")
+    raise ValueError(f"hvp={facts.name!r} gives " + " and ".join(gives))
 
 
 class _RngCheckpoint:
@@ -66,16 +106,9 @@ class SecondOrderEngine:
     """
 
     def __init__(self, hvp: str, model: nn.Module, default_loss: bool, norm_fn: Callable = grad_norm_reference,
-                 loss_scale: torch.Tensor | None = None):
-        if hvp not in HVP_METHODS:
-            raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
-        if hvp == "compiled" and loss_scale is not None:
-            raise ValueError("hvp='compiled' does not take a grad_scaler; use hvp='auto' for fp16 mixed precision")
-        if hvp == "linearized" and not default_loss:
-            raise ValueError(
-                "hvp='linearized' needs the default cross-entropy loss (its Hessian in the logits is "
-                "diag(p) - p p^T); pass loss_fn=None or use hvp='double_backprop'"
-            )
+                 loss_scale: torch.Tensor | None = None, device: torch.device | None = None):
+        check_request(hvp, default_loss=default_loss, grad_scaler=loss_scale is not None,
+                      device_type=None if device is None else torch.device(device).type)
         self.requested = hvp
         self.model = model
         self.default_loss = default_loss
@@ -160,10 +193,8 @@ class SecondOrderEngine:
         * every other method: double backprop (the authors' penalty).
         """
         method = self.method
+        check_penalty_request(METHODS[method], reduction=reduction, x_requires_grad=x_adv.requires_grad)
         if method == "compiled":
-            if reduction == "none" or x_adv.requires_grad:
-                raise ValueError("hvp='compiled' gives the penalty reduced over the batch (reduction='mean' or 'sum') "
-                                 "and its gradient w.r.t. the parameters only (x must not require grad)")
             return compiled.engine_for(model, loss_fn, q).penalty(x_adv, y)
         if method == "linearized" and reduction == "none" and \
                 CACHE.verified.get(self.model, {}).get(self._key("penalty")):
