@@ -13,7 +13,8 @@ whose docstring gives its math:
 op of the model is covered, else ``double_backprop`` (with a one-time warning naming the op
 that is not covered). Op classes measured slower on the linearized engine
 (:data:`AUTO_DECLINED_CLASSES`, shown by ``python -m lfr_ext.info``) are left to double
-backprop too. The measurements behind these choices are in bench/results/README.md.
+backprop too. The measurements behind these choices are the files of bench/results/, listed
+in bench/results/README.md.
 
 :class:`SecondOrderEngine` (:mod:`lfr_ext.hvp.policy`) resolves ``hvp=`` for one call, checks
 the request against the method's record (:mod:`lfr_ext.hvp.facts`) and computes both the inner

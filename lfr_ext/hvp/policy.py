@@ -20,13 +20,12 @@ from .linearized import grad_and_hvp_linearized, penalty_linearized
 logger = logging.getLogger("lfr_ext")
 
 # The op classes (lfr_ext.linearized.TangentTape.depends_on_source_through) that hvp="auto" leaves
-# to double backprop, with the measurement that decided it: bench/bench_tangent.py's inner step,
-# in gradients, slower on the linearized engine than by double backprop beyond the spread of
-# repeated runs. (The other classes: ConvNeXt, LayerNorm and GELU, 4.2-4.8 vs 4.8-6.9 gradients;
-# WRN-16-4-SiLU 2.6-3.3 vs 2.6-3.3, mean of six runs 2.95 vs 2.94; the same files.)
+# to double backprop: those whose inner step bench/bench_tangent.py measured slower on the
+# linearized engine than by double backprop, beyond the spread of repeated runs. Each reason cites
+# its results files; bench/results/README.md lists them with the runs of the classes kept.
 AUTO_DECLINED_CLASSES: dict[str, str] = {
-    "attention": "ViT-tiny's inner step costs 3.7-4.3 gradients linearized vs 2.6-3.1 by double backprop on the "
-                 "development CPU, bench/results/cpu-2core-x86_64-2026-12-01-tangent-beyond-relu-*.json; "
+    "attention": "ViT-tiny's inner step measured slower linearized than by double backprop, "
+                 "bench/results/cpu-2core-x86_64-2026-12-01-tangent-beyond-relu-*.json; "
                  "hvp='linearized' still runs it, exactly",
 }
 
