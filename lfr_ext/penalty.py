@@ -28,7 +28,8 @@ from torch import nn
 
 from . import ops
 from .distributed import check_data_parallel, sharded_step, sync_buffers_as_forward_would, unwrapped
-from .hvp import SecondOrderEngine
+from .hvp import HVP_METHODS, SecondOrderEngine
+from .hvp.scaling import input_gradient_scale
 from ._state import frozen_running_stats, module_modes, preserved_state, restore_modes, set_eval
 from ._validation import (
     check_attack_args,
@@ -92,21 +93,9 @@ def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip
     norm_fn = grad_norm_reference if chosen_impl == "reference" else functools.partial(ops.grad_norm, impl=chosen_impl)
     loss_scale = input_gradient_scale(check_grad_scaler(grad_scaler), x)
     engine = SecondOrderEngine(hvp, unwrapped(model), default_loss=loss_fn is None, norm_fn=norm_fn,
-                               loss_scale=loss_scale)  # checks hvp
+                               loss_scale=loss_scale, device=x.device)  # checks hvp against its method's record
     return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, engine, chosen_impl,
                    loss_scale)
-
-
-def input_gradient_scale(grad_scaler, x: torch.Tensor) -> torch.Tensor | None:
-    """The factor for losses summed over the batch ``x`` whose input gradient is taken: the
-    scaler's current scale divided by the batch size (a 0-dim fp32 tensor, no host sync), so that
-    the gradients reaching the logits are as large as those of the scaled *mean* loss GradScaler
-    tunes its scale for (the full scale on a summed loss would overflow fp16 first). None for no
-    scaler or a disabled one."""
-    if grad_scaler is None or not grad_scaler.is_enabled():
-        return None
-    scale = grad_scaler.scale(torch.ones((), dtype=torch.float32, device=x.device))
-    return scale / max(x.shape[0], 1)
 
 
 def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config):
@@ -258,12 +247,12 @@ def flatness_penalty(
         generator: RNG of the start noise (default: the global RNG of ``x``'s device).
         penalty_mode: ``"caller"`` (penalty pass in the caller's module modes, the authors')
             or ``"eval"``. The ascent always runs in eval mode. See the module docstring.
-        hvp: how the second-order products are computed (:mod:`lfr_ext.hvp`): ``"auto"``
-            (default: the exact linearized tangent pass when the loss is the default
+        hvp: how the second-order products are computed, one of {hvp methods}.
+            ``"auto"`` (default): the exact linearized tangent pass when the loss is the default
             cross-entropy and every op of the model has a rule, except the op classes
-            measured slower there, ``lfr_ext.hvp.AUTO_DECLINED_CLASSES``; else double backprop),
-            ``"linearized"``, ``"double_backprop"`` (the authors'), ``"forward"``,
-            ``"finite_difference"`` (an approximation, never chosen by auto).
+            measured slower there, ``lfr_ext.hvp.AUTO_DECLINED_CLASSES``; else double backprop
+            (the authors'). The table of :mod:`lfr_ext.hvp` says what each method is and
+            whether it is exact, takes a ``grad_scaler`` or gives per-sample penalties.
         impl: implementation of the fused ascent op (``"auto"``, ``"cpu"``, ``"cuda"``,
             ``"triton"``, ``"reference"``; ``None`` reads ``$LFR_EXT_IMPL``). See :mod:`lfr_ext.ops`.
         validate: check ``x`` and ``y`` before any work: their types and shapes (floating ``x``
@@ -396,5 +385,11 @@ def local_flatness(
         final_norm = grad_norm_reference(input_gradient(run.net, x_final, y, cfg.loss_fn, create_graph=False), cfg.q)
     return torch.cat([run.path_norms, final_norm[None]]).amax(dim=0).detach()
 
+
+# The hvp= names come from lfr_ext.hvp's records, so the list cannot miss a method (no
+# docstring to fill under python -OO).
+if flatness_penalty.__doc__:
+    flatness_penalty.__doc__ = flatness_penalty.__doc__.replace(
+        "{hvp methods}", ", ".join(f'``"{name}"``' for name in HVP_METHODS))
 
 __all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss"]

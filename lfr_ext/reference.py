@@ -22,9 +22,10 @@ gradient does not depend on the batch it sits in (in eval mode), as in attack li
 The authors take the gradient of the batch-mean loss and rescale; for a power-of-two batch
 the two agree bit for bit, otherwise to rounding.
 
-Everything here is plain differentiable PyTorch. It is the fallback implementation, the
-oracle of the tests, and the baseline of the benchmarks. It does not touch module modes or
-state: :mod:`lfr_ext.penalty` does that bookkeeping around these functions.
+Everything here is plain differentiable PyTorch, written once for clarity: the oracle of the
+tests and the baseline of the benchmarks. It does not touch module modes or state
+(:mod:`lfr_ext.penalty` does that bookkeeping) and knows nothing of mixed precision: the
+engines that run in training, fp16 loss scaling included, are in :mod:`lfr_ext.hvp`.
 """
 
 from __future__ import annotations
@@ -124,48 +125,38 @@ def per_sample_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo
 
 def input_gradient(
     model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, create_graph: bool,
-    loss_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-sample input gradient ``g = \nabla_{x'} \sum_i l_i(x')``: (B, ...).
 
     ``x_adv`` must require grad. With ``create_graph=True`` the result is differentiable
-    (w.r.t. ``x_adv`` and the parameters): the double-backprop graph. ``loss_scale`` (a 0-dim
-    tensor, fp16 mixed precision): the backward runs on ``loss_scale * sum_i l_i``, so that small
-    gradients do not underflow, and ``g`` is unscaled out of place (PyTorch's gradient-penalty
-    recipe for ``torch.amp``).
+    (w.r.t. ``x_adv`` and the parameters): the double-backprop graph.
     """
     losses = per_sample_loss(model, x_adv, y, loss_fn)
-    total = losses.sum() if loss_scale is None else losses.sum() * loss_scale
-    (g,) = torch.autograd.grad(total, x_adv, create_graph=create_graph)
-    return g if loss_scale is None else g / loss_scale
+    (g,) = torch.autograd.grad(losses.sum(), x_adv, create_graph=create_graph)
+    return g
 
 
 def grad_and_hvp_double_backprop(
     model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
-    norm_fn: Callable = grad_norm_reference, loss_scale: torch.Tensor | None = None,
+    norm_fn: Callable = grad_norm_reference,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``g = \nabla_{x'} \sum l_i`` and ``h = \nabla_{x'} \sum_i \|g_i\|_q`` by double backprop.
 
     ``h = H v`` with ``v = \partial \sum_i\|g_i\|_q / \partial g`` (``sign(g)`` for q=1): the
     Hessian-vector product the authors compute. Both outputs are detached, (B, ...).
-    ``loss_scale``: both backwards run on scaled losses and the results are unscaled (see
-    :func:`input_gradient`).
-    ``norm_fn(g, q)`` computes the per-sample norms (the fused ``lfr_ext.ops.grad_norm`` in
-    the public path; it must be twice differentiable). An ``x_adv`` that is already a leaf
-    requiring grad is differentiated as it is (a function compiled whole may not call
-    ``requires_grad_()`` on its input in torch 2.11: the caller does it outside).
+    ``norm_fn(g, q)`` computes the per-sample norms (it must be twice differentiable). An
+    ``x_adv`` that is already a leaf requiring grad is differentiated as it is (a function
+    compiled whole may not call ``requires_grad_()`` on its input in torch 2.11: the caller does
+    it outside).
     """
     if not (x_adv.is_leaf and x_adv.requires_grad):
         x_adv = x_adv.detach().requires_grad_(True)
-    g = input_gradient(model, x_adv, y, loss_fn, create_graph=True, loss_scale=loss_scale)
+    g = input_gradient(model, x_adv, y, loss_fn, create_graph=True)
     total = norm_fn(g, q).sum()
     if not total.requires_grad:  # g does not depend on x' (a model with zero gradients, e.g. quantised inputs)
         h = torch.zeros_like(x_adv)
-    elif loss_scale is None:
+    else:
         (h,) = torch.autograd.grad(total, x_adv)
-    else:  # the second backward runs scaled too, then h is unscaled out of place
-        (h,) = torch.autograd.grad(total * loss_scale, x_adv)
-        h = h / loss_scale
     return g.detach(), h.detach()
 
 
@@ -215,14 +206,13 @@ def flatness_ascent_reference(
 
 def penalty_at(
     model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, *, q: float = 1, loss_fn: LossFn = default_loss,
-    norm_fn: Callable = grad_norm_reference, loss_scale: torch.Tensor | None = None,
+    norm_fn: Callable = grad_norm_reference,
 ) -> torch.Tensor:
     r"""Step 3: per-sample ``||\nabla_{x'} l_i(x')||_q`` (B,), differentiable w.r.t. the
-    parameters (double backprop). Runs in whatever mode the model is in. ``loss_scale`` as in
-    :func:`input_gradient` (the value returned is unscaled)."""
+    parameters (double backprop). Runs in whatever mode the model is in."""
     if not x_adv.requires_grad:  # else x' is a function of x whose derivative is kept
         x_adv = x_adv.detach().requires_grad_(True)
-    g = input_gradient(model, x_adv, y, loss_fn, create_graph=True, loss_scale=loss_scale)
+    g = input_gradient(model, x_adv, y, loss_fn, create_graph=True)
     return norm_fn(g, q)
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext import compiled
+from lfr_ext.hvp import compiled
+from lfr_ext.hvp import CACHE
 from lfr_ext.models import SmallCNN
-from lfr_ext.reference import flatness_ascent_reference
+from lfr_ext.reference import default_loss, flatness_ascent_reference
 
 from tests.models_for_tests import TinyResNet
 from tests.utils import assert_grads_close, params_grads, rel_err
@@ -109,13 +110,30 @@ def test_gradients_reach_the_parameters_of_the_call(monkeypatch):
     assert leaves
 
 
+def test_clearing_the_cache_forgets_the_compiled_engines_and_the_trial(monkeypatch):
+    """The compiled steps per model and the trial compile's answer live in lfr_ext.hvp.CACHE:
+    CACHE.clear() forgets both, and the next call tries and compiles again."""
+    monkeypatch.setenv("LFR_EXT_COMPILE_BACKEND", "aot_eager")
+    trials = []
+    trial = compiled._trial_compile_problem
+    monkeypatch.setattr(compiled, "_trial_compile_problem", lambda: trials.append(1) or trial())
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with CACHE.scoped():
+        engine = compiled.engine_for(model, default_loss, 1)
+        assert compiled.engine_for(model, default_loss, 1) is engine and len(trials) == 1
+        CACHE.clear()
+        assert model not in CACHE.compiled and CACHE.compile_trial is None
+        assert compiled.engine_for(model, default_loss, 1) is not engine and len(trials) == 2
+    assert model not in CACHE.compiled  # the scope put the process's cache back
+
+
 def test_the_first_compiled_call_leaves_the_global_rng_alone():
     """Whether this torch can compile the steps is tried once per process, inside the first
     hvp='compiled' call: that trial must not draw from the global RNG (a fresh process, so
     that the trial has not run yet)."""
     code = textwrap.dedent("""
         import torch
-        from lfr_ext import compiled
+        from lfr_ext.hvp import compiled
         torch.manual_seed(7)
         expected = torch.rand(3)
         torch.manual_seed(7)

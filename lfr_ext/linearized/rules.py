@@ -324,7 +324,7 @@ def hardtanh(tape, func, name, args, kwargs):
 # ---------------------------------------------------------------------------------------
 # Not piecewise linear: the slope depends on x (and on the weights before the activation), so the
 # tangent is built from the primal input with autograd on, and ``depends_on_source`` makes the
-# inner HVP take the derivative of the tangent itself (exact for any network, see lfr_ext/hvp.py).
+# inner HVP take the derivative of the tangent itself (exact for any network, see lfr_ext/hvp/).
 # The slope of an elementwise activation is diagonal, so its JVP is its VJP: ATen's backward
 # kernel of the activation, one fused kernel whose own derivatives are those double backprop uses.
 # (SiLU's backward kernel has no derivative in ATen, so its slope is written out.)

@@ -27,6 +27,11 @@ from .._cuda import is_host_sync_error
 from .calls import DeclinedOpError
 from .rules import RULES, UnsupportedOpError, is_metadata_output
 
+# Each torch function's printable name, memoised: torch.overrides.resolve_name enters
+# warnings.catch_warnings on every call (its @_disable_user_warnings), and the tape names every
+# op it records. Process-wide on purpose, not in lfr_ext.hvp.CACHE: a function's name is a fact
+# of the function, the same for every model and never stale, so there is nothing to forget; the
+# memo is bounded by the distinct torch functions called. Unhashable callables are not kept.
 _NAMES: dict = {}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compiled import compile_backend, compile_support_problem
+from ..hvp.compiled import compile_backend, compile_support_problem
 from ..graphed_step import GraphedStep
 from . import parallel
 from .config import TrainConfig

@@ -16,9 +16,10 @@ True``, so that Dynamo traces ``torch.autograd.grad`` into the graph:
 
 Both run with ``torch._inductor.config.fallback_random = True``: Dropout draws exactly what the
 eager engines draw, so ``hvp="compiled"`` is interchangeable with them (tests compare in fp64).
-Each (model, loss, q) is compiled once (Dynamo recompiles by itself when module modes or shapes
-change). Where the running torch cannot trace autograd calls, or compilation fails, the engine
-is unavailable and ``hvp="compiled"`` raises with the reason (:func:`compile_support_problem`).
+Each (model, loss, q) is compiled once, and kept in :data:`lfr_ext.hvp.CACHE` (Dynamo recompiles
+by itself when module modes or shapes change). Where the running torch cannot trace autograd
+calls, or compilation fails, the engine is unavailable and ``hvp="compiled"`` raises with the
+reason (:func:`compile_support_problem`).
 The linearized engine is not compiled: its tape is a ``TorchFunctionMode`` with Python state
 that Dynamo does not trace.
 """
@@ -26,35 +27,48 @@ that Dynamo does not trace.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import weakref
 
 import torch
 from torch import nn
 
-from .reference import LossFn, grad_and_hvp_double_backprop, grad_norm_reference, penalty_at
+from ..reference import LossFn, grad_and_hvp_double_backprop, grad_norm_reference, penalty_at
+from .cache import CACHE
+from .facts import MethodFacts
+
+FACTS = MethodFacts(
+    name="compiled",
+    description="double backprop, each step compiled whole by ``torch.compile``",
+    exact=True,
+    auto_may_choose=False,
+    takes_grad_scaler=False,
+    per_sample_penalty=False,
+    penalty_differentiable_in_x=False,
+)
+
 
 def compile_backend() -> str:
     """``torch.compile``'s backend for these functions: ``$LFR_EXT_COMPILE_BACKEND`` or inductor
     (``aot_eager`` compiles in seconds and runs the traced graph eagerly: a debugging aid)."""
     return os.environ.get("LFR_EXT_COMPILE_BACKEND", "inductor")
-_ENGINES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def compile_support_problem() -> str | None:
     """Why whole-step compilation cannot run with this torch, or None: the config switch must
     exist, and a tiny model's inner and penalty steps must compile (Dynamo's ``eager`` backend,
-    once per process: what would fail in Dynamo on a real model fails here, with a reason)."""
+    once per process, the answer kept in :data:`lfr_ext.hvp.CACHE`: what would fail in Dynamo on a
+    real model fails here, with a reason)."""
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         return ("this torch cannot trace autograd.grad into a compiled graph (torch._dynamo.config.trace_autograd_ops "
                 "is missing); use hvp='auto'")
-    return _trial_compile_problem()
+    if CACHE.compile_trial is None:
+        CACHE.compile_trial = (_trial_compile_problem(),)
+    return CACHE.compile_trial[0]
 
 
-@functools.lru_cache(maxsize=None)
 def _trial_compile_problem() -> str | None:
-    from .reference import default_loss
+    from ..reference import default_loss
 
     # The trial runs inside the caller's first hvp='compiled' call: it must not draw from the
     # global RNG, or that call's start noise would differ from an eager engine's.
@@ -146,7 +160,7 @@ def engine_for(model: nn.Module, loss_fn: LossFn, q: float, backend: str | None 
     problem = compile_support_problem()
     if problem is not None:
         raise RuntimeError(f"hvp='compiled' is not available: {problem}")
-    per_model = _ENGINES.setdefault(model, {})
+    per_model = CACHE.compiled.setdefault(model, {})
     key = (loss_fn, q, backend)
     if key not in per_model:
         per_model[key] = CompiledSecondOrder(model, loss_fn, q, backend)
