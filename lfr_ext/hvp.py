@@ -57,7 +57,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import compiled
-from .distributed import identity_autograd_functions, sharded_modules
+from .wrapped import identity_autograd_functions, sharded_modules
 from .linearized import DeclinedOpError, TangentTape, UnsupportedOpError
 from .linearized.verify import verify_recording
 from .reference import (LossFn, grad_and_hvp_double_backprop, grad_norm_reference, input_gradient, logits_hint,

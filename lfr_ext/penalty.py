@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .distributed import check_data_parallel, sharded_step, sync_buffers_as_forward_would, unwrapped
+from .wrapped import check_data_parallel, sharded_step, sync_buffers_as_forward_would, unwrapped
 from .hvp import SecondOrderEngine
 from ._state import frozen_running_stats, module_modes, preserved_state, restore_modes, set_eval
 from ._validation import (

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lfr_ext
-from lfr_ext.distributed import sync_buffers_as_forward_would, unwrapped
+from lfr_ext.wrapped import sync_buffers_as_forward_would, unwrapped
 from lfr_ext.penalty import input_gradient_scale
 from lfr_ext.reference import project_linf
 
