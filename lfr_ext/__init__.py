@@ -9,7 +9,7 @@ Public entry points::
 Reference: Xu, Li, Jiang, Xia, "Adversarial Defense via Local Flatness Regularization", ICIP 2020.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from . import ops, reference  # noqa: E402  (ops loads the compiled library, once)
 from .penalty import LFRLoss, flatness_penalty, lfr_loss, local_flatness  # noqa: E402
