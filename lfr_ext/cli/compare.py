@@ -22,9 +22,9 @@ import time
 
 from . import evaluate as evaluate_cli
 from . import train as train_cli
-from .evaluation.attacks import require_torchattacks
-from .training import METHODS
-from .training.loop import resolve_device
+from ..evaluation.attacks import require_torchattacks
+from ..training import METHODS
+from ..training.loop import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:

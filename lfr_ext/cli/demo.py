@@ -12,9 +12,10 @@ import time
 
 import torch
 
-import lfr_ext
+from lfr_ext._version import __version__
 from lfr_ext.data import load_fashion_mnist
 from lfr_ext.models import SmallCNN
+from lfr_ext.penalty import flatness_penalty, lfr_loss, local_flatness
 from lfr_ext.training.methods import pgd_linf_ce
 
 
@@ -33,13 +34,13 @@ def main(argv=None):
     x_test, y_test = load_fashion_mnist("test")
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    print(f"lfr_ext {lfr_ext.__version__}: SmallCNN on Fashion-MNIST ({len(x_all)} train images found), "
+    print(f"lfr_ext {__version__}: SmallCNN on Fashion-MNIST ({len(x_all)} train images found), "
           f"eps={args.eps}, {args.steps} ascent steps of {step_size:.3f}, lam={args.lam}")
     started = time.perf_counter()
     for step in range(args.train_steps):
         idx = torch.randint(0, len(x_all), (args.batch,))
-        out = lfr_ext.lfr_loss(model, x_all[idx], y_all[idx], lam=args.lam, eps=args.eps, step_size=step_size,
-                               steps=args.steps)
+        out = lfr_loss(model, x_all[idx], y_all[idx], lam=args.lam, eps=args.eps, step_size=step_size,
+                       steps=args.steps)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -54,9 +55,9 @@ def main(argv=None):
     with torch.no_grad():
         clean_acc = (model(x).argmax(1) == y).float().mean().item()
     kw = dict(eps=args.eps, step_size=step_size, steps=args.steps)
-    lf = lfr_ext.local_flatness(model, x, y, **kw)
+    lf = local_flatness(model, x, y, **kw)
     t0 = time.perf_counter()
-    penalty = lfr_ext.flatness_penalty(model, x, y, **kw)
+    penalty = flatness_penalty(model, x, y, **kw)
     t_penalty = time.perf_counter() - t0
     t0 = time.perf_counter()
     x_adv = pgd_linf_ce(model, x, y, **kw)

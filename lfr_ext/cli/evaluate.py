@@ -26,9 +26,9 @@ import sys
 
 import torch
 
-from .evaluation import EVAL_BUDGETS, evaluate_run, evaluate_weights
-from .evaluation.attacks import require_torchattacks
-from .training.loop import resolve_device
+from ..evaluation import EVAL_BUDGETS, evaluate_run, evaluate_weights
+from ..evaluation.attacks import require_torchattacks
+from ..training.loop import resolve_device
 
 # Flags that override EvalConfig fields: (flag, type, help).
 EVAL_FLAGS = [

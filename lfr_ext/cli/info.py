@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import sys
 
 import torch
 
-from . import __version__, _extension, ops
+from .. import _extension, ops
+from .._version import __version__
 
 
 def report() -> str:
@@ -27,8 +29,8 @@ def report() -> str:
         f"CUDA devices: {torch.cuda.device_count()}"
         + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
     ]
-    from .hvp import AUTO_DECLINED_CLASSES, HVP_METHODS
-    from .linearized import SUPPORTED_OPS
+    from ..hvp import AUTO_DECLINED_CLASSES, HVP_METHODS
+    from ..linearized import SUPPORTED_OPS
 
     lines.append(f"hvp methods: {', '.join(HVP_METHODS)}; auto -> linearized for the default cross-entropy on "
                  f"models built from the {len(SUPPORTED_OPS)} covered op spellings, else double_backprop "
@@ -49,5 +51,11 @@ def _module_version(name: str) -> str:
     return getattr(module, "__version__", "installed")
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """Print :func:`report`; ``argv`` is accepted for a console script's sake and ignored."""
     print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

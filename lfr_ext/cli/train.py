@@ -19,11 +19,11 @@ import sys
 
 import torch
 
-from .data import DATASETS
-from .models import MODELS
-from .training import BUDGETS, METHODS, PRESETS, resolve_config, train
-from .training.config import AMP_MODES, SCHEDULES
-from .training.parallel import launched_by_torchrun
+from ..data import DATASETS
+from ..models import MODELS
+from ..training import BUDGETS, METHODS, PRESETS, resolve_config, train
+from ..training.config import AMP_MODES, SCHEDULES
+from ..training.parallel import launched_by_torchrun
 
 # Flags that map one-to-one onto TrainConfig fields: (flag, type, help).
 CONFIG_FLAGS = [
