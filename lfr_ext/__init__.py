@@ -26,11 +26,13 @@ from .classifier import PixelClassifier
 # Names of the evaluation harness, resolved on first access by __getattr__ below (PEP 562).
 _EVALUATION_NAMES = ("evaluate_model", "EvalConfig", "Evaluation")
 
-__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "CapturedStep", "GraphedStep", "PixelClassifier",
-           *_EVALUATION_NAMES, "hvp", "ops", "reference", "__version__"]
+__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "CapturedStep", "GraphedStep",
+           "PixelClassifier", *_EVALUATION_NAMES, "hvp", "ops", "reference", "__version__"]
 
 
 def __getattr__(name: str):
+    """``lfr_ext.evaluate_model`` and the other evaluation names: imports :mod:`lfr_ext.evaluation` on
+    first access (and with it the trainer, the data readers and the models)."""
     if name in _EVALUATION_NAMES:
         from . import evaluation
 
@@ -39,4 +41,5 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
+    """The module's names, the lazily resolved evaluation names included."""
     return sorted(set(globals()) | set(__all__))
