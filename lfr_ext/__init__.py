@@ -6,18 +6,40 @@ Public entry points::
     lfr_ext.lfr_loss(model, x, y, lam=..., eps=..., step_size=..., steps=...)  # CE + lam * P
     lfr_ext.local_flatness(model, x, y, eps=..., step_size=..., steps=...)     # LF(x), a metric
 
+``import lfr_ext`` loads the library only. The robustness evaluation (:mod:`lfr_ext.evaluation`),
+the trainer (:mod:`lfr_ext.training`), the data readers, the model zoo and the command lines
+(:mod:`lfr_ext.cli`) import on first use; ``lfr_ext.evaluate_model``, ``lfr_ext.EvalConfig`` and
+``lfr_ext.Evaluation`` resolve to :mod:`lfr_ext.evaluation`'s on first access
+(tests/test_import_boundary.py keeps it so).
+
 Reference: Xu, Li, Jiang, Xia, "Adversarial Defense via Local Flatness Regularization", ICIP 2020.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
+from . import ops, reference  # ops loads the compiled library, once
+from .penalty import LFRLoss, flatness_penalty, lfr_loss, local_flatness
+from .graphed_step import GraphedStep
+from .captured import CapturedStep
+from . import hvp
+from .classifier import PixelClassifier
 
-from . import ops, reference  # noqa: E402  (ops loads the compiled library, once)
-from .penalty import LFRLoss, flatness_penalty, lfr_loss, local_flatness  # noqa: E402
-from .graphed_step import GraphedStep  # noqa: E402
-from .captured import CapturedStep  # noqa: E402
-from . import hvp  # noqa: E402
-from .classifier import PixelClassifier  # noqa: E402
-from .evaluation.model_eval import EvalConfig, Evaluation, evaluate_model  # noqa: E402
+# Names of the evaluation harness, resolved on first access by __getattr__ below (PEP 562).
+_EVALUATION_NAMES = ("evaluate_model", "EvalConfig", "Evaluation")
 
-__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "CapturedStep", "GraphedStep", "PixelClassifier",
-           "evaluate_model", "EvalConfig", "Evaluation", "hvp", "ops", "reference", "__version__"]
+__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "CapturedStep", "GraphedStep",
+           "PixelClassifier", *_EVALUATION_NAMES, "hvp", "ops", "reference", "__version__"]
+
+
+def __getattr__(name: str):
+    """``lfr_ext.evaluate_model`` and the other evaluation names: imports :mod:`lfr_ext.evaluation` on
+    first access (and with it the trainer, the data readers and the models)."""
+    if name in _EVALUATION_NAMES:
+        from . import evaluation
+
+        return getattr(evaluation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazily resolved evaluation names included."""
+    return sorted(set(globals()) | set(__all__))

@@ -80,7 +80,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._cuda import is_host_sync_error
-from .distributed import sharded_modules, unwrapped
+from .wrapped import sharded_modules, unwrapped
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple]
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .distributed import check_data_parallel, sharded_step, sync_buffers_as_forward_would, unwrapped
+from .wrapped import check_data_parallel, sharded_step, sync_buffers_as_forward_would, unwrapped
 from .hvp import HVP_METHODS, SecondOrderEngine
 from .hvp.scaling import input_gradient_scale
 from ._state import frozen_running_stats, module_modes, preserved_state, restore_modes, set_eval
@@ -77,7 +77,7 @@ class _Config(NamedTuple):
 def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip, generator, hvp, impl, validate,
                penalty_mode=None, grad_scaler=None):
     """Check every argument (before any work) and resolve the implementation choices. ``model``
-    may be DDP-wrapped; the engine is planned for the module it wraps (see :mod:`lfr_ext.distributed`)."""
+    may be DDP-wrapped; the engine is planned for the module it wraps (see :mod:`lfr_ext.wrapped`)."""
     q = normalize_q(q)
     eps, step_size, steps, init_std, clip = check_attack_args(
         eps=eps, step_size=step_size, steps=steps, init_std=init_std, clip=clip
@@ -129,7 +129,7 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config):
 
 class _Ascended(NamedTuple):
     net: nn.Module  # the module a DDP/FSDP wrapper holds, on which every pass runs
-    step: object  # the FSDP2 step (lfr_ext.distributed.sharded_step), a no-op otherwise
+    step: object  # the FSDP2 step (lfr_ext.wrapped.sharded_step), a no-op otherwise
     modes: list  # the caller's module modes, for the penalty pass
     x_adv: torch.Tensor  # (B, ...) the ascended point
     path_norms: torch.Tensor  # (K, B) ||g||_q at the iterates

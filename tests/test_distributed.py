@@ -143,7 +143,8 @@ def _fully_sharded(model, layout):
 
 
 def _reshard_settings(model):
-    from lfr_ext.distributed import _param_groups, sharded_modules
+    from lfr_ext._fsdp_state import param_groups as _param_groups
+    from lfr_ext.wrapped import sharded_modules
 
     return [(g.post_forward_mesh_info, g.reshard_after_backward) for m in sharded_modules(model) for g in _param_groups(m)]
 

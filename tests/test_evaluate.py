@@ -33,7 +33,7 @@ def test_missing_torchattacks_names_the_install_command(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # makes `import torchattacks` fail
     with pytest.raises(ImportError, match="--no-deps torchattacks==3.5.1"):
         require_torchattacks()
-    from lfr_ext.evaluate import main
+    from lfr_ext.cli.evaluate import main
 
     assert main(["runs/does-not-matter"]) == 2
     assert INSTALL_COMMAND in capsys.readouterr().err
@@ -98,8 +98,8 @@ def two_trained_runs(tmp_path_factory):
 @needs_fashion_mnist
 @needs_torchattacks
 def test_evaluate_and_report_end_to_end(two_trained_runs, tmp_path, capsys):
-    from lfr_ext.evaluate import main
-    from lfr_ext.report import load_run
+    from lfr_ext.cli.evaluate import main
+    from lfr_ext.cli.report import load_run
 
     report_dir = tmp_path / "report"
     budget = ["--checkpoint", "last", "--n", "16", "--pgd-steps", "3", "--pgd-restarts", "1",
@@ -137,7 +137,7 @@ def test_evaluate_and_report_end_to_end(two_trained_runs, tmp_path, capsys):
 def test_evaluate_reports_a_missing_run_clearly(tmp_path, capsys):
     if not HAVE_TORCHATTACKS:
         pytest.skip(f"torchattacks not installed ({INSTALL_COMMAND})")
-    from lfr_ext.evaluate import main
+    from lfr_ext.cli.evaluate import main
 
     assert main([str(tmp_path), "--device", "cpu"]) == 2
     assert "best.pt not found" in capsys.readouterr().err
@@ -148,7 +148,7 @@ def test_evaluate_reports_a_missing_run_clearly(tmp_path, capsys):
 def test_runs_evaluated_side_by_side_match_one_by_one(two_trained_runs, monkeypatch):
     """``--jobs 2``: one process per run with one thread each; the results are those of the runs
     evaluated one by one with one thread (every attack is seeded)."""
-    from lfr_ext.evaluate import main
+    from lfr_ext.cli.evaluate import main
 
     budget = ["--checkpoint", "last", "--n", "12", "--pgd-steps", "2", "--pgd-restarts", "2", "--square-queries", "10",
               "--curve-n", "8", "--lf-n", "4", "--clean-n", "32", "--landscape-points", "1", "--device", "cpu"]

@@ -163,7 +163,7 @@ def test_robustbench_eps_is_a_fraction_only_where_tables_write_one():
 @needs_fashion_mnist
 @needs_torchattacks
 def test_lfr_eval_on_foreign_weights_writes_robustbench_json(tmp_path, capsys):
-    from lfr_ext.evaluate import main
+    from lfr_ext.cli.evaluate import main
 
     torch.manual_seed(0)
     weights = tmp_path / "foreign.pt"

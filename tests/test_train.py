@@ -172,7 +172,7 @@ def test_presets_reproduce_the_authors_settings_and_flags_override():
 
 
 def test_cli_reports_missing_data_clearly(tmp_path, capsys):
-    from lfr_ext.train import main
+    from lfr_ext.cli.train import main
 
     code = main(["--data", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--no-progress"])
     assert code == 2

@@ -1,6 +1,6 @@
 """Robustness evaluation of any classifier (:func:`evaluate_model`) with torchattacks and the
 reference AutoAttack, gradient-masking checks, local flatness and loss-landscape slices; loading
-foreign checkpoints (see evaluate.py for the command line)."""
+foreign checkpoints (see lfr_ext/cli/evaluate.py for the command line)."""
 
 from .attacks import (
     AUTOATTACK_IMPLS, INSTALL_COMMAND, AttackResult, AttackSuite, accuracy_vs_eps, require_torchattacks, run_attacks,

@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-import lfr_ext
-
 from .._state import preserved_state
 from ..classifier import PixelClassifier
+from ..penalty import local_flatness
 from .attacks import AttackSuite, accuracy_vs_eps, run_attacks
 from .landscape import loss_slices
 from .sanity import accuracy_reaches_zero, black_box_not_better, sampling_tolerance, stronger_attacks_not_weaker
@@ -148,7 +147,7 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
 def mean_local_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
                         batch_size: int) -> float:
     """Mean LF(x) (the paper's metric, :func:`lfr_ext.local_flatness`) over (N, ...) ``x``."""
-    values = [lfr_ext.local_flatness(model, xb, yb, eps=eps, step_size=2.5 * eps / max(steps, 1), steps=steps)
+    values = [local_flatness(model, xb, yb, eps=eps, step_size=2.5 * eps / max(steps, 1), steps=steps)
               for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
     return torch.cat(values).mean().item()
 

@@ -12,6 +12,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from .._version import __version__
 from ..data import DATASETS, load_dataset
 from ..models import build_model
 from ..training.checkpoint import atomic_write_text, load_checkpoint
@@ -64,15 +65,9 @@ def evaluate_run(run_dir: str, ecfg: EvalConfig, *, which: str = "best", eps: fl
 _ENVIRONMENT_KEYS = ("device", "torch", "lfr_ext", "data_dir")
 
 
-def lfr_ext_version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
 def _environment(device, data_dir) -> dict:
     """What else decides an evaluation's numbers (a kept result must match it too)."""
-    return {"device": str(device), "torch": torch.__version__, "lfr_ext": lfr_ext_version(),
+    return {"device": str(device), "torch": torch.__version__, "lfr_ext": __version__,
             "data_dir": None if data_dir is None else os.path.abspath(data_dir)}
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import identity_autograd_functions, sharded_modules
+from ..wrapped import identity_autograd_functions, sharded_modules
 from ..linearized import TangentTape, UnsupportedOpError
 from ..linearized.verify import verify_recording
 from ..reference import LossFn, grad_norm_reference, logits_hint

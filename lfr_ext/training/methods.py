@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lfr_ext
-from lfr_ext.distributed import sync_buffers_as_forward_would, unwrapped
-from lfr_ext.penalty import input_gradient_scale
-from lfr_ext.reference import project_linf
+from ..penalty import input_gradient_scale, lfr_loss
+from ..reference import project_linf
+from ..wrapped import sync_buffers_as_forward_would, unwrapped
 
 from .config import TrainConfig
 
@@ -129,8 +128,8 @@ def lfr_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfi
     """Xu et al. (2020): mean CE + lam * local-flatness penalty, via :func:`lfr_ext.lfr_loss`
     (which takes a DDP-wrapped model)."""
     # validate=False: the trainer checks the data once (validation would sync every step).
-    out = lfr_ext.lfr_loss(model, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                           validate=False, grad_scaler=grad_scaler, hvp="compiled" if compiled else "auto")
+    out = lfr_loss(model, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+                   validate=False, grad_scaler=grad_scaler, hvp="compiled" if compiled else "auto")
     return StepOutput(out.loss, out.logits, out.penalty.detach())
 
 

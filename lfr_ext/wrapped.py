@@ -45,6 +45,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import _fsdp_state
+
 
 def unwrapped(model: nn.Module) -> nn.Module:
     """The module a DDP wrapper holds (``model`` itself when it is not wrapped), also through a
@@ -136,18 +138,8 @@ def _distributed_world_size() -> int:
 # ------------------------------------------------------------------------------------------
 # FSDP2: one LFR step with the parameters unsharded (see the module docstring)
 # ------------------------------------------------------------------------------------------
-def _param_groups(module: nn.Module) -> list:
-    # FSDP2 has no public getter for a group's reshard settings nor access to its sharded
-    # parameters; this is the one place that reads its groups, so that a change in torch's
-    # internals has one place to adapt (torch 2.11 holds one group, 2.12 on a list).
-    state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is None:
-        group = getattr(state, "_fsdp_param_group", None)
-        groups = [] if group is None else [group]
-    return list(groups)
-
-
+# FSDP2 has no public getter for a group's reshard settings nor access to its sharded
+# parameters: every read of its private state is in lfr_ext/_fsdp_state.py.
 def _roots(modules: list[nn.Module]) -> list[nn.Module]:
     inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
     return [m for m in modules if id(m) not in inner]
@@ -156,10 +148,10 @@ def _roots(modules: list[nn.Module]) -> list[nn.Module]:
 def _initialise_roots(modules: list[nn.Module]) -> None:
     """Run FSDP's root initialisation, which a first forward would run, before a step reads the
     reshard settings: it sets the root's own (no reshard after forward)."""
-    if all(m._get_fsdp_state()._is_root is not None for m in modules):
+    if all(_fsdp_state.is_initialised(m) for m in modules):
         return
     for root in _roots(modules):
-        root._get_fsdp_state()._lazy_init()
+        _fsdp_state.initialise_root(root)
 
 
 class ShardedStep:
@@ -181,10 +173,9 @@ class ShardedStep:
     def __init__(self, net: nn.Module, modules: list[nn.Module]):
         _initialise_roots(modules)
         self._modules = modules
-        self._groups = [group for module in modules for group in _param_groups(module)]
-        self._settings = [(group, group.post_forward_mesh_info, group.reshard_after_backward) for group in self._groups]
-        self._auto = [(state, state._auto_reshard_after_forward) for state in (m._get_fsdp_state() for m in modules)
-                      if hasattr(state, "_auto_reshard_after_forward")]
+        self._groups = [group for module in modules for group in _fsdp_state.param_groups(module)]
+        self._settings = [(group, _fsdp_state.reshard_settings(group)) for group in self._groups]
+        self._auto = _fsdp_state.auto_reshard_settings(modules)
         self._pending = 0  # losses of this step whose backward has not run yet
         self.closed = False
         self.close_on_exit = False
@@ -198,7 +189,7 @@ class ShardedStep:
         _open_steps[id(net)] = self
 
     def _sharded_versions(self) -> list[int]:
-        return [fsdp_param.sharded_param._version for group in self._groups for fsdp_param in group.fsdp_params]
+        return _fsdp_state.sharded_param_versions(self._groups)
 
     def stale(self) -> bool:
         """Whether a sharded parameter was written since the all-gather (an optimizer step after a
@@ -236,9 +227,7 @@ class ShardedStep:
             queue(lambda: queue(self._close_after_reduction))
 
     def _close_after_reduction(self) -> None:
-        late = [group for group in self._groups if group.reduce_grads and any(
-            getattr(fsdp_param, "_unsharded_param", None) is not None and fsdp_param.unsharded_param.grad is not None
-            for fsdp_param in group.fsdp_params)]
+        late = [group for group in self._groups if _fsdp_state.holds_unreduced_gradient(group)]
         self.close()
         if late:
             raise RuntimeError(
@@ -254,15 +243,12 @@ class ShardedStep:
         self.closed = True
         self._hook.remove()
         _open_steps.pop(next((k for k, v in _open_steps.items() if v is self), None), None)
-        for group, mesh_info, after_backward in self._settings:
-            group.post_forward_mesh_info = mesh_info
-            group.reshard_after_backward = after_backward
-        for state, auto in self._auto:
-            state._auto_reshard_after_forward = auto
+        for group, settings in self._settings:
+            _fsdp_state.restore_reshard_settings(group, settings)
+        _fsdp_state.restore_auto_reshard_settings(self._auto)
         if after_error:
             for root in _roots(self._modules):
-                if hasattr(root, "reset_iter_state"):
-                    root.reset_iter_state()
+                _fsdp_state.reset_iter_state(root)
         for module in self._modules:
             module.reshard()
 
@@ -335,11 +321,7 @@ def identity_autograd_functions() -> tuple[type, ...]:
     """Custom ``autograd.Function`` classes that a wrapper puts around module inputs and whose
     forward and backward are the identity (their backward only runs a hook): FSDP2's
     post-backward registration. The linearized engine treats their outputs as their inputs."""
-    try:
-        from torch.distributed.fsdp._fully_shard._fsdp_param_group import RegisterPostBackwardFunction
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return ()
-    return (RegisterPostBackwardFunction,)
+    return _fsdp_state.post_backward_functions()
 
 
 __all__ = ["ShardedStep", "check_data_parallel", "open_sharded_step", "sharded_modules", "sharded_step",
