@@ -80,6 +80,11 @@ def check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
+# The integer dtypes taken as class indices. int8 is not among them: it cannot index more than 128
+# classes, and a label that wrapped around on the way to int8 would go unnoticed.
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
 def check_model_and_data(model, x, y, clip, *, default_loss: bool, generator) -> None:
     """Types, shapes, devices and values of x, y against ``model`` (an ``nn.Module``, see
     :func:`check_model`); one host sync for the value checks."""
@@ -96,7 +101,7 @@ def check_model_and_data(model, x, y, clip, *, default_loss: bool, generator) ->
     if default_loss:
         if y.dim() != 1:
             raise ValueError(f"y must be class indices of shape ({x.shape[0]},) for the default loss, got {tuple(y.shape)}")
-        if y.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
+        if y.dtype not in LABEL_DTYPES:
             raise TypeError(f"y must be an integer tensor of class indices for the default loss, got dtype {y.dtype}")
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")

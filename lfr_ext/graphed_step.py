@@ -72,7 +72,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import numbers
-import warnings
 from typing import Callable
 
 import torch
@@ -80,6 +79,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._cuda import is_host_sync_error
+from ._rng import RngState
+from ._warn_once import WarnOnce
 from .wrapped import sharded_modules, unwrapped
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple]
@@ -133,7 +134,7 @@ class GraphedStep:
         self._captured_with: tuple | None = None
         self._replays_since_capture = 0
         self._frequent_recaptures = 0
-        self._warned: set[str] = set()
+        self._warned = WarnOnce()
         self._capture()
 
     # -- public ----------------------------------------------------------------------------
@@ -283,9 +284,7 @@ class GraphedStep:
         self._warn_once("capture", f"{type(self).__name__}: {reason}; running the step eagerly")
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        self._warned.warn(key, message, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------
@@ -418,13 +417,10 @@ class _TrainingState:
         modes = [(module, module.training) for module in model.modules()]
         optimizer_state = {p: {k: (v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in s.items()}
                            for p, s in optimizer.state.items()}
-        rng = (torch.get_rng_state(), device, torch.cuda.get_rng_state(device))
-        return cls(tensors, grads, modes, optimizer_state, rng)
+        return cls(tensors, grads, modes, optimizer_state, RngState.of_device(device))
 
     def restore_rng(self) -> None:
-        cpu, device, cuda = self.rng
-        torch.set_rng_state(cpu)
-        torch.cuda.set_rng_state(cuda, device)
+        self.rng.restore()
 
     @torch.no_grad()
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, static_grads) -> None:

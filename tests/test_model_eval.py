@@ -119,6 +119,20 @@ def test_bad_inputs_are_refused_before_any_attack():
         lfr_ext.evaluate_model(model, x, y, eps=0.05, config=EvalConfig(autoattack_impl="fast"))
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
+def test_labels_follow_the_one_label_rule(dtype):
+    """The evaluation takes the label dtypes the penalty takes (lfr_ext._validation.LABEL_DTYPES):
+    int8 is refused on both paths, the integer dtypes that can index any class set are accepted."""
+    from lfr_ext._validation import LABEL_DTYPES
+
+    assert LABEL_DTYPES == (torch.int64, torch.int32, torch.int16, torch.uint8)
+    x, y = toy_data()
+    with pytest.raises(TypeError, match="integer tensor of class labels"):
+        lfr_ext.evaluate_model(LinearToy(), x, y.to(dtype), eps=0.05, config=TINY)
+    with pytest.raises(TypeError, match="integer tensor of class indices"):
+        lfr_ext.flatness_penalty(LinearToy(), x, y.to(dtype), eps=0.05, step_size=0.01, steps=1)
+
+
 def test_weights_in_foreign_formats_load_and_misfits_are_named(tmp_path):
     torch.manual_seed(0)
     source = SmallCNN()

@@ -141,3 +141,22 @@ def test_small_cnn_shared_inplace_relu_state():
     before = _snapshot(model, x, y)
     lfr_ext.lfr_loss(model, x, y, lam=0.02, **KW).loss.backward()
     _assert_unchanged(before, model, x, y, allow_grads=True)
+
+
+def test_the_one_rng_helper_puts_the_states_back():
+    """lfr_ext._rng serves every rewind of the global RNG (the engine's redo, GraphedStep, the
+    evaluation, the checkpoints): a state captured, drawn past and restored draws the same again."""
+    from lfr_ext._rng import RngState, preserved_rng
+
+    torch.manual_seed(3)
+    state = RngState.of_device(torch.device("cpu"))
+    first = torch.rand(4)
+    state.restore()
+    assert torch.equal(torch.rand(4), first)
+    with preserved_rng():
+        torch.rand(100)
+    after = torch.rand(4)
+    state.restore()
+    torch.rand(4)
+    assert torch.equal(torch.rand(4), after)  # the block's draws left no trace
+    assert state.cuda == {}  # a CPU computation draws from no GPU's generator

@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .._rng import preserved_rng
 from .._state import preserved_state
+from .._validation import LABEL_DTYPES
 from ..classifier import PixelClassifier
 from ..penalty import local_flatness
 from .attacks import AttackSuite, accuracy_vs_eps, run_attacks
@@ -120,7 +122,7 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int 
     """Clear errors for what would make an evaluation meaningless."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor of images in [0, 1]")
-    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+    if not isinstance(y, torch.Tensor) or y.dtype not in LABEL_DTYPES:
         raise TypeError("y must be an integer tensor of class labels")
     if x.dim() < 2 or y.shape != (x.shape[0],):
         raise ValueError(f"x must be (N, ...) and y (N,); got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -170,10 +172,9 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     check_inputs(x, y, eps, num_classes)
     net = pixel_classifier(model, mean, std, logits)
     started = time.perf_counter()
-    # The attacks seed the global RNG (their random starts): fork it, so the caller's stream goes on unchanged.
+    # The attacks seed the global RNG (their random starts): put it back, so the caller's stream goes on unchanged.
     # (torchattacks and the reference AutoAttack seed CUDA too, also for CPU inputs.)
-    rng_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with preserved_state(model), torch.random.fork_rng(devices=rng_devices):
+    with preserved_state(model), preserved_rng():
         net.eval()
         num_classes = num_classes or _num_classes(net, x)
         check_inputs(x, y, eps, num_classes)

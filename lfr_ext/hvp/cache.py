@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 
 from torch import nn
+
+from .._warn_once import WarnOnce
 
 
 class EngineCache:
@@ -33,7 +34,7 @@ class EngineCache:
         self.verified: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
         self.compiled: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
         self.compile_trial: tuple[str | None] | None = None
-        self.warned: set[tuple] = set()
+        self.warned = WarnOnce()
 
     @contextlib.contextmanager
     def scoped(self):
@@ -45,9 +46,7 @@ class EngineCache:
             vars(self).update(saved)
 
     def warn_once(self, key: tuple, message: str) -> None:
-        if key not in self.warned:
-            self.warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=5)
+        self.warned.warn(key, message, stacklevel=5)
 
 
 CACHE = EngineCache()

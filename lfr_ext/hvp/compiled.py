@@ -33,6 +33,7 @@ import weakref
 import torch
 from torch import nn
 
+from .._rng import RngState, preserved_rng
 from ..reference import LossFn, grad_and_hvp_double_backprop, grad_norm_reference, penalty_at
 from .cache import CACHE
 from .facts import MethodFacts
@@ -72,7 +73,7 @@ def _trial_compile_problem() -> str | None:
 
     # The trial runs inside the caller's first hvp='compiled' call: it must not draw from the
     # global RNG, or that call's start noise would differ from an eager engine's.
-    with torch.random.fork_rng(devices=[]):
+    with preserved_rng(RngState.capture()):
         model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         x, y = torch.rand(2, 3), torch.tensor([0, 1])
         try:

@@ -8,6 +8,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from .._rng import RngState
 from ..linearized import DeclinedOpError, UnsupportedOpError
 from ..reference import grad_norm_reference
 from . import compiled, double_backprop, finite_difference, forward, linearized
@@ -71,28 +72,14 @@ def check_penalty_request(facts: MethodFacts, *, reduction: str, x_requires_grad
     raise ValueError(f"hvp={facts.name!r} gives " + " and ".join(gives))
 
 
-class _RngCheckpoint:
-    """The CPU (and ``device``'s CUDA) RNG state now, to rewind to: a pass redone by another
-    engine then draws the same start noise and Dropout masks."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def rewind(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-
-
 class Result(NamedTuple):
     """What a linearized pass gives the engine: its ``value`` and whether it couples samples
-    (None when not verified in this call); ``rng``, to rewind for a pass redone another way."""
+    (None when not verified in this call); ``rng``, the RNG states before the pass, to rewind to
+    for a pass redone another way (which then draws the same start noise and Dropout masks)."""
 
     value: object
     couples: bool | None
-    rng: _RngCheckpoint | None
+    rng: RngState | None
 
 
 class SecondOrderEngine:
@@ -138,12 +125,12 @@ class SecondOrderEngine:
         verified = CACHE.verified.get(self.model, {})
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         verify = key not in verified and not capturing
-        rng = _RngCheckpoint(x_adv.device) if verify else None
+        rng = RngState.of_device(x_adv.device) if verify else None
         try:
             value, couples = run(verify)
         except UnsupportedOpError as error:
             if rng is not None:
-                rng.rewind()
+                rng.restore()
             if self.requested != "auto":
                 raise
             self._remember_refusal(error)
@@ -207,7 +194,7 @@ class SecondOrderEngine:
             if result is not None:
                 self._refuse_or_skip_coupled()
                 if result.rng is not None:
-                    result.rng.rewind()
+                    result.rng.restore()
         return self._penalty_double_backprop(model, x_adv, y, loss_fn, q)
 
     def _penalty_double_backprop(self, model, x_adv, y, loss_fn, q) -> torch.Tensor:

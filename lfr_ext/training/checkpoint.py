@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._rng import RngState
+
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace)."""
@@ -48,21 +50,20 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 def capture_rng_states() -> dict:
     """The global RNGs a training step may draw from: torch CPU and CUDA, numpy, python.
     (The data order is not among them: it is a function of (seed, epoch), see loop.py.)"""
+    torch_states = RngState.capture(range(torch.cuda.device_count()) if torch.cuda.is_available() else [])
     return {
-        "torch_cpu": torch.get_rng_state(),
-        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "torch_cpu": torch_states.cpu,
+        "torch_cuda": list(torch_states.cuda.values()),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
 
 
 def restore_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch_cpu"])
-    if states["torch_cuda"]:
-        if not torch.cuda.is_available() or torch.cuda.device_count() < len(states["torch_cuda"]):
-            raise RuntimeError("the checkpoint holds CUDA RNG states for more GPUs than are visible; "
-                               "resume on the same kind of machine for identical numbers")
-        torch.cuda.set_rng_state_all(states["torch_cuda"])
+    if states["torch_cuda"] and (not torch.cuda.is_available() or torch.cuda.device_count() < len(states["torch_cuda"])):
+        raise RuntimeError("the checkpoint holds CUDA RNG states for more GPUs than are visible; "
+                           "resume on the same kind of machine for identical numbers")
+    RngState(states["torch_cpu"], dict(enumerate(states["torch_cuda"]))).restore()
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
 
