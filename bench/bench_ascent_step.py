@@ -35,8 +35,6 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext.reference import ascent_step_reference
-
 from bench.utils import (
     BENCH_DEVICE,
     TINY,
@@ -45,6 +43,7 @@ from bench.utils import (
     host_inclusive_seconds_per_call,
     synchronized,
 )
+from lfr_ext.reference import ascent_step_reference
 
 SHAPES = {"mnist": (128, 1, 28, 28), "cifar": (128, 3, 32, 32), "imagenet": (256, 3, 224, 224)}
 if TINY:

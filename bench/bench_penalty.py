@@ -16,10 +16,9 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext.training.methods import pgd_linf_ce
-from lfr_ext.models import SmallCNN
-
 from bench.utils import BENCH_DEVICE, TINY, bench_k, environment, synchronized
+from lfr_ext.models import SmallCNN
+from lfr_ext.training.methods import pgd_linf_ce
 from tests.authors_lfr import authors_lfr_loss  # the transcription the tests check against
 
 BATCH, STEPS, EPS, STEP_SIZE = 4 if TINY else 128, bench_k(1 if TINY else 40), 0.3, 0.01

@@ -19,11 +19,10 @@ import functools
 import pytest
 import torch
 
+from bench.utils import BENCH_DEVICE, TINY, environment, synchronized
 from lfr_ext.hvp import grad_and_hvp_linearized
 from lfr_ext.models import ResNet20, SmallCNN
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop
-
-from bench.utils import BENCH_DEVICE, TINY, environment, synchronized
 
 ON_GPU = BENCH_DEVICE == "cuda"
 BATCH = 4 if TINY else (128 if ON_GPU else 16)

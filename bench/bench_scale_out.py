@@ -25,9 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lfr_ext
-from lfr_ext.models import SmallCNN
-
 from bench.utils import BENCH_DEVICE, TINY, bench_k, environment, synchronized
+from lfr_ext.models import SmallCNN
 from tests.dist_helpers import free_port
 
 ON_GPU = BENCH_DEVICE == "cuda"

@@ -31,11 +31,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lfr_ext
+from bench.utils import BENCH_DEVICE, CPU_BATCH, TINY, bench_k, environment, synchronized
 from lfr_ext.models import ConvNeXtCifar, ResNet18, ResNet20, SmallCNN, ViTCifar, WideResNet
 from lfr_ext.training.config import TrainConfig
 from lfr_ext.training.methods import pgd_at_step, plain_step, trades_step
-
-from bench.utils import BENCH_DEVICE, CPU_BATCH, TINY, bench_k, environment, synchronized
 from tests.authors_lfr import authors_lfr_loss  # the transcription the tests check against
 
 ON_GPU = BENCH_DEVICE == "cuda"

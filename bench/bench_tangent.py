@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench.utils import BENCH_DEVICE, CPU_BATCH, TINY, environment, synchronized
 from lfr_ext.hvp import grad_and_hvp_forward, grad_and_hvp_linearized
 from lfr_ext.linearized import TangentTape
 from lfr_ext.models import ConvNeXtCifar, ResNet20, SmallCNN, ViTCifar, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, input_gradient
-
-from bench.utils import BENCH_DEVICE, CPU_BATCH, TINY, environment, synchronized
 
 ON_GPU = BENCH_DEVICE == "cuda"
 SETUPS = {

@@ -15,13 +15,12 @@ the trainer (:mod:`lfr_ext.training`), the data readers, the model zoo and the c
 Reference: Xu, Li, Jiang, Xia, "Adversarial Defense via Local Flatness Regularization", ICIP 2020.
 """
 
+from . import hvp, ops, reference  # ops loads the compiled library, once
 from ._version import __version__
-from . import ops, reference  # ops loads the compiled library, once
-from .penalty import LFRLoss, flatness_penalty, lfr_loss, local_flatness
-from .graphed_step import GraphedStep
 from .captured import CapturedStep
-from . import hvp
 from .classifier import PixelClassifier
+from .graphed_step import GraphedStep
+from .penalty import LFRLoss, flatness_penalty, lfr_loss, local_flatness
 
 # Names of the evaluation harness, resolved on first access by __getattr__ below (PEP 562).
 _EVALUATION_NAMES = ("evaluate_model", "EvalConfig", "Evaluation")

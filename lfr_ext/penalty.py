@@ -27,9 +27,6 @@ import torch
 from torch import nn
 
 from . import ops
-from .wrapped import check_data_parallel, sharded_step, sync_buffers_as_forward_would, unwrapped
-from .hvp import HVP_METHODS, SecondOrderEngine
-from .hvp.scaling import input_gradient_scale
 from ._state import frozen_running_stats, module_modes, preserved_state, restore_modes, set_eval
 from ._validation import (
     check_attack_args,
@@ -41,6 +38,8 @@ from ._validation import (
     check_reduction,
     normalize_q,
 )
+from .hvp import HVP_METHODS, SecondOrderEngine
+from .hvp.scaling import input_gradient_scale
 from .reference import (
     LossFn,
     default_loss,
@@ -48,6 +47,7 @@ from .reference import (
     grad_norm_reference,
     input_gradient,
 )
+from .wrapped import check_data_parallel, sharded_step, sync_buffers_as_forward_would, unwrapped
 
 
 class LFRLoss(NamedTuple):

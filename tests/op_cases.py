@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lfr_ext import _impl
-
 from tests.utils import DEVICES, REQUIRE_COMPILED, REQUIRE_GPU
 
 # CI sets LFR_EXT_REQUIRE_TRITON=1 (with TRITON_INTERPRET=1): then a missing Triton fails the

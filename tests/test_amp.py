@@ -16,7 +16,6 @@ import lfr_ext
 from lfr_ext.hvp import SecondOrderEngine, grad_and_hvp_linearized, penalty_linearized
 from lfr_ext.models import SmallCNN
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalty_at
-
 from tests.models_for_tests import TinyResNet
 from tests.utils import requires_cuda
 

@@ -13,7 +13,6 @@ import torch
 import lfr_ext
 from lfr_ext.ops import q_code
 from lfr_ext.reference import ascent_step_reference
-
 from tests.op_cases import (
     QS,
     SHAPES,

@@ -10,7 +10,6 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lfr_ext
-
 from tests.authors_lfr import authors_lfr_loss
 
 

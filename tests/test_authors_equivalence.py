@@ -5,7 +5,6 @@ import torch
 
 import lfr_ext
 from lfr_ext.models import SmallCNN
-
 from tests.authors_lfr import authors_lfr_loss
 
 SETTINGS = dict(eps=0.3, step_size=0.01, steps=6)

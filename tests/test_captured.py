@@ -19,7 +19,6 @@ from lfr_ext.graphed_step import (
     host_state_problem,
 )
 from lfr_ext.models import ResNet20, SmallCNN
-
 from tests.utils import requires_cuda
 
 KW = dict(lam=0.02, eps=0.1, step_size=0.02, steps=3)

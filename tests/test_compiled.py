@@ -11,11 +11,9 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext.hvp import compiled
-from lfr_ext.hvp import CACHE
+from lfr_ext.hvp import CACHE, compiled
 from lfr_ext.models import SmallCNN
 from lfr_ext.reference import default_loss, flatness_ascent_reference
-
 from tests.models_for_tests import TinyResNet
 from tests.utils import assert_grads_close, params_grads, rel_err
 

@@ -11,7 +11,6 @@ import torch
 import lfr_ext
 from lfr_ext import _impl
 from lfr_ext.reference import ascent_step_reference, grad_norm_reference
-
 from tests.op_cases import LOW_PRECISION, QS, assert_reduction_accurate, make_inputs
 from tests.utils import CUDA_MARKS, HAS_CUDA, REQUIRE_GPU
 

@@ -18,9 +18,7 @@ from lfr_ext.data import (
     load_mnist,
     read_idx,
 )
-
 from tests.utils import needs_fashion_mnist
-
 
 
 def _write_idx(path, array: np.ndarray, type_code: int = 0x08):

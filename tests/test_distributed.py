@@ -16,7 +16,6 @@ import lfr_ext
 from lfr_ext.models import SmallCNN
 from lfr_ext.training.config import TrainConfig
 from lfr_ext.training.methods import METHOD_STEPS
-
 from tests.dist_helpers import free_port, relative_errors, run_on_ranks
 from tests.models_for_tests import TinyResNet
 from tests.utils import requires_cuda

@@ -11,7 +11,6 @@ import torch
 
 from lfr_ext.evaluation.attacks import INSTALL_COMMAND, AttackSuite, accuracy_vs_eps, require_torchattacks, run_attacks
 from lfr_ext.evaluation.sanity import accuracy_reaches_zero, black_box_not_better, stronger_attacks_not_weaker
-
 from tests.models_for_tests import LinearToy, toy_data
 from tests.utils import HAVE_TORCHATTACKS, needs_fashion_mnist, needs_torchattacks
 

@@ -10,7 +10,6 @@ import torch
 
 import lfr_ext
 from lfr_ext import _extension
-
 from tests.utils import REQUIRE_COMPILED, requires_cuda
 
 COMPILED_OPS = tuple(spec.compiled for spec in lfr_ext.ops.OPS)

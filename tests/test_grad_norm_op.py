@@ -7,10 +7,8 @@ import pytest
 import torch
 
 import lfr_ext
-from lfr_ext.ops import grad_norm_backward
-from lfr_ext.ops import q_code
+from lfr_ext.ops import grad_norm_backward, q_code
 from lfr_ext.reference import grad_norm_reference
-
 from tests.op_cases import QS, SHAPES, assert_reduction_accurate, dtypes_for, impl_device_cases, make_inputs
 
 

@@ -6,7 +6,6 @@ from torch.func import functional_call
 
 import lfr_ext
 from lfr_ext.reference import penalty_at
-
 from tests.models_for_tests import ReLUNet, SmoothNet
 
 KW = dict(eps=0.05, step_size=0.01, steps=3, init_std=1e-3)

@@ -12,7 +12,6 @@ import torch
 
 import lfr_ext
 from lfr_ext.models import SmallCNN
-
 from tests.op_cases import impl_device_cases, make_inputs
 
 KW = dict(eps=0.1, step_size=0.01, steps=2)

@@ -18,9 +18,17 @@ from lfr_ext.hvp import (
 from lfr_ext.linearized import DeclinedOpError, TangentTape, UnsupportedOpError
 from lfr_ext.models import ConvNeXtCifar, SmallCNN, ViTCifar, WideResNet
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalty_at
-
-from tests.models_for_tests import (BNNet, ConvNeXtBlockNet, GeluLayerNormNet, LeakyAvgNet, MaskedAttentionWeightsNet,
-                                     SineNet, SmoothZooNet, TinyResNet, WrittenOutAttentionNet)
+from tests.models_for_tests import (
+    BNNet,
+    ConvNeXtBlockNet,
+    GeluLayerNormNet,
+    LeakyAvgNet,
+    MaskedAttentionWeightsNet,
+    SineNet,
+    SmoothZooNet,
+    TinyResNet,
+    WrittenOutAttentionNet,
+)
 from tests.utils import DEVICES, assert_grads_close, double_vjp_jvp, params_grads, rel_err
 
 MODELS = {

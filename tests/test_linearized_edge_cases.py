@@ -10,7 +10,6 @@ from torch import nn
 
 import lfr_ext
 from lfr_ext.linearized import TangentTape
-
 from tests.utils import DEVICES, assert_grads_close, double_vjp_jvp, params_grads, rel_err
 
 

@@ -10,7 +10,6 @@ import torch
 from lfr_ext.hvp import grad_and_hvp_linearized
 from lfr_ext.models import SmallCNN
 from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop
-
 from tests.models_for_tests import TinyResNet
 from tests.utils import requires_cuda
 

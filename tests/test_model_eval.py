@@ -12,7 +12,6 @@ from torch import nn
 import lfr_ext
 from lfr_ext.evaluation import EvalConfig, load_weights
 from lfr_ext.models import SmallCNN
-
 from tests.models_for_tests import TOY_LABELS, LinearToy, toy_data
 from tests.utils import needs_fashion_mnist, needs_torchattacks
 

@@ -8,7 +8,6 @@ from torch import nn
 
 import lfr_ext
 from lfr_ext.models import SmallCNN
-
 from tests.models_for_tests import BNNet
 
 KW = dict(eps=0.1, step_size=0.02, steps=3)

@@ -18,7 +18,6 @@ from lfr_ext.training.checkpoint import load_checkpoint
 from lfr_ext.training.data_order import epoch_batches
 from lfr_ext.training.loop import load_run_data, make_optimizer, seed_everything
 from lfr_ext.training.methods import METHOD_STEPS
-
 from tests.utils import FASHION_MNIST_MARKS
 
 pytestmark = [

@@ -18,7 +18,6 @@ from lfr_ext.training import METHODS, PRESETS, TrainConfig, resolve_config, trai
 from lfr_ext.training import loop as loop_module
 from lfr_ext.training.checkpoint import atomic_torch_save, load_checkpoint
 from lfr_ext.training.monitor import collapse_message
-
 from tests.utils import FASHION_MNIST_MARKS, requires_cuda
 
 pytestmark = FASHION_MNIST_MARKS

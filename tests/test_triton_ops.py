@@ -18,7 +18,6 @@ import lfr_ext
 from lfr_ext import _impl
 from lfr_ext.ops import OPS, q_code
 from lfr_ext.reference import ascent_step_reference, grad_norm_reference
-
 from tests.op_cases import LOW_PRECISION, QS, REQUIRE_TRITON, assert_reduction_accurate, make_inputs
 from tests.utils import HAS_CUDA, REQUIRE_GPU
 

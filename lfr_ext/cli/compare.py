@@ -20,11 +20,11 @@ import shlex
 import sys
 import time
 
-from . import evaluate as evaluate_cli
-from . import train as train_cli
 from ..evaluation.attacks import require_torchattacks
 from ..training import METHODS
 from ..training.loop import resolve_device
+from . import evaluate as evaluate_cli
+from . import train as train_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

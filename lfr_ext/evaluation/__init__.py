@@ -3,7 +3,13 @@ reference AutoAttack, gradient-masking checks, local flatness and loss-landscape
 foreign checkpoints (see lfr_ext/cli/evaluate.py for the command line)."""
 
 from .attacks import (
-    AUTOATTACK_IMPLS, INSTALL_COMMAND, AttackResult, AttackSuite, accuracy_vs_eps, require_torchattacks, run_attacks,
+    AUTOATTACK_IMPLS,
+    INSTALL_COMMAND,
+    AttackResult,
+    AttackSuite,
+    accuracy_vs_eps,
+    require_torchattacks,
+    run_attacks,
 )
 from .model_eval import EVAL_BUDGETS, EvalConfig, Evaluation, evaluate_model
 from .runner import evaluate_run, evaluate_weights, load_trained_model

@@ -28,10 +28,10 @@ from __future__ import annotations
 from . import compiled
 from .cache import CACHE, EngineCache
 from .double_backprop import twice_differentiable_attention
+from .facts import TABLE_LEGEND, MethodFacts, facts_table
 from .finite_difference import FINITE_DIFFERENCE_RADIUS, grad_and_hvp_finite_difference
 from .forward import grad_and_hvp_forward
 from .linearized import grad_and_hvp_linearized, penalty_linearized
-from .facts import TABLE_LEGEND, MethodFacts, facts_table
 from .policy import AUTO_DECLINED_CLASSES, HVP_METHODS, METHODS, SecondOrderEngine
 from .subgradient import norm_subgradient
 

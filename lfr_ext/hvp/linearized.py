@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..wrapped import identity_autograd_functions, sharded_modules
 from ..linearized import TangentTape, UnsupportedOpError
 from ..linearized.verify import verify_recording
 from ..reference import LossFn, grad_norm_reference, logits_hint
+from ..wrapped import identity_autograd_functions, sharded_modules
 from .facts import MethodFacts
 from .scaling import scaled, unscaled
 from .subgradient import norm_subgradient

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention import log_softmax, multi_head_attention, scaled_dot_product_attention, softmax
-from .calls import UnsupportedOpError, arguments as _arguments
+from .calls import UnsupportedOpError
+from .calls import arguments as _arguments
 
 
 def _differentiable(t) -> bool:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from .modern import ConvNeXtCifar, ViTCifar
 from .resnet import PreActResNet18, ResNet18, ResNet20
 from .small_cnn import SmallCNN
-from .modern import ConvNeXtCifar, ViTCifar
 from .wide_resnet import WideResNet, _wide
 
 MODELS = {

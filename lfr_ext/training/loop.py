@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from ..data import DATASETS, load_dataset
+from . import parallel
 from .checkpoint import atomic_torch_save, atomic_write_text, capture_rng_states, load_checkpoint, restore_rng_states
 from .config import TrainConfig, build_run_model
 from .data_order import epoch_batches, generator_for, random_crop_flip, split_train_val
-from . import parallel
 from .methods import METHOD_STEPS
 from .monitor import collapse_message, nan_to_none, validation_accuracies, write_metrics
 from .step import GPU_SYNC_EVERY, RunningTotals, TrainingStep

@@ -23,7 +23,6 @@ from torch import nn
 from ..penalty import input_gradient_scale, lfr_loss
 from ..reference import project_linf
 from ..wrapped import sync_buffers_as_forward_would, unwrapped
-
 from .config import TrainConfig
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..hvp.compiled import compile_backend, compile_support_problem
 from ..graphed_step import GraphedStep
+from ..hvp.compiled import compile_backend, compile_support_problem
 from . import parallel
 from .config import TrainConfig
 from .methods import METHOD_STEPS, StepOutput
