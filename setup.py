@@ -112,7 +112,9 @@ def make_extension():
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    info.update(cuda_sources=cuda_sources, cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"], nvcc_version=_nvcc_version())
+    info.update(
+        cuda_sources=cuda_sources, cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"], nvcc_version=_nvcc_version()
+    )
     # No --use_fast_math: the kernels mirror PyTorch's rounding and need IEEE sqrt and denormals.
     nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3"]
     ext = CUDAExtension(

@@ -96,8 +96,7 @@ def setup_compiled(x, x_adv, h, g):
 
 
 def setup_kernel(impl, x, x_adv, h, g):
-    return lambda: lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=EPS, step_size=STEP_SIZE, lo=LO, hi=HI, q=Q,
-                                           impl=impl)
+    return lambda: lfr_ext.ops.ascent_step(x, x_adv, h, g, eps=EPS, step_size=STEP_SIZE, lo=LO, hi=HI, q=Q, impl=impl)
 
 
 # provider -> factory(x, x_adv, h, g) of the timed call

@@ -39,8 +39,9 @@ MODULES = {"lfr_ext": "library", "lfr_ext.training": "harness"}
 
 def _start_child(module: str, children: list) -> tuple:
     """A fresh interpreter with torch imported, waiting to import ``module``: pedantic's setup."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD.format(module=module)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(module=module)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     children.append(child)
     ready = child.stdout.readline()
     assert ready == "ready\n", f"the child did not start: {ready!r}"
@@ -62,11 +63,22 @@ def test_import_after_torch(benchmark, module):
     children: list[subprocess.Popen] = []
     benchmark.group = f"import after torch ({BENCH_DEVICE} machine)"
     rounds, warmup_rounds = (1, 0) if TINY else (5, 1)
-    benchmark.pedantic(lambda child: _import_in(child, figures), setup=lambda: _start_child(module, children),
-                       rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    benchmark.pedantic(
+        lambda child: _import_in(child, figures),
+        setup=lambda: _start_child(module, children),
+        rounds=rounds,
+        iterations=1,
+        warmup_rounds=warmup_rounds,
+    )
     for child in children:
         child.stdin.close()
         assert child.wait(timeout=300) == 0, f"a child importing {module} failed"
     seconds = [s for s, _ in figures[warmup_rounds:]]
-    benchmark.extra_info.update(environment(), module=module, part=MODULES[module], lfr_ext_modules=figures[-1][1],
-                                child_seconds=seconds, child_seconds_median=statistics.median(seconds))
+    benchmark.extra_info.update(
+        environment(),
+        module=module,
+        part=MODULES[module],
+        lfr_ext_modules=figures[-1][1],
+        child_seconds=seconds,
+        child_seconds_median=statistics.median(seconds),
+    )

@@ -39,6 +39,7 @@ def setup_pgd(model, x, y):
         out = pgd_linf_ce(model, x, y, eps=EPS, step_size=STEP_SIZE, steps=STEPS)
         model.train()
         return out
+
     return fn
 
 

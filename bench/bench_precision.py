@@ -79,7 +79,10 @@ def test_inner_step_precision(benchmark, setup, setting):
         benchmark.group = f"inner step precision {setup} b{BATCH} ({BENCH_DEVICE})"
         benchmark.pedantic(synchronized(fn), rounds=1 if TINY else 10, iterations=1, warmup_rounds=0 if TINY else 1)
     benchmark.extra_info.update(
-        environment(), setup=setup, setting=setting, batch=BATCH,
+        environment(),
+        setup=setup,
+        setting=setting,
+        batch=BATCH,
         sign_agreement_linearized=_agreement(h_linearized, exact_sign),
         sign_agreement_double_backprop=_agreement(h_double_backprop, exact_sign),
     )

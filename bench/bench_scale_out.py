@@ -49,6 +49,7 @@ def _eager_step(model, optimizer, **extra):
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -104,8 +105,13 @@ def test_data_parallel_scaling(benchmark, world):
     benchmark.group = f"LFR step, DDP ranks, SmallCNN global batch {BATCH} K={STEPS} ({BENCH_DEVICE})"
     benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update(
-        environment(), world_size=world, global_batch=BATCH, steps=STEPS, threads_per_rank=1,
-        step_median_s=seconds["median"], images_per_s=BATCH / seconds["median"],
+        environment(),
+        world_size=world,
+        global_batch=BATCH,
+        steps=STEPS,
+        threads_per_rank=1,
+        step_median_s=seconds["median"],
+        images_per_s=BATCH / seconds["median"],
     )
 
 
@@ -171,5 +177,6 @@ def test_lfr_step_variants(benchmark, variant):
     fn()  # compile / warm up outside the timing
     benchmark.group = f"LFR step variants, SmallCNN b{BATCH} K={STEPS} ({BENCH_DEVICE})"
     benchmark.pedantic(synchronized(fn), rounds=ROUNDS, iterations=1, warmup_rounds=0 if TINY else 1)
-    benchmark.extra_info.update(environment(), variant=variant, batch=BATCH, steps=STEPS,
-                                images_per_s=BATCH / benchmark.stats.stats.median)
+    benchmark.extra_info.update(
+        environment(), variant=variant, batch=BATCH, steps=STEPS, images_per_s=BATCH / benchmark.stats.stats.median
+    )

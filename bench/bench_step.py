@@ -45,15 +45,31 @@ SETUPS = {
     "resnet18_cifar_k10": (ResNet18, (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031, 0.007, 0.03),
     "resnet20_cifar_k10": (ResNet20, (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031, 0.007, 0.03),
     # Beyond ReLU: SiLU, LayerNorm and GELU, attention.
-    "wrn16_4_silu_cifar_k10": (lambda: WideResNet(16, 4, activation="silu"), (3, 32, 32), 128 if ON_GPU else CPU_BATCH,
-                               10, 0.031, 0.007, 0.03),
+    "wrn16_4_silu_cifar_k10": (
+        lambda: WideResNet(16, 4, activation="silu"),
+        (3, 32, 32),
+        128 if ON_GPU else CPU_BATCH,
+        10,
+        0.031,
+        0.007,
+        0.03,
+    ),
     "convnext_tiny_cifar_k10": (ConvNeXtCifar, (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031, 0.007, 0.03),
-    "vit_tiny_cifar_k10": (lambda: ViTCifar(image_size=32), (3, 32, 32), 128 if ON_GPU else CPU_BATCH, 10, 0.031,
-                           0.007, 0.03),
+    "vit_tiny_cifar_k10": (
+        lambda: ViTCifar(image_size=32),
+        (3, 32, 32),
+        128 if ON_GPU else CPU_BATCH,
+        10,
+        0.031,
+        0.007,
+        0.03,
+    ),
 }
 if TINY:
-    SETUPS = {name: (factory, shape, 4, 1, eps, step_size, lam)
-              for name, (factory, shape, _, _, eps, step_size, lam) in SETUPS.items()}
+    SETUPS = {
+        name: (factory, shape, 4, 1, eps, step_size, lam)
+        for name, (factory, shape, _, _, eps, step_size, lam) in SETUPS.items()
+    }
 SELECTED = [s for s in SETUPS if s in os.environ.get("LFR_BENCH_SETUPS", ",".join(SETUPS)).split(",")]
 
 
@@ -71,6 +87,7 @@ def _problem(setup: str):
 
 def _eager_step(optimizer, loss_of):
     """One full training step: ``loss_of()``, backward, optimizer step."""
+
     def step():
         loss = loss_of()
         optimizer.zero_grad(set_to_none=True)
@@ -88,8 +105,9 @@ def setup_baseline(method, model, optimizer, x, y, cfg):
 def setup_authors_lfr(model, optimizer, x, y, cfg):
     def loss():
         with sdpa_kernel(SDPBackend.MATH):  # attention differentiated twice needs its math backend
-            return authors_lfr_loss(model, x, y, cfg.lam, step_size=cfg.step_size, epsilon=cfg.eps,
-                                    perturb_steps=cfg.steps)[0]
+            return authors_lfr_loss(
+                model, x, y, cfg.lam, step_size=cfg.step_size, epsilon=cfg.eps, perturb_steps=cfg.steps
+            )[0]
 
     return _eager_step(optimizer, loss), None
 
@@ -108,8 +126,9 @@ def setup_baseline_captured(method, model, optimizer, x, y, cfg):
 
 
 def setup_lfr_ext_captured(model, optimizer, x, y, cfg):
-    step = lfr_ext.CapturedStep(model, optimizer, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size,
-                                steps=cfg.steps)
+    step = lfr_ext.CapturedStep(
+        model, optimizer, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps
+    )
     assert step.captured, step.reason
     return (lambda: step(x, y)), step.graph
 
@@ -124,15 +143,18 @@ PROVIDERS = {
     "lfr_ext": functools.partial(setup_lfr_ext, "auto"),
 }
 if ON_GPU:
-    PROVIDERS |= {f"{name}_captured": functools.partial(setup_baseline_captured, method)
-                  for name, method in BASELINES.items()}
+    PROVIDERS |= {
+        f"{name}_captured": functools.partial(setup_baseline_captured, method) for name, method in BASELINES.items()
+    }
     PROVIDERS["lfr_ext_captured"] = setup_lfr_ext_captured
 
 
 def _graph_pool_bytes(graph: torch.cuda.CUDAGraph) -> int:
     """Bytes reserved by the segments of ``graph``'s private memory pool."""
     pool = tuple(graph.pool())
-    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", ())) == pool)
+    return sum(
+        seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", ())) == pool
+    )
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
@@ -148,7 +170,11 @@ def test_training_step(benchmark, setup, provider):
     rounds = 1 if TINY else (10 if ON_GPU else 2)
     benchmark.pedantic(synchronized(fn), rounds=rounds, iterations=1, warmup_rounds=0 if TINY else 1)
     benchmark.extra_info.update(
-        environment(), provider=provider, setup=setup, batch=x.shape[0], steps=cfg.steps,
+        environment(),
+        provider=provider,
+        setup=setup,
+        batch=x.shape[0],
+        steps=cfg.steps,
         images_per_s=x.shape[0] / benchmark.stats.stats.median,
         peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if ON_GPU else None,
         graph_pool_mb=_graph_pool_bytes(graph) / 2**20 if graph is not None else None,

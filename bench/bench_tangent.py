@@ -40,8 +40,11 @@ SETUPS = {
     "smallcnn_b128": (lambda: SmallCNN(zero_init_last=False), (1, 28, 28), 4 if TINY else 128),
     "resnet20": (ResNet20, (3, 32, 32), 4 if TINY else (128 if ON_GPU else CPU_BATCH)),
     # Smooth activations: the linear maps depend on x, so the HVP differentiates the tangent itself.
-    "wrn16_4_silu": (lambda: WideResNet(16, 4, activation="silu"), (3, 32, 32),
-                     4 if TINY else (128 if ON_GPU else CPU_BATCH)),
+    "wrn16_4_silu": (
+        lambda: WideResNet(16, 4, activation="silu"),
+        (3, 32, 32),
+        4 if TINY else (128 if ON_GPU else CPU_BATCH),
+    ),
     # Normalisation layers, GELU and (ViT) attention.
     "convnext_tiny": (ConvNeXtCifar, (3, 32, 32), 4 if TINY else (128 if ON_GPU else CPU_BATCH)),
     "vit_tiny": (lambda: ViTCifar(image_size=32), (3, 32, 32), 4 if TINY else (128 if ON_GPU else CPU_BATCH)),
@@ -74,6 +77,7 @@ def setup_forward(model, x, y):
 
 def setup_forward_recorded(model, x, y):
     """The forward under a tangent tape; ``fn.ops_recorded`` is how many ops the last call recorded."""
+
     def fn():
         source = x.detach().requires_grad_(True)
         with TangentTape(source) as tape:

@@ -25,10 +25,14 @@ METHODS = ("lfr", "pgd_at", "trades", "plain")
 # 2026-11-26 (lfr_ext_captured: an earlier implementation of the linearized pass, outside this
 # repository; no raw data in bench/results/): reference points to read this run against.
 ANCHORS_H200 = {
-    ("smallcnn_mnist_k40", "pgd_at"): 64.3, ("smallcnn_mnist_k40", "pgd_at_captured"): 16.5,
-    ("smallcnn_mnist_k40", "authors_lfr"): 141.6, ("smallcnn_mnist_k40", "lfr_ext_captured"): 33.3,
-    ("resnet18_cifar_k10", "pgd_at"): 52.1, ("resnet18_cifar_k10", "pgd_at_captured"): 44.9,
-    ("resnet18_cifar_k10", "authors_lfr"): 261.8, ("resnet18_cifar_k10", "lfr_ext_captured"): 108.9,
+    ("smallcnn_mnist_k40", "pgd_at"): 64.3,
+    ("smallcnn_mnist_k40", "pgd_at_captured"): 16.5,
+    ("smallcnn_mnist_k40", "authors_lfr"): 141.6,
+    ("smallcnn_mnist_k40", "lfr_ext_captured"): 33.3,
+    ("resnet18_cifar_k10", "pgd_at"): 52.1,
+    ("resnet18_cifar_k10", "pgd_at_captured"): 44.9,
+    ("resnet18_cifar_k10", "authors_lfr"): 261.8,
+    ("resnet18_cifar_k10", "lfr_ext_captured"): 108.9,
 }
 
 
@@ -76,8 +80,10 @@ def _machine(suites: dict) -> str:
             env = data["machine_info"].get("lfr_ext_environment", {})
             cpu = data["machine_info"].get("cpu", {}).get("brand_raw", "CPU")
             device = env.get("gpu") or f"{cpu} (no GPU)"
-            return (f"{device}; torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
-                    f"lfr_ext {env.get('lfr_ext')} at {env.get('git_sha')}")
+            return (
+                f"{device}; torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
+                f"lfr_ext {env.get('lfr_ext')} at {env.get('git_sha')}"
+            )
     return "unknown (no benchmark results)"
 
 
@@ -91,8 +97,16 @@ def _fmt(value: float | None, unit: str = "x", digits: int = 2) -> str:
     return f"{value:.{digits}f}{unit}"
 
 
-def _goal(figure: str, goal: str, value: float | None, *, at_most: float | None = None, at_least: float | None = None,
-          unit: str = "x", digits: int = 2) -> Goal:
+def _goal(
+    figure: str,
+    goal: str,
+    value: float | None,
+    *,
+    at_most: float | None = None,
+    at_least: float | None = None,
+    unit: str = "x",
+    digits: int = 2,
+) -> Goal:
     met = None
     if value is not None:
         met = value <= at_most if at_most is not None else value >= at_least
@@ -106,12 +120,20 @@ def headline(suites: dict) -> list[Goal]:
     for setup, label in (("smallcnn_mnist_k40", "SmallCNN K=40"), ("resnet18_cifar_k10", "ResNet-18 K=10")):
         lfr = _find(step, setup=setup, provider="lfr_ext_captured")
         pgd = _find(step, setup=setup, provider="pgd_at_captured")
-        goals.append(_goal(f"captured LFR step / captured PGD-AT step, {label}", "<= 2.2x", _ratio(lfr, pgd), at_most=2.2))
+        goals.append(
+            _goal(f"captured LFR step / captured PGD-AT step, {label}", "<= 2.2x", _ratio(lfr, pgd), at_most=2.2)
+        )
     for setup, label, target in (("smallcnn_mnist_k40", "SmallCNN", 4.0), ("resnet18_cifar_k10", "ResNet-18", 2.5)):
         authors = _find(step, setup=setup, provider="authors_lfr")
         lfr = _find(step, setup=setup, provider="lfr_ext_captured")
-        goals.append(_goal(f"authors' eager LFR step / lfr_ext captured, {label}", f">= {target:g}x faster",
-                           _ratio(authors, lfr), at_least=target))
+        goals.append(
+            _goal(
+                f"authors' eager LFR step / lfr_ext captured, {label}",
+                f">= {target:g}x faster",
+                _ratio(authors, lfr),
+                at_least=target,
+            )
+        )
     for setup, label in (("smallcnn_mnist_k40", "SmallCNN"), ("resnet18_cifar_k10", "ResNet-18")):
         lfr = _find(step, setup=setup, provider="lfr_ext_captured")
         pgd = _find(step, setup=setup, provider="pgd_at_captured")
@@ -119,16 +141,40 @@ def headline(suites: dict) -> list[Goal]:
         if lfr and pgd and lfr["extra_info"].get("peak_memory_mb") and pgd["extra_info"].get("peak_memory_mb"):
             value = lfr["extra_info"]["peak_memory_mb"] / pgd["extra_info"]["peak_memory_mb"]
         goals.append(_goal(f"peak memory, captured LFR step / PGD-AT's, {label}", "<= 1.5x", value, at_most=1.5))
-    fractions = [r["extra_info"]["fraction_of_copy_bandwidth"] for r in ops
-                 if r["params"].get("shape_name") == "imagenet" and r["params"].get("dtype_name") == "fp32"
-                 and r["params"].get("provider") in ("cuda", "triton")]
-    goals.append(_goal("fused ascent_step (256,3,224,224) fp32, best of cuda/triton, of copy bandwidth",
-                       ">= 90%", 100 * max(fractions) if fractions else None, at_least=90, unit="%", digits=1))
-    host = [r["extra_info"]["host_inclusive_us"] for r in ops
-            if r["params"].get("shape_name") == "mnist" and r["params"].get("dtype_name") == "fp32"
-            and r["params"].get("provider") in ("cuda", "triton")]
-    goals.append(_goal("fused ascent_step (128,1,28,28) fp32, best of cuda/triton, host-inclusive per call",
-                       "<= 10 us", min(host) if host else None, at_most=10, unit=" us", digits=1))
+    fractions = [
+        r["extra_info"]["fraction_of_copy_bandwidth"]
+        for r in ops
+        if r["params"].get("shape_name") == "imagenet"
+        and r["params"].get("dtype_name") == "fp32"
+        and r["params"].get("provider") in ("cuda", "triton")
+    ]
+    goals.append(
+        _goal(
+            "fused ascent_step (256,3,224,224) fp32, best of cuda/triton, of copy bandwidth",
+            ">= 90%",
+            100 * max(fractions) if fractions else None,
+            at_least=90,
+            unit="%",
+            digits=1,
+        )
+    )
+    host = [
+        r["extra_info"]["host_inclusive_us"]
+        for r in ops
+        if r["params"].get("shape_name") == "mnist"
+        and r["params"].get("dtype_name") == "fp32"
+        and r["params"].get("provider") in ("cuda", "triton")
+    ]
+    goals.append(
+        _goal(
+            "fused ascent_step (128,1,28,28) fp32, best of cuda/triton, host-inclusive per call",
+            "<= 10 us",
+            min(host) if host else None,
+            at_most=10,
+            unit=" us",
+            digits=1,
+        )
+    )
     return goals
 
 
@@ -142,13 +188,27 @@ def step_table(suites: dict, suite: str = "step") -> list[str]:
     rows, step = [], _rows(suites[suite])
     for row in step:
         info = row["extra_info"]
-        pgd = _find(step, setup=info["setup"], batch=info["batch"], steps=info["steps"],
-                    provider="pgd_at_captured" if info["provider"].endswith("_captured") else "pgd_at")
-        rows.append([info["setup"], f"b{info['batch']} K={info['steps']}", info["provider"],
-                     _fmt(_median(row) * 1e3, " ms"), _fmt(_ratio(row, pgd)),
-                     _fmt(info.get("peak_memory_mb"), " MB", 0), _fmt(info.get("graph_pool_mb"), " MB", 0)])
-    return _table(["setup", "batch", "provider", "median", "vs PGD-AT (same capture mode)", "peak memory",
-                   "graph pool"], rows)
+        pgd = _find(
+            step,
+            setup=info["setup"],
+            batch=info["batch"],
+            steps=info["steps"],
+            provider="pgd_at_captured" if info["provider"].endswith("_captured") else "pgd_at",
+        )
+        rows.append(
+            [
+                info["setup"],
+                f"b{info['batch']} K={info['steps']}",
+                info["provider"],
+                _fmt(_median(row) * 1e3, " ms"),
+                _fmt(_ratio(row, pgd)),
+                _fmt(info.get("peak_memory_mb"), " MB", 0),
+                _fmt(info.get("graph_pool_mb"), " MB", 0),
+            ]
+        )
+    return _table(
+        ["setup", "batch", "provider", "median", "vs PGD-AT (same capture mode)", "peak memory", "graph pool"], rows
+    )
 
 
 def anchors_table(suites: dict) -> list[str]:
@@ -156,15 +216,25 @@ def anchors_table(suites: dict) -> list[str]:
     for (setup, provider), anchor in ANCHORS_H200.items():
         row = _find(_rows(suites["step"]), setup=setup, provider=provider)
         rows.append([setup, provider, f"{anchor:.1f} ms", _fmt(None if row is None else _median(row) * 1e3, " ms", 1)])
-    return _table(["setup", "provider", "anchor (H200, torch 2.11; lfr_ext_captured: an earlier implementation)", "this run"], rows)
+    return _table(
+        ["setup", "provider", "anchor (H200, torch 2.11; lfr_ext_captured: an earlier implementation)", "this run"],
+        rows,
+    )
 
 
 def ascent_step_table(suites: dict) -> list[str]:
     rows = []
     for row in _rows(suites["ascent_step"]):
         info = row["extra_info"]
-        rows.append([f"{tuple(info['shape'])} {info['dtype']}", info["provider"], _fmt(info["device_us"], " us", 1),
-                     _fmt(info["host_inclusive_us"], " us", 1), _fmt(100 * info["fraction_of_copy_bandwidth"], "%", 1)])
+        rows.append(
+            [
+                f"{tuple(info['shape'])} {info['dtype']}",
+                info["provider"],
+                _fmt(info["device_us"], " us", 1),
+                _fmt(info["host_inclusive_us"], " us", 1),
+                _fmt(100 * info["fraction_of_copy_bandwidth"], "%", 1),
+            ]
+        )
     return _table(["shape", "provider", "device time", "host-inclusive per call", "of copy bandwidth"], rows)
 
 
@@ -174,8 +244,14 @@ def tangent_table(suites: dict) -> list[str]:
         info = row["extra_info"]
         ops = "" if info.get("ops_recorded") is None else f" ({info['ops_recorded']} ops recorded)"
         gradient = _find(tangent, setup=info["setup"], batch=info["batch"], provider="gradient")
-        rows.append([f"{info['setup']} b{info['batch']}", info["provider"] + ops, _fmt(_median(row) * 1e3, " ms"),
-                     _fmt(_ratio(row, gradient), "")])
+        rows.append(
+            [
+                f"{info['setup']} b{info['batch']}",
+                info["provider"] + ops,
+                _fmt(_median(row) * 1e3, " ms"),
+                _fmt(_ratio(row, gradient), ""),
+            ]
+        )
     return _table(["setup", "provider", "median", "in gradients"], rows)
 
 
@@ -191,11 +267,25 @@ def precision_table(suites: dict) -> list[str]:
     rows = []
     for row in _rows(suites["precision"]):
         info = row["extra_info"]
-        rows.append([f"{info['setup']} b{info['batch']}", info["setting"], _fmt(_median(row) * 1e3, " ms"),
-                     _fmt(100 * info["sign_agreement_linearized"], "%", 2),
-                     _fmt(100 * info["sign_agreement_double_backprop"], "%", 2)])
-    return _table(["setup", "setting", "linearized inner step", "sign(h) agreement, linearized",
-                   "sign(h) agreement, double backprop"], rows)
+        rows.append(
+            [
+                f"{info['setup']} b{info['batch']}",
+                info["setting"],
+                _fmt(_median(row) * 1e3, " ms"),
+                _fmt(100 * info["sign_agreement_linearized"], "%", 2),
+                _fmt(100 * info["sign_agreement_double_backprop"], "%", 2),
+            ]
+        )
+    return _table(
+        [
+            "setup",
+            "setting",
+            "linearized inner step",
+            "sign(h) agreement, linearized",
+            "sign(h) agreement, double backprop",
+        ],
+        rows,
+    )
 
 
 def scale_out_table(suites: dict) -> list[str]:
@@ -230,8 +320,16 @@ def training_table(path: str) -> list[str]:
             continue
         final = summary["final"]
         robust = final.get("val_robust_acc")
-        rows.append([method, summary.get("steps_ran", "?"), str(summary["epochs"]), _fmt(summary["mean_epoch_seconds"], " s"),
-                     _fmt(final["val_clean_acc"], "", 3), _fmt(robust, "", 3)])
+        rows.append(
+            [
+                method,
+                summary.get("steps_ran", "?"),
+                str(summary["epochs"]),
+                _fmt(summary["mean_epoch_seconds"], " s"),
+                _fmt(final["val_clean_acc"], "", 3),
+                _fmt(robust, "", 3),
+            ]
+        )
     return _table(["method", "steps", "epochs", "s/epoch", "val clean", "val PGD"], rows)
 
 
@@ -256,14 +354,24 @@ TABLES = (
     ("penalty", "Penalty call (`bench/bench_penalty.py`)", penalty_table),
     ("precision", "Low precision (`bench/bench_precision.py`)", precision_table),
     ("scale_out", "Scale out (`bench/bench_scale_out.py`)", scale_out_table),
-    ("step_beyond_relu", "Training steps beyond ReLU: SiLU, ConvNeXt, ViT, and ResNet-20 for scale (`bench/bench_step.py`)",
-     functools.partial(step_table, suite="step_beyond_relu")),
+    (
+        "step_beyond_relu",
+        "Training steps beyond ReLU: SiLU, ConvNeXt, ViT, and ResNet-20 for scale (`bench/bench_step.py`)",
+        functools.partial(step_table, suite="step_beyond_relu"),
+    ),
 )
 HEADLINE_SUITES = ("step", "ascent_step")  # what headline() reads
 
 
-def render(out_dir: str, prefix: str, stages: str | None, *, part: int | None = None,
-           names: tuple[str, ...] = SUITES, training: str | None = None) -> str:
+def render(
+    out_dir: str,
+    prefix: str,
+    stages: str | None,
+    *,
+    part: int | None = None,
+    names: tuple[str, ...] = SUITES,
+    training: str | None = None,
+) -> str:
     """The summary of the suites ``names`` (and the training comparison at ``training``)."""
     suites = _load(out_dir, prefix, names)
     title = prefix if part is None else f"part {part}, {prefix}"
@@ -275,8 +383,10 @@ def render(out_dir: str, prefix: str, stages: str | None, *, part: int | None = 
     if any(suite in names for suite in HEADLINE_SUITES):
         goals = headline(suites)
         lines += ["", "## Headline figures", ""]
-        lines += _table(["figure", "goal", "measured", "met"],
-                        [[g.figure, g.goal, g.shown, {True: "yes", False: "**no**", None: "n/a"}[g.met]] for g in goals])
+        lines += _table(
+            ["figure", "goal", "measured", "met"],
+            [[g.figure, g.goal, g.shown, {True: "yes", False: "**no**", None: "n/a"}[g.met]] for g in goals],
+        )
     missing = [suite for suite in names if suites[suite] is None]
     if missing:
         lines += ["", f"Missing suites (failed, timed out or skipped): {', '.join(missing)}."]

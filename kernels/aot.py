@@ -70,8 +70,10 @@ class AotMatrix:
             undeclared = sorted(set(taken) - set(declared))
             unknown = sorted(set(declared) - set(taken))
             twice = sorted({name for name in declared if declared.count(name) > 1})
-            raise ValueError(f"the AOT matrix of {self.kernel.fn.__name__} does not match its arguments {taken}: "
-                             f"undeclared {undeclared}, unknown {unknown}, declared twice {twice}")
+            raise ValueError(
+                f"the AOT matrix of {self.kernel.fn.__name__} does not match its arguments {taken}: "
+                f"undeclared {undeclared}, unknown {unknown}, declared twice {twice}"
+            )
 
 
 def triton_type(dtype: torch.dtype) -> str:
@@ -84,12 +86,17 @@ def op_matrices(op_name: str) -> tuple[AotMatrix, ...]:
     ``@triton.jit`` kernel that module defines (the helpers it imports are not its own)."""
     module = op_module(op_name)
     matrices = tuple(getattr(module, "AOT", ()))
-    defined = {value.fn.__name__ for value in vars(module).values()
-               if _is_jit_function(value) and value.fn.__module__ == module.__name__}
+    defined = {
+        value.fn.__name__
+        for value in vars(module).values()
+        if _is_jit_function(value) and value.fn.__module__ == module.__name__
+    }
     missing = sorted(defined - {matrix.kernel.fn.__name__ for matrix in matrices})
     if not matrices or missing:
-        raise ValueError(f"{module.__name__} must declare AOT, one AotMatrix per kernel it defines "
-                         f"(kernels/aot.py); missing for {missing or sorted(defined)}")
+        raise ValueError(
+            f"{module.__name__} must declare AOT, one AotMatrix per kernel it defines "
+            f"(kernels/aot.py); missing for {missing or sorted(defined)}"
+        )
     return matrices
 
 

@@ -45,7 +45,10 @@ from .launch import (
 
 @triton.jit
 def _ascent_step_fwd_kernel(
-    X, X_ADV, H, G,  # (B, per_sample) dense inputs
+    X,
+    X_ADV,
+    H,
+    G,  # (B, per_sample) dense inputs
     X_NEW,  # (B, per_sample) output
     SIGN_G,  # (B, per_sample) output when WRITE_SIGN
     G_NORM,  # (B,) output when not SPLIT
@@ -115,11 +118,26 @@ AOT = (
     AotMatrix(
         _ascent_step_fwd_kernel,
         dtypes=SUPPORTED_DTYPES,
-        arg_types=dict(X=STORAGE, X_ADV=STORAGE, H=STORAGE, G=STORAGE, X_NEW=STORAGE, SIGN_G=STORAGE, G_NORM=STORAGE,
-                       PARTIAL="*fp32", per_sample="i64", chunk_len="i64", eps="fp32", step_size="fp32", lo="fp32",
-                       hi="fp32"),
-        flags=(dict(WRITE_SIGN=True, ROUND_SCALARS=False, SPLIT=False),
-               dict(WRITE_SIGN=False, ROUND_SCALARS=True, SPLIT=True)),
+        arg_types=dict(
+            X=STORAGE,
+            X_ADV=STORAGE,
+            H=STORAGE,
+            G=STORAGE,
+            X_NEW=STORAGE,
+            SIGN_G=STORAGE,
+            G_NORM=STORAGE,
+            PARTIAL="*fp32",
+            per_sample="i64",
+            chunk_len="i64",
+            eps="fp32",
+            step_size="fp32",
+            lo="fp32",
+            hi="fp32",
+        ),
+        flags=(
+            dict(WRITE_SIGN=True, ROUND_SCALARS=False, SPLIT=False),
+            dict(WRITE_SIGN=False, ROUND_SCALARS=True, SPLIT=True),
+        ),
         block=MAX_BLOCK,
     ),
 )
@@ -174,10 +192,26 @@ def ascent_step_triton(
     kernel = _ascent_step_fwd_kernel if INTERPRETED else wrap_triton(_ascent_step_fwd_kernel)
     with device_guard(x.device):
         kernel[(batch, plan.chunks)](
-            x, x_adv, h, g, x_new, sign_out, g_norm, partial,
-            per_sample, plan.chunk_len, float(eps), float(step_size), float(lo), float(hi),
-            Q=q, WRITE_SIGN=return_sign_g, ROUND_SCALARS=x.device.type == "cpu", SPLIT=split,
-            BLOCK=plan.block, num_warps=plan.num_warps,
+            x,
+            x_adv,
+            h,
+            g,
+            x_new,
+            sign_out,
+            g_norm,
+            partial,
+            per_sample,
+            plan.chunk_len,
+            float(eps),
+            float(step_size),
+            float(lo),
+            float(hi),
+            Q=q,
+            WRITE_SIGN=return_sign_g,
+            ROUND_SCALARS=x.device.type == "cpu",
+            SPLIT=split,
+            BLOCK=plan.block,
+            num_warps=plan.num_warps,
         )
     if split:
         g_norm = fold_partial_norms(partial, q, x.dtype)

@@ -25,8 +25,20 @@ from .penalty import LFRLoss, flatness_penalty, lfr_loss, local_flatness
 # Names of the evaluation harness, resolved on first access by __getattr__ below (PEP 562).
 _EVALUATION_NAMES = ("evaluate_model", "EvalConfig", "Evaluation")
 
-__all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss", "CapturedStep", "GraphedStep",
-           "PixelClassifier", *_EVALUATION_NAMES, "hvp", "ops", "reference", "__version__"]
+__all__ = [
+    "flatness_penalty",
+    "lfr_loss",
+    "local_flatness",
+    "LFRLoss",
+    "CapturedStep",
+    "GraphedStep",
+    "PixelClassifier",
+    *_EVALUATION_NAMES,
+    "hvp",
+    "ops",
+    "reference",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

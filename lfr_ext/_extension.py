@@ -45,7 +45,9 @@ def _read_build_info() -> dict:
 
 
 def _find_library() -> str | None:
-    candidates = sorted(glob.glob(os.path.join(_PACKAGE_DIR, "_C*.so")) + glob.glob(os.path.join(_PACKAGE_DIR, "_C*.pyd")))
+    candidates = sorted(
+        glob.glob(os.path.join(_PACKAGE_DIR, "_C*.so")) + glob.glob(os.path.join(_PACKAGE_DIR, "_C*.pyd"))
+    )
     return candidates[0] if candidates else None
 
 
@@ -56,13 +58,16 @@ def _try_load() -> ExtensionStatus:
     info = _read_build_info()
     if path is None:
         return ExtensionStatus(
-            False, build_info=info,
+            False,
+            build_info=info,
             error="compiled library lfr_ext/_C not found (install with `pip install --no-build-isolation .`)",
         )
     built_for = info.get("torch_version")
     if built_for != torch.__version__:
         return ExtensionStatus(
-            False, path, info,
+            False,
+            path,
+            info,
             error=f"compiled library was built for torch {built_for}, but torch {torch.__version__} is running; "
             "rebuild with `pip install --no-build-isolation .`",
         )

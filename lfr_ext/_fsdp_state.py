@@ -67,8 +67,9 @@ def auto_reshard_settings(modules: list[nn.Module]) -> list[tuple[Any, Any]]:
     (``FSDPState._auto_reshard_after_forward``, torch 2.11 - 2.13; absent in earlier versions), which
     ``set_reshard_after_forward`` turns off; :func:`restore_auto_reshard_settings` gives it back."""
     states = (_state(module) for module in modules)
-    return [(state, state._auto_reshard_after_forward) for state in states
-            if hasattr(state, "_auto_reshard_after_forward")]
+    return [
+        (state, state._auto_reshard_after_forward) for state in states if hasattr(state, "_auto_reshard_after_forward")
+    ]
 
 
 def restore_auto_reshard_settings(saved: list[tuple[Any, Any]]) -> None:
@@ -91,7 +92,8 @@ def holds_unreduced_gradient(group: Any) -> bool:
     arrived too late to be reduced."""
     return group.reduce_grads and any(
         getattr(fsdp_param, "_unsharded_param", None) is not None and fsdp_param.unsharded_param.grad is not None
-        for fsdp_param in group.fsdp_params)
+        for fsdp_param in group.fsdp_params
+    )
 
 
 def reset_iter_state(root: nn.Module) -> None:

@@ -66,8 +66,10 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     inside the kernel with ``TypeError: only 0-dimensional arrays can be converted to Python
     scalars``. Compiled kernels on a GPU are not affected."""
     if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
-        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy {numpy_version}: "
-                "install numpy<2.4 or triton>=3.7")
+        return (
+            f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy {numpy_version}: "
+            "install numpy<2.4 or triton>=3.7"
+        )
     return None
 
 
@@ -79,8 +81,10 @@ def _not_installed_reason() -> str:
     package_dir = os.path.dirname(os.path.abspath(__file__))
     kernels_dir = os.path.join(os.path.dirname(package_dir), "kernels")
     where = f"; the kernels are in {kernels_dir}" if os.path.isdir(kernels_dir) else ""
-    return (f"lfr_ext was imported from {package_dir} without being installed, so lfr_ext.kernels (the Triton "
-            f"kernels) does not exist{where}: install the checkout with `pip install --no-build-isolation -e .`")
+    return (
+        f"lfr_ext was imported from {package_dir} without being installed, so lfr_ext.kernels (the Triton "
+        f"kernels) does not exist{where}: install the checkout with `pip install --no-build-isolation -e .`"
+    )
 
 
 def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:

@@ -165,6 +165,12 @@ def _grad_norm_autograd_backward(ctx, grad_out):
 # The fused LFR update; no autograd (callers that need d x_new / d x use the reference).
 ASCENT_STEP = OpSpec("ascent_step", ascent_step_reference, _ascent_step_op_args, _ascent_step_fake)
 # One formula for the C++ and the Triton op, itself differentiable (LFR's double backward).
-GRAD_NORM = OpSpec("grad_norm", grad_norm_reference, _grad_norm_op_args, _grad_norm_fake,
-                   _grad_norm_autograd_backward, _grad_norm_setup_context)
+GRAD_NORM = OpSpec(
+    "grad_norm",
+    grad_norm_reference,
+    _grad_norm_op_args,
+    _grad_norm_fake,
+    _grad_norm_autograd_backward,
+    _grad_norm_setup_context,
+)
 OPS: tuple[OpSpec, ...] = (ASCENT_STEP, GRAD_NORM)

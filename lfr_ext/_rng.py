@@ -21,7 +21,9 @@ class RngState:
     @classmethod
     def capture(cls, cuda_devices: Iterable[int | torch.device] = ()) -> "RngState":
         """The states now: the CPU's and those of ``cuda_devices`` (indices or devices)."""
-        return cls(torch.get_rng_state(), {index: torch.cuda.get_rng_state(index) for index in map(_index, cuda_devices)})
+        return cls(
+            torch.get_rng_state(), {index: torch.cuda.get_rng_state(index) for index in map(_index, cuda_devices)}
+        )
 
     @classmethod
     def of_device(cls, device: torch.device) -> "RngState":

@@ -100,7 +100,9 @@ def check_model_and_data(model, x, y, clip, *, default_loss: bool, generator) ->
         raise ValueError(f"y must have one entry per sample of x: shape ({x.shape[0]}, ...), got {tuple(y.shape)}")
     if default_loss:
         if y.dim() != 1:
-            raise ValueError(f"y must be class indices of shape ({x.shape[0]},) for the default loss, got {tuple(y.shape)}")
+            raise ValueError(
+                f"y must be class indices of shape ({x.shape[0]},) for the default loss, got {tuple(y.shape)}"
+            )
         if y.dtype not in LABEL_DTYPES:
             raise TypeError(f"y must be an integer tensor of class indices for the default loss, got dtype {y.dtype}")
     if y.device != x.device:

@@ -41,14 +41,25 @@ class CapturedStep(GraphedStep):
     Calling it returns the step's :class:`lfr_ext.LFRLoss`, detached.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, example_x: torch.Tensor,
-                 example_y: torch.Tensor, *, warmup_steps: int = 3, **lfr_kwargs):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        example_x: torch.Tensor,
+        example_y: torch.Tensor,
+        *,
+        warmup_steps: int = 3,
+        **lfr_kwargs,
+    ):
         if lfr_kwargs.get("generator") is not None:
-            raise ValueError("CapturedStep draws its randomness from the default CUDA generator; generator= "
-                             "is not supported")
+            raise ValueError(
+                "CapturedStep draws its randomness from the default CUDA generator; generator= is not supported"
+            )
         if lfr_kwargs.get("grad_scaler") is not None:
-            raise ValueError("CapturedStep cannot take a grad_scaler: GradScaler.step reads found_inf on the host, "
-                             "which a CUDA graph cannot capture; use bf16 autocast (no scaler) for a captured step")
+            raise ValueError(
+                "CapturedStep cannot take a grad_scaler: GradScaler.step reads found_inf on the host, "
+                "which a CUDA graph cannot capture; use bf16 autocast (no scaler) for a captured step"
+            )
         self.lfr_kwargs = {k: v for k, v in lfr_kwargs.items() if k not in ("validate", "generator")}
         check_lfr_loss_arguments(model, example_x, example_y, **self.lfr_kwargs)
         super().__init__(model, optimizer, self._lfr_loss, example_x, example_y, warmup_steps=warmup_steps)

@@ -46,8 +46,14 @@ class PixelClassifier(nn.Module):
             callable ``output -> logits``.
     """
 
-    def __init__(self, model: nn.Module, *, mean: float | Sequence[float] | None = None,
-                 std: float | Sequence[float] | None = None, logits: LogitsSelector = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+        logits: LogitsSelector = None,
+    ):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -52,7 +52,9 @@ def _find(directory: str, stem: str) -> str | None:
     return None
 
 
-def load_idx_split(directory: str, split: str, *, dataset: str = "fashion-mnist", install_hint: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def load_idx_split(
+    directory: str, split: str, *, dataset: str = "fashion-mnist", install_hint: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 1, 28, 28) float32 in [0, 1] and labels (N,) int64 of the ``train`` or
     ``test`` split from the standard IDX file names in ``directory``."""
     prefix = {"train": "train", "test": "t10k"}[split]
@@ -78,10 +80,14 @@ def load_fashion_mnist(split: str = "test", directory: str = FASHION_MNIST_DIR) 
 
 # --- MNIST and CIFAR-10 from files the user already has (torchvision's layouts) -------------
 
-MNIST_HINT = ("put the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-              "t10k-labels-idx1-ubyte, optionally .gz) in DIR or in DIR/MNIST/raw (torchvision's layout)")
-CIFAR10_HINT = ("extract cifar-10-python.tar.gz so that DIR/cifar-10-batches-py/ (or DIR itself) holds "
-                "data_batch_1 .. data_batch_5 and test_batch (torchvision's layout)")
+MNIST_HINT = (
+    "put the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+    "t10k-labels-idx1-ubyte, optionally .gz) in DIR or in DIR/MNIST/raw (torchvision's layout)"
+)
+CIFAR10_HINT = (
+    "extract cifar-10-python.tar.gz so that DIR/cifar-10-batches-py/ (or DIR itself) holds "
+    "data_batch_1 .. data_batch_5 and test_batch (torchvision's layout)"
+)
 _CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
@@ -108,8 +114,10 @@ def load_cifar10(split: str, directory: str) -> tuple[torch.Tensor, torch.Tensor
         raise FileNotFoundError(f"CIFAR-10 not found in {' or '.join(candidates)}. To use CIFAR-10, {CIFAR10_HINT}.")
     missing = [name for name in _CIFAR10_FILES[split] if not os.path.exists(os.path.join(folder, name))]
     if missing:
-        raise FileNotFoundError(f"CIFAR-10 {split} split incomplete in {folder}: missing {', '.join(missing)}. "
-                                f"To use CIFAR-10, {CIFAR10_HINT}.")
+        raise FileNotFoundError(
+            f"CIFAR-10 {split} split incomplete in {folder}: missing {', '.join(missing)}. "
+            f"To use CIFAR-10, {CIFAR10_HINT}."
+        )
     images, labels = [], []
     for name in _CIFAR10_FILES[split]:
         images_part, labels_part = _read_cifar_batch(os.path.join(folder, name))
@@ -166,6 +174,8 @@ def load_dataset(name: str, split: str, directory: str | None = None) -> tuple[t
     if name == "fashion-mnist":
         return load_fashion_mnist(split, directory or FASHION_MNIST_DIR)
     if directory is None:
-        raise ValueError(f"--data {name} needs --data-dir DIR (nothing is downloaded): "
-                         f"{MNIST_HINT if name == 'mnist' else CIFAR10_HINT}")
+        raise ValueError(
+            f"--data {name} needs --data-dir DIR (nothing is downloaded): "
+            f"{MNIST_HINT if name == 'mnist' else CIFAR10_HINT}"
+        )
     return load_mnist(split, directory) if name == "mnist" else load_cifar10(split, directory)

@@ -104,8 +104,16 @@ class GraphedStep:
             linearized engine verifies each model once, with one host sync).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: StepFn,
-                 example_x: torch.Tensor, example_y: torch.Tensor, *, warmup_steps: int = 3):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: StepFn,
+        example_x: torch.Tensor,
+        example_y: torch.Tensor,
+        *,
+        warmup_steps: int = 3,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -122,7 +130,8 @@ class GraphedStep:
             raise NotImplementedError(
                 "a CUDA graph cannot hold an FSDP2 (fully_shard) step: FSDP's hooks keep per-step state in Python "
                 "between their collectives, which a replay skips. Step the FSDP2 model eagerly (lfr_loss, "
-                "flatness_penalty) or capture a DistributedDataParallel model")
+                "flatness_penalty) or capture a DistributedDataParallel model"
+            )
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.warmup_steps = warmup_steps
         self.static_x = example_x.detach().clone()
@@ -144,17 +153,26 @@ class GraphedStep:
 
     def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Whether ``(x, y)`` has the captured shapes, dtypes and device (a replay can take it)."""
-        return (x.shape == self.static_x.shape and x.dtype == self.static_x.dtype and x.device == self.static_x.device
-                and y.shape == self.static_y.shape and y.dtype == self.static_y.dtype and y.device == self.static_y.device)
+        return (
+            x.shape == self.static_x.shape
+            and x.dtype == self.static_x.dtype
+            and x.device == self.static_x.device
+            and y.shape == self.static_y.shape
+            and y.dtype == self.static_y.dtype
+            and y.device == self.static_y.device
+        )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         """One training step on ``(x, y)``; returns ``loss_fn``'s outputs, detached."""
         if self.graph is None:
             return self.eager(x, y)
         if not self.fits(x, y):
-            self._warn_once("shape", f"{type(self).__name__}: batch {tuple(x.shape)} {x.dtype} on {x.device} differs "
-                            f"from the captured {tuple(self.static_x.shape)} {self.static_x.dtype} on "
-                            f"{self.static_x.device}; running this step eagerly")
+            self._warn_once(
+                "shape",
+                f"{type(self).__name__}: batch {tuple(x.shape)} {x.dtype} on {x.device} differs "
+                f"from the captured {tuple(self.static_x.shape)} {self.static_x.dtype} on "
+                f"{self.static_x.device}; running this step eagerly",
+            )
             return self.eager(x, y)
         if self._captured_with != baked_settings(self.optimizer, self.model):
             self._count_recapture()
@@ -219,8 +237,10 @@ class GraphedStep:
                         out = self._leaf_step(leaves)
                 except Exception as error:  # noqa: BLE001  (last resort: the sync check passed, capture did not)
                     torch.cuda.synchronize()
-                    self._give_up(f"capture failed ({type(error).__name__}: {error}); if the error names a stream, "
-                                  "another stream's work is entangled with the step")
+                    self._give_up(
+                        f"capture failed ({type(error).__name__}: {error}); if the error names a stream, "
+                        "another stream's work is entangled with the step"
+                    )
                     return
                 self._static_grads = [(param, leaf.grad) for param, leaf in leaves if leaf.grad is not None]
                 torch.cuda.synchronize()
@@ -231,9 +251,12 @@ class GraphedStep:
         finally:
             saved.restore(self.model, self.optimizer, self._static_grads if self.graph is not None else None)
         if not _fresh_state_is_exact(self.optimizer):
-            self._warn_once("optimizer", f"{type(self).__name__}: the warm-up's {type(self.optimizer).__name__} state "
-                            "was reset by zeroing, which equals a fresh state only for SGD without dampening, Adam "
-                            "and AdamW")
+            self._warn_once(
+                "optimizer",
+                f"{type(self).__name__}: the warm-up's {type(self.optimizer).__name__} state "
+                "was reset by zeroing, which equals a fresh state only for SGD without dampening, Adam "
+                "and AdamW",
+            )
 
     def _warmup_steps(self) -> int:
         # PyTorch's CUDA-graphs notes: DDP needs at least 11 eager iterations before a capture.
@@ -259,8 +282,10 @@ class GraphedStep:
         except RuntimeError as error:
             if not is_host_sync_error(error):
                 raise
-            return (f"the step synchronises with the host ({error}), which a CUDA graph cannot capture: an .item(), "
-                    "a data-dependent shape, or an optimizer reading a tensor hyper-parameter on the host")
+            return (
+                f"the step synchronises with the host ({error}), which a CUDA graph cannot capture: an .item(), "
+                "a data-dependent shape, or an optimizer reading a tensor hyper-parameter on the host"
+            )
         finally:
             torch.cuda.set_sync_debug_mode(previous)
         return None
@@ -274,10 +299,13 @@ class GraphedStep:
         if self._replays_since_capture < _FREQUENT_RECAPTURE_REPLAYS:
             self._frequent_recaptures += 1
         if self._frequent_recaptures == 3:
-            self._warn_once("recapture", f"{type(self).__name__}: the optimizer's hyper-parameters or the modules' "
-                            "modes keep changing, and every change re-captures the graph; for a per-step "
-                            "learning-rate schedule give SGD(..., fused=True) or Adam/AdamW(..., capturable=True) a "
-                            "CUDA tensor lr, which the graph reads from memory")
+            self._warn_once(
+                "recapture",
+                f"{type(self).__name__}: the optimizer's hyper-parameters or the modules' "
+                "modes keep changing, and every change re-captures the graph; for a per-step "
+                "learning-rate schedule give SGD(..., fused=True) or Adam/AdamW(..., capturable=True) a "
+                "CUDA tensor lr, which the graph reads from memory",
+            )
 
     def _give_up(self, reason: str) -> None:
         self.reason = reason
@@ -313,8 +341,10 @@ def capture_problem(optimizer: torch.optim.Optimizer, device: torch.device) -> s
         on_device = sorted(k for k, v in group.items() if k != "params" and _holds_device_tensor(v))
         if on_device and _reads_device_tensors_in_the_graph(optimizer, group) is False:
             fix = "SGD(..., fused=True)" if isinstance(optimizer, torch.optim.SGD) else f"{name}(..., capturable=True)"
-            return (f"{name} reads its GPU tensor {', '.join(on_device)} on the host (.item()) in every step, which a "
-                    f"CUDA graph cannot do; construct {fix}, which reads it from device memory")
+            return (
+                f"{name} reads its GPU tensor {', '.join(on_device)} on the host (.item()) in every step, which a "
+                f"CUDA graph cannot do; construct {fix}, which reads it from device memory"
+            )
     return None
 
 
@@ -327,8 +357,10 @@ def host_state_problem(optimizer: torch.optim.Optimizer) -> str | None:
             continue
         on_host = sorted(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu")
         if on_host:
-            return (f"{type(optimizer).__name__} keeps {', '.join(on_host)} on the CPU and updates it on the host, "
-                    "which a CUDA graph would freeze; use an optimizer with capturable=True")
+            return (
+                f"{type(optimizer).__name__} keeps {', '.join(on_host)} on the CPU and updates it on the host, "
+                "which a CUDA graph would freeze; use an optimizer with capturable=True"
+            )
     return None
 
 
@@ -408,15 +440,23 @@ class _TrainingState:
     before a warm-up."""
 
     def __init__(self, tensors, grads, modes, optimizer_state, rng):
-        self.tensors, self.grads, self.modes, self.optimizer_state, self.rng = tensors, grads, modes, optimizer_state, rng
+        self.tensors, self.grads, self.modes, self.optimizer_state, self.rng = (
+            tensors,
+            grads,
+            modes,
+            optimizer_state,
+            rng,
+        )
 
     @classmethod
     def save(cls, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> "_TrainingState":
         tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
         grads = {p: p.grad.detach().clone() for p in model.parameters() if p.grad is not None}
         modes = [(module, module.training) for module in model.modules()]
-        optimizer_state = {p: {k: (v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in s.items()}
-                           for p, s in optimizer.state.items()}
+        optimizer_state = {
+            p: {k: (v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in s.items()}
+            for p, s in optimizer.state.items()
+        }
         return cls(tensors, grads, modes, optimizer_state, RngState.of_device(device))
 
     def restore_rng(self) -> None:

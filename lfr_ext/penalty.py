@@ -74,8 +74,25 @@ class _Config(NamedTuple):
     loss_scale: torch.Tensor | None  # GradScaler's current scale (fp16 mixed precision), or None
 
 
-def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip, generator, hvp, impl, validate,
-               penalty_mode=None, grad_scaler=None):
+def _configure(
+    model,
+    x,
+    y,
+    *,
+    eps,
+    step_size,
+    steps,
+    q,
+    loss_fn,
+    init_std,
+    clip,
+    generator,
+    hvp,
+    impl,
+    validate,
+    penalty_mode=None,
+    grad_scaler=None,
+):
     """Check every argument (before any work) and resolve the implementation choices. ``model``
     may be DDP-wrapped; the engine is planned for the module it wraps (see :mod:`lfr_ext.wrapped`)."""
     q = normalize_q(q)
@@ -92,10 +109,12 @@ def _configure(model, x, y, *, eps, step_size, steps, q, loss_fn, init_std, clip
     # The double-backprop paths take per-sample norms with the fused, twice-differentiable op.
     norm_fn = grad_norm_reference if chosen_impl == "reference" else functools.partial(ops.grad_norm, impl=chosen_impl)
     loss_scale = input_gradient_scale(check_grad_scaler(grad_scaler), x)
-    engine = SecondOrderEngine(hvp, unwrapped(model), default_loss=loss_fn is None, norm_fn=norm_fn,
-                               loss_scale=loss_scale, device=x.device)  # checks hvp against its method's record
-    return _Config(eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, engine, chosen_impl,
-                   loss_scale)
+    engine = SecondOrderEngine(
+        hvp, unwrapped(model), default_loss=loss_fn is None, norm_fn=norm_fn, loss_scale=loss_scale, device=x.device
+    )  # checks hvp against its method's record
+    return _Config(
+        eps, step_size, steps, q, loss_fn or default_loss, init_std, clip, generator, engine, chosen_impl, loss_scale
+    )
 
 
 def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config):
@@ -120,9 +139,19 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config):
         return g, h
 
     x_adv, path_norms = flatness_ascent_reference(
-        model, x if track_x else x.detach(), y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, q=cfg.q,
-        loss_fn=cfg.loss_fn, init_std=cfg.init_std, clip=cfg.clip, generator=cfg.generator,
-        ascent_step=step, grad_and_hvp=grad_and_hvp,
+        model,
+        x if track_x else x.detach(),
+        y,
+        eps=cfg.eps,
+        step_size=cfg.step_size,
+        steps=cfg.steps,
+        q=cfg.q,
+        loss_fn=cfg.loss_fn,
+        init_std=cfg.init_std,
+        clip=cfg.clip,
+        generator=cfg.generator,
+        ascent_step=step,
+        grad_and_hvp=grad_and_hvp,
     )
     return x_adv, path_norms, finite
 
@@ -137,8 +166,9 @@ class _Ascended(NamedTuple):
 
 
 @contextlib.contextmanager
-def _ascended(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config, *,
-              close_at_exit: bool = False) -> Iterator[_Ascended]:
+def _ascended(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: _Config, *, close_at_exit: bool = False
+) -> Iterator[_Ascended]:
     """The start every public function shares: give a DDP model's module the buffers the
     wrapper's forward would, open the step on the module a wrapper holds, then run the ascent in
     eval mode with every mode and buffer given back afterwards.
@@ -273,9 +303,24 @@ def flatness_penalty(
     """
     reduction = check_reduction(reduction)
     penalty_mode = check_penalty_mode(penalty_mode)
-    cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
-                     init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate,
-                     penalty_mode=penalty_mode, grad_scaler=grad_scaler)
+    cfg = _configure(
+        model,
+        x,
+        y,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        q=q,
+        loss_fn=loss_fn,
+        init_std=init_std,
+        clip=clip,
+        generator=generator,
+        hvp=hvp,
+        impl=impl,
+        validate=validate,
+        penalty_mode=penalty_mode,
+        grad_scaler=grad_scaler,
+    )
     if x.shape[0] == 0:
         return _empty_penalty(unwrapped(model), x, reduction)
     with _ascended(model, x, y, cfg) as run, preserved_state(run.net):
@@ -317,9 +362,24 @@ def lfr_loss(
     """
     check_lam(lam)
     penalty_mode = check_penalty_mode(penalty_mode)
-    cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
-                     init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate,
-                     penalty_mode=penalty_mode, grad_scaler=grad_scaler)
+    cfg = _configure(
+        model,
+        x,
+        y,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        q=q,
+        loss_fn=loss_fn,
+        init_std=init_std,
+        clip=clip,
+        generator=generator,
+        hvp=hvp,
+        impl=impl,
+        validate=validate,
+        penalty_mode=penalty_mode,
+        grad_scaler=grad_scaler,
+    )
     if x.shape[0] == 0:
         zero = _empty_penalty(unwrapped(model), x, "mean")
         return LFRLoss(zero, zero, zero, x.new_zeros(0))
@@ -330,7 +390,8 @@ def lfr_loss(
         natural_loss = cfg.loss_fn(logits, y)
         if natural_loss.shape != (x.shape[0],):
             raise ValueError(
-                f"loss_fn must return one loss per sample, shape ({x.shape[0]},), got {tuple(natural_loss.shape)}")
+                f"loss_fn must return one loss per sample, shape ({x.shape[0]},), got {tuple(natural_loss.shape)}"
+            )
         natural_loss = run.step.close_after_backward(natural_loss.mean())
         with preserved_state(run.net):
             penalty = _penalty_pass(run.net, run.x_adv, y, cfg, penalty_mode, run.modes, "mean").mean()
@@ -374,12 +435,25 @@ def local_flatness(
     largest gradient norm seen at any iterate ``x'_0 .. x'_K`` (the final one included).
     Arguments as in :func:`flatness_penalty`.
     """
-    cfg = _configure(model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
-                     init_std=init_std, clip=clip, generator=generator, hvp=hvp, impl=impl, validate=validate)
+    cfg = _configure(
+        model,
+        x,
+        y,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        q=q,
+        loss_fn=loss_fn,
+        init_std=init_std,
+        clip=clip,
+        generator=generator,
+        hvp=hvp,
+        impl=impl,
+        validate=validate,
+    )
     if x.shape[0] == 0:
         return x.new_zeros(0)
-    with torch.enable_grad(), _ascended(model, x.detach(), y, cfg, close_at_exit=True) as run, \
-            preserved_state(run.net):
+    with torch.enable_grad(), _ascended(model, x.detach(), y, cfg, close_at_exit=True) as run, preserved_state(run.net):
         set_eval(run.net)
         x_final = run.x_adv.detach().requires_grad_(True)
         final_norm = grad_norm_reference(input_gradient(run.net, x_final, y, cfg.loss_fn, create_graph=False), cfg.q)
@@ -390,6 +464,7 @@ def local_flatness(
 # docstring to fill under python -OO).
 if flatness_penalty.__doc__:
     flatness_penalty.__doc__ = flatness_penalty.__doc__.replace(
-        "{hvp methods}", ", ".join(f'``"{name}"``' for name in HVP_METHODS))
+        "{hvp methods}", ", ".join(f'``"{name}"``' for name in HVP_METHODS)
+    )
 
 __all__ = ["flatness_penalty", "lfr_loss", "local_flatness", "LFRLoss"]

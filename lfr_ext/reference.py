@@ -48,8 +48,10 @@ def default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def logits_hint(output) -> str:
     """The error for a model whose forward does not return the logits tensor."""
-    return (f"the model returned a {type(output).__name__}, not a logits tensor: wrap it as "
-            "lfr_ext.PixelClassifier(model, logits=...) to say which part of the output is the logits")
+    return (
+        f"the model returned a {type(output).__name__}, not a logits tensor: wrap it as "
+        "lfr_ext.PixelClassifier(model, logits=...) to say which part of the output is the logits"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -124,7 +126,11 @@ def per_sample_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo
 
 
 def input_gradient(
-    model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, create_graph: bool,
+    model: torch.nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    create_graph: bool,
 ) -> torch.Tensor:
     r"""Per-sample input gradient ``g = \nabla_{x'} \sum_i l_i(x')``: (B, ...).
 
@@ -137,7 +143,11 @@ def input_gradient(
 
 
 def grad_and_hvp_double_backprop(
-    model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
+    model: torch.nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    q: float,
     norm_fn: Callable = grad_norm_reference,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``g = \nabla_{x'} \sum l_i`` and ``h = \nabla_{x'} \sum_i \|g_i\|_q`` by double backprop.
@@ -205,7 +215,12 @@ def flatness_ascent_reference(
 
 
 def penalty_at(
-    model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, *, q: float = 1, loss_fn: LossFn = default_loss,
+    model: torch.nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    q: float = 1,
+    loss_fn: LossFn = default_loss,
     norm_fn: Callable = grad_norm_reference,
 ) -> torch.Tensor:
     r"""Step 3: per-sample ``||\nabla_{x'} l_i(x')||_q`` (B,), differentiable w.r.t. the
@@ -236,8 +251,17 @@ def flatness_penalty_reference(
     model.eval()
     try:
         x_adv, _ = flatness_ascent_reference(
-            model, x, y, eps=eps, step_size=step_size, steps=steps, q=q, loss_fn=loss_fn,
-            init_std=init_std, clip=clip, generator=generator,
+            model,
+            x,
+            y,
+            eps=eps,
+            step_size=step_size,
+            steps=steps,
+            q=q,
+            loss_fn=loss_fn,
+            init_std=init_std,
+            clip=clip,
+            generator=generator,
         )
     finally:
         model.train(was_training)

@@ -101,8 +101,11 @@ def check_data_parallel(model: nn.Module, penalty_mode: str | None) -> None:
         )
     net = unwrapped(model)
     if penalty_mode == "caller" and _distributed_world_size() > 1:
-        synced = [name or type(net).__name__ for name, m in net.named_modules()
-                  if isinstance(m, nn.SyncBatchNorm) and m.training]
+        synced = [
+            name or type(net).__name__
+            for name, m in net.named_modules()
+            if isinstance(m, nn.SyncBatchNorm) and m.training
+        ]
         if synced:
             raise ValueError(
                 f"SyncBatchNorm in train mode ({', '.join(synced[:3])}) in the penalty pass: it has no double backward "
@@ -218,7 +221,8 @@ class ShardedStep:
         if self.closed:
             raise RuntimeError(
                 "lfr_ext: this FSDP2 step was already closed (its parameters resharded) by an earlier backward or an "
-                "optimizer step; backpropagate all of a step's losses in one backward() before stepping")
+                "optimizer step; backpropagate all of a step's losses in one backward() before stepping"
+            )
         self._pending -= 1
         if self._pending == 0:
             queue = torch.autograd.Variable._execution_engine.queue_callback
@@ -232,7 +236,8 @@ class ShardedStep:
         if late:
             raise RuntimeError(
                 "lfr_ext: a gradient reached an FSDP2 module's unsharded parameters after FSDP had reduce-scattered "
-                "them, so it would be lost; this backward's gradients are incomplete")
+                "them, so it would be lost; this backward's gradients are incomplete"
+            )
 
     def close(self, after_error: bool = False) -> None:
         """Give back the settings found when the step opened and reshard every group. After an
@@ -324,5 +329,12 @@ def identity_autograd_functions() -> tuple[type, ...]:
     return _fsdp_state.post_backward_functions()
 
 
-__all__ = ["ShardedStep", "check_data_parallel", "open_sharded_step", "sharded_modules", "sharded_step",
-           "sync_buffers_as_forward_would", "unwrapped"]
+__all__ = [
+    "ShardedStep",
+    "check_data_parallel",
+    "open_sharded_step",
+    "sharded_modules",
+    "sharded_step",
+    "sync_buffers_as_forward_would",
+    "unwrapped",
+]

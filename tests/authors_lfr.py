@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 
-def authors_lfr_loss(model, x_natural, y, lambada, criterion=nn.CrossEntropyLoss(),
-                     step_size=0.007, epsilon=0.031, perturb_steps=7):
+def authors_lfr_loss(
+    model, x_natural, y, lambada, criterion=nn.CrossEntropyLoss(), step_size=0.007, epsilon=0.031, perturb_steps=7
+):
     model.eval()
     x_adv = x_natural.detach() + 0.001 * torch.randn(x_natural.shape).to(x_natural.device).detach()
     x_adv = torch.clamp(x_adv, 0.0, 1.0)

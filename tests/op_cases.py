@@ -89,8 +89,9 @@ def assert_reduction_accurate(got: torch.Tensor, same_dtype_torch: torch.Tensor,
     nan = exact.isnan()
     assert torch.equal(got.isnan(), nan), "NaN where the fp64 reference has none, or the reverse"
     overflows = ~nan & (exact.abs() > torch.finfo(got.dtype).max)
-    assert torch.equal(got[overflows], same_dtype_torch[overflows]) and bool((got[overflows] == math.inf).all()), \
+    assert torch.equal(got[overflows], same_dtype_torch[overflows]) and bool((got[overflows] == math.inf).all()), (
         "a norm beyond the dtype's range must be +inf, as PyTorch's"
+    )
     finite = ~nan & ~overflows
     assert bool(got[finite].isfinite().all()), "inf where the exact norm fits the dtype"
     if not finite.any():

@@ -19,8 +19,10 @@ from lfr_ext.reference import default_loss, grad_and_hvp_double_backprop, penalt
 from tests.models_for_tests import TinyResNet
 from tests.utils import requires_cuda
 
-MODELS = {"small_cnn": (lambda: SmallCNN(drop=0.0, zero_init_last=False), (32, 1, 28, 28), 10),
-          "resnet_bn": (lambda: TinyResNet(drop=0.0), (32, 3, 10, 10), 5)}
+MODELS = {
+    "small_cnn": (lambda: SmallCNN(drop=0.0, zero_init_last=False), (32, 1, 28, 28), 10),
+    "resnet_bn": (lambda: TinyResNet(drop=0.0), (32, 3, 10, 10), 5),
+}
 KW = dict(eps=0.1, step_size=0.02, steps=3)
 
 
@@ -125,5 +127,12 @@ def test_grad_scaler_argument_checked():
     with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
         lfr_ext.flatness_penalty(model, x, y, grad_scaler=2.0, **KW)
     with pytest.raises(ValueError, match="CapturedStep cannot take a grad_scaler"):
-        lfr_ext.CapturedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, lam=0.1,
-                             grad_scaler=torch.amp.GradScaler("cpu"), **KW)
+        lfr_ext.CapturedStep(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            x,
+            y,
+            lam=0.1,
+            grad_scaler=torch.amp.GradScaler("cpu"),
+            **KW,
+        )

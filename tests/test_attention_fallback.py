@@ -40,8 +40,9 @@ def test_lfr_on_an_attention_model_runs_and_matches_the_authors():
     x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 5, (6,))
     torch.manual_seed(7)
     with sdpa_kernel(SDPBackend.MATH):
-        expected_total, _, expected_penalty, _ = authors_lfr_loss(model, x, y, 0.1, step_size=0.02, epsilon=0.1,
-                                                                  perturb_steps=3)
+        expected_total, _, expected_penalty, _ = authors_lfr_loss(
+            model, x, y, 0.1, step_size=0.02, epsilon=0.1, perturb_steps=3
+        )
         expected = torch.autograd.grad(expected_total, list(model.parameters()))
     torch.manual_seed(7)
     with warnings.catch_warnings(record=True) as caught:

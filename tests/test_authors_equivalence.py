@@ -43,8 +43,9 @@ def test_lfr_loss_equals_authors_loss(drop):
     model = _random_small_cnn(drop)
     x, y = _mnist_like_batch()
     torch.manual_seed(7)
-    exp_total, exp_natural, exp_penalty, _ = authors_lfr_loss(model, x, y, 0.02, step_size=0.01, epsilon=0.3,
-                                                              perturb_steps=6)
+    exp_total, exp_natural, exp_penalty, _ = authors_lfr_loss(
+        model, x, y, 0.02, step_size=0.01, epsilon=0.3, perturb_steps=6
+    )
     exp_grads = torch.autograd.grad(exp_total, list(model.parameters()))
     torch.manual_seed(7)
     out = lfr_ext.lfr_loss(model, x, y, lam=0.02, **SETTINGS)

@@ -149,7 +149,10 @@ def test_host_state_problem_names_state_kept_on_the_cpu():
     cpu_param = nn.Parameter(torch.zeros(3))
     opt = torch.optim.Adagrad([cpu_param], lr_decay=0.1)
     assert host_state_problem(opt) is None
-    opt.state[nn.Parameter(torch.zeros(3, device=META))] = {"step": torch.tensor(1.0), "sum": torch.zeros(3, device=META)}
+    opt.state[nn.Parameter(torch.zeros(3, device=META))] = {
+        "step": torch.tensor(1.0),
+        "sum": torch.zeros(3, device=META),
+    }
     assert "keeps step on the CPU" in host_state_problem(opt)
 
 
@@ -209,8 +212,13 @@ def test_fresh_parameter_leaves_share_storage_and_come_back():
 # GPU: capture, replay, fallbacks
 # ------------------------------------------------------------------------------------------
 def _training_state(model, optimizer):
-    return (copy.deepcopy(model.state_dict()), [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-            copy.deepcopy(optimizer.state_dict()), torch.get_rng_state(), torch.cuda.get_rng_state())
+    return (
+        copy.deepcopy(model.state_dict()),
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        copy.deepcopy(optimizer.state_dict()),
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state(),
+    )
 
 
 def _assert_same_state(a, b):

@@ -19,8 +19,10 @@ from tests.utils import assert_grads_close, params_grads, rel_err
 
 # No skip where the engine is unavailable: every supported torch (2.11 and later) must compile
 # these steps, and a skip would hide the torch that cannot.
-MODELS = {"small_cnn_dropout": (lambda: SmallCNN(drop=0.3, zero_init_last=False), (4, 1, 28, 28), 10),
-          "resnet_bn": (TinyResNet, (4, 3, 10, 10), 5)}
+MODELS = {
+    "small_cnn_dropout": (lambda: SmallCNN(drop=0.3, zero_init_last=False), (4, 1, 28, 28), 10),
+    "resnet_bn": (TinyResNet, (4, 3, 10, 10), 5),
+}
 KW = dict(eps=0.1, step_size=0.02, steps=3)
 
 
@@ -44,8 +46,11 @@ def _equals_double_backprop(name):
     points = []
     for hvp in ("double_backprop", "compiled"):
         plan = lfr_ext.hvp.SecondOrderEngine(hvp, model, True)
-        points.append(flatness_ascent_reference(model, x, y, generator=torch.Generator().manual_seed(1),
-                                                grad_and_hvp=plan.grad_and_hvp, **KW)[0])
+        points.append(
+            flatness_ascent_reference(
+                model, x, y, generator=torch.Generator().manual_seed(1), grad_and_hvp=plan.grad_and_hvp, **KW
+            )[0]
+        )
     assert torch.equal(points[0], points[1])
 
 

@@ -42,7 +42,9 @@ def test_idx_reader_on_the_package_files():
     assert images.shape == (n, rows, cols) == (10000, 28, 28) and images.dtype == np.uint8
     np.testing.assert_array_equal(images[0].reshape(-1), first_image)
     for split, count in (("test", 1000), ("train", 6000)):
-        labels = read_idx(os.path.join(FASHION_MNIST_DIR, f"{'t10k' if split == 'test' else 'train'}-labels-idx1-ubyte.gz"))
+        labels = read_idx(
+            os.path.join(FASHION_MNIST_DIR, f"{'t10k' if split == 'test' else 'train'}-labels-idx1-ubyte.gz")
+        )
         assert np.bincount(labels).tolist() == [count] * 10
 
 

@@ -23,8 +23,10 @@ from tests.utils import requires_cuda
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 CFG = TrainConfig(eps=0.1, step_size=0.03, steps=3, lam=0.05)
-MODELS = {"small_cnn": (lambda: SmallCNN(drop=0.0, zero_init_last=False), (1, 28, 28), 10),
-          "resnet_bn": (lambda: TinyResNet(drop=0.0), (3, 10, 10), 5)}
+MODELS = {
+    "small_cnn": (lambda: SmallCNN(drop=0.0, zero_init_last=False), (1, 28, 28), 10),
+    "resnet_bn": (lambda: TinyResNet(drop=0.0), (3, 10, 10), 5),
+}
 
 
 def _batch(name, world):
@@ -125,7 +127,6 @@ def _refusals_on_ranks(rank, world):
     assert lfr_ext.local_flatness(synced.train(), x, y, eps=0.1, step_size=0.03, steps=2).shape == (len(x),)
 
 
-
 def test_wrappers_that_would_be_wrong_are_refused():
     run_on_ranks(_refusals_on_ranks, 2)
 
@@ -145,7 +146,9 @@ def _reshard_settings(model):
     from lfr_ext._fsdp_state import param_groups as _param_groups
     from lfr_ext.wrapped import sharded_modules
 
-    return [(g.post_forward_mesh_info, g.reshard_after_backward) for m in sharded_modules(model) for g in _param_groups(m)]
+    return [
+        (g.post_forward_mesh_info, g.reshard_after_backward) for m in sharded_modules(model) for g in _param_groups(m)
+    ]
 
 
 def _fsdp2_exact_on_ranks(rank, world, method, layout):
@@ -180,7 +183,9 @@ def _fsdp2_exact_on_ranks(rank, world, method, layout):
                 replica_out = _method_step(method, replica, xs[r], ys[r], r, "double_backprop")
                 per_rank.append(torch.autograd.grad(replica_out.loss, list(replica.parameters())))
                 if r == rank:
-                    torch.testing.assert_close(out.loss, replica_out.loss, rtol=1e-12, atol=0, msg=f"{name} step {step}")
+                    torch.testing.assert_close(
+                        out.loss, replica_out.loss, rtol=1e-12, atol=0, msg=f"{name} step {step}"
+                    )
             expected = [sum(grads) / world for grads in zip(*per_rank)]
             errors = relative_errors(got, expected)
             assert max(errors) < 1e-12, (method, name, layout, step, max(errors))
@@ -194,8 +199,9 @@ def _fsdp2_exact_on_ranks(rank, world, method, layout):
 def _method_step(method, model, x, y, rank, hvp):
     torch.manual_seed(100 + rank)
     if method == "lfr":
-        return lfr_ext.lfr_loss(model, x, y, lam=CFG.lam, eps=CFG.eps, step_size=CFG.step_size, steps=CFG.steps,
-                                hvp=hvp)
+        return lfr_ext.lfr_loss(
+            model, x, y, lam=CFG.lam, eps=CFG.eps, step_size=CFG.step_size, steps=CFG.steps, hvp=hvp
+        )
     return METHOD_STEPS[method](model, x, y, CFG)
 
 

@@ -19,10 +19,12 @@ from tests.utils import HAVE_TORCHATTACKS, needs_fashion_mnist, needs_torchattac
 def test_torchattacks_imports_without_torchvision():
     """torchattacks 3.5.1 declares torchvision but must not need it: import every attack we use
     with torchvision made unimportable."""
-    code = ("import sys; sys.modules['torchvision'] = None\n"
-            "import torchattacks\n"
-            "from torchattacks import APGD, APGDT, FAB, FGSM, PGD, MultiAttack, Square, AutoAttack\n"
-            "print(torchattacks.__version__)")
+    code = (
+        "import sys; sys.modules['torchvision'] = None\n"
+        "import torchattacks\n"
+        "from torchattacks import APGD, APGDT, FAB, FGSM, PGD, MultiAttack, Square, AutoAttack\n"
+        "print(torchattacks.__version__)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "3.5.1"
@@ -87,8 +89,20 @@ def two_trained_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     dirs = []
     for method in ("lfr", "plain"):
-        cfg = resolve_config(dict(method=method, train_subset=64, batch_size=32, epochs=1, val_size=32,
-                                  val_robust_size=16, val_attack_steps=2, steps=2, milestones=[1], lr=0.05))
+        cfg = resolve_config(
+            dict(
+                method=method,
+                train_subset=64,
+                batch_size=32,
+                epochs=1,
+                val_size=32,
+                val_robust_size=16,
+                val_attack_steps=2,
+                steps=2,
+                milestones=[1],
+                lr=0.05,
+            )
+        )
         train(cfg, str(root / method), device="cpu", progress=False, log=lambda s: None)
         dirs.append(str(root / method))
     return dirs
@@ -101,14 +115,36 @@ def test_evaluate_and_report_end_to_end(two_trained_runs, tmp_path, capsys):
     from lfr_ext.cli.report import load_run
 
     report_dir = tmp_path / "report"
-    budget = ["--checkpoint", "last", "--n", "16", "--pgd-steps", "3", "--pgd-restarts", "1",
-              "--square-queries", "20", "--no-autoattack", "--curve-n", "16", "--lf-n", "8", "--clean-n", "64",
-              "--landscape-points", "2", "--device", "cpu"]
+    budget = [
+        "--checkpoint",
+        "last",
+        "--n",
+        "16",
+        "--pgd-steps",
+        "3",
+        "--pgd-restarts",
+        "1",
+        "--square-queries",
+        "20",
+        "--no-autoattack",
+        "--curve-n",
+        "16",
+        "--lf-n",
+        "8",
+        "--clean-n",
+        "64",
+        "--landscape-points",
+        "2",
+        "--device",
+        "cpu",
+    ]
     code = main([*two_trained_runs, *budget, "--report", str(report_dir)])
     assert code == 0
     first = json.loads(open(os.path.join(two_trained_runs[0], "evaluation.json")).read())
     capsys.readouterr()
-    assert main([two_trained_runs[0], *budget, "--resume"]) == 0  # same checkpoint file, eps and budget: kept, not redone
+    assert (
+        main([two_trained_runs[0], *budget, "--resume"]) == 0
+    )  # same checkpoint file, eps and budget: kept, not redone
     assert "kept" in capsys.readouterr().out
     assert json.loads(open(os.path.join(two_trained_runs[0], "evaluation.json")).read()) == first
     assert main([two_trained_runs[0], *budget, "--resume", "--n", "12"]) == 0  # another budget: evaluated again
@@ -149,8 +185,28 @@ def test_runs_evaluated_side_by_side_match_one_by_one(two_trained_runs, monkeypa
     evaluated one by one with one thread (every attack is seeded)."""
     from lfr_ext.cli.evaluate import main
 
-    budget = ["--checkpoint", "last", "--n", "12", "--pgd-steps", "2", "--pgd-restarts", "2", "--square-queries", "10",
-              "--curve-n", "8", "--lf-n", "4", "--clean-n", "32", "--landscape-points", "1", "--device", "cpu"]
+    budget = [
+        "--checkpoint",
+        "last",
+        "--n",
+        "12",
+        "--pgd-steps",
+        "2",
+        "--pgd-restarts",
+        "2",
+        "--square-queries",
+        "10",
+        "--curve-n",
+        "8",
+        "--lf-n",
+        "4",
+        "--clean-n",
+        "32",
+        "--landscape-points",
+        "1",
+        "--device",
+        "cpu",
+    ]
 
     def results():
         return [json.loads(open(os.path.join(run, "evaluation.json")).read()) for run in two_trained_runs]

@@ -34,13 +34,16 @@ def test_cuda_sources_compiled_for_this_gpu():
     assert status.loaded, status.error
     assert status.with_cuda and status.build_info["cuda_sources"], (
         f"the compiled library has no CUDA kernels (build_info {status.build_info}); rebuild with a CUDA toolkit "
-        "(LFR_EXT_BUILD_CUDA=1 makes its absence an error)")
+        "(LFR_EXT_BUILD_CUDA=1 makes its absence an error)"
+    )
     for op in COMPILED_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
     major, minor = torch.cuda.get_device_capability()
     archs = status.build_info["cuda_arch_list"].replace(" ", ";").split(";")
     native = f"{major}.{minor}" in (a.removesuffix("+PTX") for a in archs)
-    ptx = any(a.endswith("+PTX") and tuple(map(int, a.removesuffix("+PTX").split("."))) <= (major, minor) for a in archs)
+    ptx = any(
+        a.endswith("+PTX") and tuple(map(int, a.removesuffix("+PTX").split("."))) <= (major, minor) for a in archs
+    )
     assert native or ptx, f"built for {archs}, but this GPU is sm_{major}{minor}"
     assert "cuda" in lfr_ext.ops.available_impls("cuda")
 
@@ -54,8 +57,9 @@ def test_library_for_other_torch_is_refused(monkeypatch):
 
 
 def _run(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
 
 
 def test_import_and_penalty_without_library():
@@ -125,7 +129,13 @@ def test_uninstalled_source_tree_names_the_missing_install(tmp_path):
         "assert lfr_ext.__file__.startswith(sys.argv[1]), lfr_ext.__file__\n"
         "print(lfr_ext._impl.unavailable_reason('triton', torch.device('cpu')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(checkout)], capture_output=True, text=True, timeout=300,
-                         cwd=checkout, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(checkout)})
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(checkout)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=checkout,
+        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(checkout)},
+    )
     assert out.returncode == 0, out.stderr
     assert "without being installed" in out.stdout and "pip install --no-build-isolation -e ." in out.stdout, out.stdout

@@ -39,8 +39,9 @@ def test_part_one_builds_tests_and_measures_the_headline_in_that_order():
 
 def test_every_benchmarked_suite_is_one_the_summary_knows():
     parts, _ = _plan()
-    suites = [name.removeprefix("bench-") for stages in parts.values() for name, _ in stages
-              if name.startswith("bench-")]
+    suites = [
+        name.removeprefix("bench-") for stages in parts.values() for name, _ in stages if name.startswith("bench-")
+    ]
     assert suites and set(suites) <= set(summarize.SUITES)
     assert len(suites) == len(set(suites))  # no suite written twice
 

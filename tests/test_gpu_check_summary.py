@@ -21,19 +21,35 @@ def _suite(rows):
 
 
 def _ops_row(shape_name, dtype, provider, device_us, host_us, fraction):
-    return _row(device_us / 1e6, dict(shape_name=shape_name, dtype_name=dtype, provider=provider), provider=provider,
-                shape=[1], dtype=dtype, device_us=device_us, host_inclusive_us=host_us,
-                fraction_of_copy_bandwidth=fraction)
+    return _row(
+        device_us / 1e6,
+        dict(shape_name=shape_name, dtype_name=dtype, provider=provider),
+        provider=provider,
+        shape=[1],
+        dtype=dtype,
+        device_us=device_us,
+        host_inclusive_us=host_us,
+        fraction_of_copy_bandwidth=fraction,
+    )
 
 
 @pytest.fixture
 def results(tmp_path):
     step = []
-    for setup, pgd, lfr, authors in (("smallcnn_mnist_k40", 0.016, 0.030, 0.140), ("resnet18_cifar_k10", 0.045, 0.110, 0.262)):
-        for provider, median, peak in (("pgd_at_captured", pgd, 100.0), ("lfr_ext_captured", lfr, 160.0),
-                                       ("authors_lfr", authors, 300.0)):
-            step.append(_row(median, setup=setup, provider=provider, batch=128, steps=10, peak_memory_mb=peak,
-                             graph_pool_mb=None))
+    for setup, pgd, lfr, authors in (
+        ("smallcnn_mnist_k40", 0.016, 0.030, 0.140),
+        ("resnet18_cifar_k10", 0.045, 0.110, 0.262),
+    ):
+        for provider, median, peak in (
+            ("pgd_at_captured", pgd, 100.0),
+            ("lfr_ext_captured", lfr, 160.0),
+            ("authors_lfr", authors, 300.0),
+        ):
+            step.append(
+                _row(
+                    median, setup=setup, provider=provider, batch=128, steps=10, peak_memory_mb=peak, graph_pool_mb=None
+                )
+            )
     ops = [
         _ops_row("imagenet", "fp32", "cuda", 400.0, 420.0, 0.93),
         _ops_row("imagenet", "fp32", "triton", 450.0, 470.0, 0.85),
@@ -65,13 +81,17 @@ def test_headline_goals_from_the_right_providers(results):
 def test_ratios_are_computed_from_the_results_whatever_their_order():
     """The baseline of a ratio (PGD-AT at the same capture mode, one gradient, one rank) is
     looked up in the results: it may come after the rows divided by it (-k, random order)."""
-    step = [_row(0.030, setup="s", provider="lfr_ext_captured", batch=8, steps=2),
-            _row(0.060, setup="s", provider="lfr_ext", batch=8, steps=2),
-            _row(0.020, setup="s", provider="pgd_at", batch=8, steps=2),
-            _row(0.010, setup="s", provider="pgd_at_captured", batch=8, steps=2)]
+    step = [
+        _row(0.030, setup="s", provider="lfr_ext_captured", batch=8, steps=2),
+        _row(0.060, setup="s", provider="lfr_ext", batch=8, steps=2),
+        _row(0.020, setup="s", provider="pgd_at", batch=8, steps=2),
+        _row(0.010, setup="s", provider="pgd_at_captured", batch=8, steps=2),
+    ]
     tangent = [_row(0.5, setup="t", provider="linearized", batch=4), _row(0.2, setup="t", provider="gradient", batch=4)]
-    scale_out = [_row(1.0, world_size=2, global_batch=8, steps=2, step_median_s=1.0, images_per_s=8.0),
-                 _row(1.6, world_size=1, global_batch=8, steps=2, step_median_s=1.6, images_per_s=5.0)]
+    scale_out = [
+        _row(1.0, world_size=2, global_batch=8, steps=2, step_median_s=1.0, images_per_s=8.0),
+        _row(1.6, world_size=1, global_batch=8, steps=2, step_median_s=1.6, images_per_s=5.0),
+    ]
     suites = {"step": _suite(step), "tangent": _suite(tangent), "scale_out": _suite(scale_out)}
     step_rows = summarize.step_table(suites)[2:]
     assert "| 3.00x |" in step_rows[0] and "| 3.00x |" in step_rows[1]  # each against its own capture mode
@@ -91,11 +111,18 @@ def test_missing_suites_are_reported_not_invented(tmp_path):
 def test_a_part_shows_its_own_suites_only(results):
     """Part 2 holds no headline suite: no headline table, and the suites of part 1 are neither
     missing nor shown; the training comparison comes from the gathered summaries."""
-    summaries = {"lfr": {"steps_ran": "captured", "epochs": 2, "mean_epoch_seconds": 3.5,
-                         "final": {"val_clean_acc": 0.81, "val_robust_acc": 0.52}}}
+    summaries = {
+        "lfr": {
+            "steps_ran": "captured",
+            "epochs": 2,
+            "mean_epoch_seconds": 3.5,
+            "final": {"val_clean_acc": 0.81, "val_robust_acc": 0.52},
+        }
+    }
     (results / "train.json").write_text(json.dumps(summaries))
-    text = summarize.render(str(results), "gpu-day", None, part=2, names=("tangent",),
-                            training=str(results / "train.json"))
+    text = summarize.render(
+        str(results), "gpu-day", None, part=2, names=("tangent",), training=str(results / "train.json")
+    )
     assert "## Headline figures" not in text and "## Training steps (" not in text
     assert "Missing suites (failed, timed out or skipped): tangent." in text
     assert "| lfr | captured | 2 | 3.50 s | 0.810 | 0.520 |" in text

@@ -129,6 +129,7 @@ def test_backward_formula_is_differentiable_in_grad_out_and_g():
     g = _smooth_g((2, 5), "cpu")
     grad_out = torch.rand(2, dtype=torch.float64, requires_grad=True)
     for q in (1, 2, math.inf):
+
         def backward(go, t, q=q):
             return grad_norm_backward(t, grad_norm_reference(t, q), go, q_code(q))
 

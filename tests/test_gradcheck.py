@@ -22,9 +22,7 @@ def _setup(q, hvp="double_backprop"):
     def penalty(x_, *ps):
         # A fresh generator per call: the start noise is part of the function, not of the check.
         gen = torch.Generator().manual_seed(11)
-        return lfr_ext.flatness_penalty(
-            lambda_model(model, names, ps), x_, y, q=q, generator=gen, hvp=hvp, **KW
-        )
+        return lfr_ext.flatness_penalty(lambda_model(model, names, ps), x_, y, q=q, generator=gen, hvp=hvp, **KW)
 
     return penalty, (x, *params)
 

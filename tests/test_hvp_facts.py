@@ -38,11 +38,19 @@ def test_the_docstring_table_shows_every_record():
     lines = lfr_ext.hvp.__doc__.splitlines()
     rules = [i for i, line in enumerate(lines) if line.startswith("=====")]
     assert len(rules) == 3  # above the header, below it, below the rows
-    rows = {line.split()[0].strip("`"): line.split() for line in lines[rules[1] + 1:rules[2]]}
+    rows = {line.split()[0].strip("`"): line.split() for line in lines[rules[1] + 1 : rules[2]]}
     assert set(rows) == set(METHODS)
     for name, facts in METHODS.items():
-        yes = ["yes" if flag else "no" for flag in (facts.exact, facts.auto_may_choose, facts.takes_grad_scaler,
-                                                     facts.per_sample_penalty, facts.penalty_differentiable_in_x)]
+        yes = [
+            "yes" if flag else "no"
+            for flag in (
+                facts.exact,
+                facts.auto_may_choose,
+                facts.takes_grad_scaler,
+                facts.per_sample_penalty,
+                facts.penalty_differentiable_in_x,
+            )
+        ]
         assert rows[name][1:6] == yes, name
         assert rows[name][6] == ("CE" if facts.needs_default_loss else "any")
         assert " ".join(rows[name][8:]) == facts.description
@@ -99,8 +107,15 @@ def test_the_public_functions_refuse_a_grad_scaler_where_the_record_says():
 def test_the_checks_follow_any_record():
     """A record with other facts than today's methods is refused accordingly: the checks read the
     record, not the method's name."""
-    only_cuda = MethodFacts(name="cuda_only", description="-", exact=True, auto_may_choose=False,
-                            per_sample_penalty=True, penalty_differentiable_in_x=False, devices=("cuda",))
+    only_cuda = MethodFacts(
+        name="cuda_only",
+        description="-",
+        exact=True,
+        auto_may_choose=False,
+        per_sample_penalty=True,
+        penalty_differentiable_in_x=False,
+        devices=("cuda",),
+    )
     methods = {"cuda_only": only_cuda}
     with pytest.raises(ValueError, match=r"hvp must be one of \('auto', 'cuda_only'\), got 'linearized'"):
         check_request("linearized", default_loss=True, grad_scaler=False, methods=methods)

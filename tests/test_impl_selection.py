@@ -89,16 +89,26 @@ def test_flatness_penalty_same_with_every_impl(impl, device, train):
     torch.testing.assert_close(penalty(impl), penalty("reference"), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("triton_version, numpy_version, broken", [
-    ("3.6.0", "2.4.6", True), ("3.6.0", "2.5.2", True), ("3.6.0", "2.3.5", False),
-    ("3.7.0", "2.5.2", False), ("3.9.0", "2.4.0", False), ("4.0.0", "2.4.0", False), ("3.6.0", "1.26.4", False),
-])
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, broken",
+    [
+        ("3.6.0", "2.4.6", True),
+        ("3.6.0", "2.5.2", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.0", "2.5.2", False),
+        ("3.9.0", "2.4.0", False),
+        ("4.0.0", "2.4.0", False),
+        ("3.6.0", "1.26.4", False),
+    ],
+)
 def test_triton_interpreter_refuses_the_numpy_it_cannot_run_with(triton_version, numpy_version, broken):
     """Triton before 3.7 interprets with int() of one-element arrays, which numpy 2.4 removed: the
     pair is refused in one sentence that names both versions and the way out."""
     problem = lfr_ext._impl.interpreter_problem(triton_version, numpy_version)
     if broken:
-        assert problem == (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy "
-                           f"{numpy_version}: install numpy<2.4 or triton>=3.7")
+        assert problem == (
+            f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy "
+            f"{numpy_version}: install numpy<2.4 or triton>=3.7"
+        )
     else:
         assert problem is None

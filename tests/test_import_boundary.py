@@ -20,8 +20,19 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Packages and modules of the harness; each must stay out of sys.modules after `import lfr_ext`.
-HARNESS = ("lfr_ext.training", "lfr_ext.evaluation", "lfr_ext.data", "lfr_ext.models", "lfr_ext.report",
-           "lfr_ext.cli", "lfr_ext.train", "lfr_ext.evaluate", "lfr_ext.compare", "lfr_ext.demo", "lfr_ext.info")
+HARNESS = (
+    "lfr_ext.training",
+    "lfr_ext.evaluation",
+    "lfr_ext.data",
+    "lfr_ext.models",
+    "lfr_ext.report",
+    "lfr_ext.cli",
+    "lfr_ext.train",
+    "lfr_ext.evaluate",
+    "lfr_ext.compare",
+    "lfr_ext.demo",
+    "lfr_ext.info",
+)
 
 # The commands that `python -m lfr_ext.<name>` runs through the module at the old path.
 COMMANDS = ("train", "evaluate", "compare", "report", "demo")
@@ -40,7 +51,8 @@ def _lfr_ext_modules_expression() -> str:
 
 def test_import_lfr_ext_loads_no_harness_module():
     loaded = _in_fresh_interpreter(
-        f"import json, sys; import lfr_ext; print(json.dumps({_lfr_ext_modules_expression()}))")
+        f"import json, sys; import lfr_ext; print(json.dumps({_lfr_ext_modules_expression()}))"
+    )
     harness = [m for m in loaded if any(m == h or m.startswith(h + ".") for h in HARNESS)]
     assert not harness, f"`import lfr_ext` loaded the harness modules {harness}; all lfr_ext modules loaded: {loaded}"
     assert "lfr_ext.penalty" in loaded and "lfr_ext.ops" in loaded  # the library itself did load
@@ -59,7 +71,8 @@ def test_evaluation_names_resolve_lazily_to_lfr_ext_evaluation():
         "                  'same': {name: resolved[name] is getattr(evaluation, name) for name in names},\n"
         "                  'from_import_same': evaluate_model is evaluation.evaluate_model,\n"
         "                  'in_dir': [name in dir(lfr_ext) for name in names],\n"
-        "                  'in_all': [name in lfr_ext.__all__ for name in names]}))\n")
+        "                  'in_all': [name in lfr_ext.__all__ for name in names]}))\n"
+    )
     assert found["loaded_before_access"] is False
     assert found["same"] == {"evaluate_model": True, "EvalConfig": True, "Evaluation": True}
     assert found["from_import_same"] is True
@@ -99,7 +112,8 @@ def test_console_scripts_point_at_importable_main_functions():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_python_m_at_the_old_path_runs_the_command(command):
-    done = subprocess.run([sys.executable, "-m", f"lfr_ext.{command}", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", f"lfr_ext.{command}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.startswith("usage:"), done.stdout[:400]

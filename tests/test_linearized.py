@@ -41,8 +41,13 @@ MODELS = {
     "convnext_block": (ConvNeXtBlockNet, (3, 3, 8, 8), 5),
     "smooth_zoo_groupnorm": (SmoothZooNet, (3, 2, 6, 6), 4),
     "gelu_layernorm_mlp": (GeluLayerNormNet, (4, 6), 3),
-    "inplace_smooth_mlp": (lambda: nn.Sequential(nn.Linear(6, 8), nn.SiLU(inplace=True), nn.Linear(8, 8),
-                                                 nn.ELU(inplace=True), nn.Linear(8, 3)), (4, 6), 3),
+    "inplace_smooth_mlp": (
+        lambda: nn.Sequential(
+            nn.Linear(6, 8), nn.SiLU(inplace=True), nn.Linear(8, 8), nn.ELU(inplace=True), nn.Linear(8, 3)
+        ),
+        (4, 6),
+        3,
+    ),
     # Attention: softmax and products of two input-dependent tensors.
     "vit_block": (lambda: ViTCifar(num_classes=5, image_size=8, patch=4, dim=12, depth=1, heads=2), (3, 3, 8, 8), 5),
     "convnext_cifar": (lambda: ConvNeXtCifar(num_classes=5, dims=(4, 8), depths=(1, 1)), (3, 3, 8, 8), 5),
@@ -102,8 +107,9 @@ def test_flatness_penalty_linearized_equals_double_backprop_fp64(name, q, penalt
     results = {}
     for hvp in ("double_backprop", "linearized"):
         torch.manual_seed(5)  # same start noise and Dropout masks
-        value = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=4, q=q, hvp=hvp,
-                                         penalty_mode=penalty_mode)
+        value = lfr_ext.flatness_penalty(
+            model, x, y, eps=0.1, step_size=0.02, steps=4, q=q, hvp=hvp, penalty_mode=penalty_mode
+        )
         results[hvp] = (value, params_grads(model, value))
     (ref, ref_grads), (got, got_grads) = results["double_backprop"], results["linearized"]
     assert rel_err(got, ref) < 1e-10
@@ -117,7 +123,13 @@ def test_ascended_point_identical(name, device):
     points = {}
     for hvp in ("double_backprop", "linearized"):
         points[hvp], _ = lfr_ext.reference.flatness_ascent_reference(
-            model, x, y, eps=0.1, step_size=0.02, steps=5, generator=torch.Generator(device).manual_seed(0),
+            model,
+            x,
+            y,
+            eps=0.1,
+            step_size=0.02,
+            steps=5,
+            generator=torch.Generator(device).manual_seed(0),
             grad_and_hvp=lambda *a, h=hvp: lfr_ext.hvp.SecondOrderEngine(h, model, True).grad_and_hvp(*a),
         )
     assert torch.equal(points["linearized"], points["double_backprop"])
@@ -198,8 +210,9 @@ def test_uncovered_model_auto_warns_and_linearized_raises():
     x, y = torch.rand(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     with lfr_ext.hvp.CACHE.scoped(), pytest.warns(RuntimeWarning, match=r"falls back to double backprop.*`torch.sin`"):
         auto = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0)
-    reference = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0,
-                                         hvp="double_backprop")
+    reference = lfr_ext.flatness_penalty(
+        model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0, hvp="double_backprop"
+    )
     torch.testing.assert_close(auto, reference, rtol=0, atol=0)
     with pytest.raises(UnsupportedOpError, match=r"does not support `torch.sin`"):
         lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, hvp="linearized")
@@ -289,8 +302,10 @@ def test_a_declined_op_class_is_refused_by_name_and_class():
     assert tape.carries(logits) and tape.source_dependent_classes == {"normalisation", "smooth activation", "attention"}
 
 
-@pytest.mark.parametrize("name, on_linearized", [("convnext_block", True), ("vit_block", "attention" not in
-                                                                              lfr_ext.hvp.AUTO_DECLINED_CLASSES)])
+@pytest.mark.parametrize(
+    "name, on_linearized",
+    [("convnext_block", True), ("vit_block", "attention" not in lfr_ext.hvp.AUTO_DECLINED_CLASSES)],
+)
 def test_auto_follows_the_measured_policy(name, on_linearized, caplog, recwarn):
     """auto runs a declined class (lfr_ext.hvp.AUTO_DECLINED_CLASSES) by double backprop, saying so
     in the log, not as a coverage warning; the result is the exact one either way."""
@@ -324,8 +339,9 @@ def test_per_sample_penalty_with_coupled_batchnorm():
     model, x, y = _make("resnet_bn", train=True)
     model.drop.p = 0.0
     auto = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, reduction="none", init_std=0.0)
-    ref = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, reduction="none", init_std=0.0,
-                                   hvp="double_backprop")
+    ref = lfr_ext.flatness_penalty(
+        model, x, y, eps=0.1, step_size=0.02, steps=2, reduction="none", init_std=0.0, hvp="double_backprop"
+    )
     for i in range(len(x)):  # each sample's penalty has its own exact gradient
         assert_grads_close(params_grads(model, auto[i]), params_grads(model, ref[i]), 1e-10)
     with pytest.raises(ValueError, match="couples samples"):
@@ -370,8 +386,7 @@ def test_computation_hidden_from_the_tape_is_caught():
     x, y = torch.rand(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     with lfr_ext.hvp.CACHE.scoped(), pytest.warns(RuntimeWarning, match="did not record"):
         auto = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0)
-    exact = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0,
-                                     hvp="double_backprop")
+    exact = lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=2, init_std=0.0, hvp="double_backprop")
     torch.testing.assert_close(auto, exact, rtol=0, atol=0)
     with pytest.raises(UnsupportedOpError, match="did not record"):
         lfr_ext.flatness_penalty(Hidden().double(), x, y, eps=0.1, step_size=0.02, steps=2, hvp="linearized")

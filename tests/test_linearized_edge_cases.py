@@ -110,8 +110,18 @@ class DropoutCoupled(_Base):
         return self.head(self.drop(torch.relu(self.bn(self.conv(x)))))
 
 
-ZOO = [BatchStatsInEval, NoGradStatistic, SetItem, InplaceIntoConstant, IntegerCasts, GradientReversal, BatchMean,
-       DirectPoolWithIndices, WhereMethod, DropoutCoupled]
+ZOO = [
+    BatchStatsInEval,
+    NoGradStatistic,
+    SetItem,
+    InplaceIntoConstant,
+    IntegerCasts,
+    GradientReversal,
+    BatchMean,
+    DirectPoolWithIndices,
+    WhereMethod,
+    DropoutCoupled,
+]
 
 
 def _data(seed=0):
@@ -141,8 +151,7 @@ def test_auto_equals_double_backprop(cls, reduction):
         assert_grads_close(got, expected, 1e-10)
     # The RNG stream ends where double backprop leaves it (a fallback redraws, never skews).
     torch.manual_seed(9)
-    lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=3, reduction=reduction,
-                             hvp="double_backprop")
+    lfr_ext.flatness_penalty(model, x, y, eps=0.1, step_size=0.02, steps=3, reduction=reduction, hvp="double_backprop")
     after_reference = torch.rand(3)
     torch.manual_seed(9)
     with warnings.catch_warnings():
@@ -151,8 +160,11 @@ def test_auto_equals_double_backprop(cls, reduction):
     assert torch.equal(torch.rand(3), after_reference)
 
 
-@pytest.mark.parametrize("cls", [BatchStatsInEval, NoGradStatistic, IntegerCasts, DirectPoolWithIndices,
-                                 WhereMethod], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls",
+    [BatchStatsInEval, NoGradStatistic, IntegerCasts, DirectPoolWithIndices, WhereMethod],
+    ids=lambda c: c.__name__,
+)
 def test_recorded_tangent_matches_oracle(cls):
     torch.manual_seed(0)
     model = cls().double().eval()

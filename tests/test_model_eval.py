@@ -15,8 +15,9 @@ from lfr_ext.models import SmallCNN
 from tests.models_for_tests import TOY_LABELS, LinearToy, toy_data
 from tests.utils import needs_fashion_mnist, needs_torchattacks
 
-TINY = EvalConfig(n=8, pgd_steps=10, pgd_restarts=2, square_queries=0, curve_n=8, curve_steps=10, lf_n=8,
-                  lf_steps=2, batch_size=8)
+TINY = EvalConfig(
+    n=8, pgd_steps=10, pgd_restarts=2, square_queries=0, curve_n=8, curve_steps=10, lf_n=8, lf_steps=2, batch_size=8
+)
 MEAN, STD = 0.3, 0.2  # the toy's inputs normalised: z = (x - 0.3) / 0.2
 
 
@@ -72,13 +73,16 @@ def test_pixel_classifier_keeps_the_box_and_the_engine():
     assert list(net.state_dict()) == [f"model.{k}" for k in inner.state_dict()]  # mean/std are not saved
 
 
-@pytest.mark.parametrize("model, selector", [(TupleToy(), 0), (DictToy(), "logits"),
-                                             (DictToy(), lambda out: out["logits"])])
+@pytest.mark.parametrize(
+    "model, selector", [(TupleToy(), 0), (DictToy(), "logits"), (DictToy(), lambda out: out["logits"])]
+)
 def test_tuple_and_dict_outputs_take_a_logits_selector(model, selector):
     x, y = toy_data()
     plain = lfr_ext.local_flatness(LinearToy(), x, y, eps=0.05, step_size=0.02, steps=2, init_std=0.0)
     net = lfr_ext.PixelClassifier(model, logits=selector)
-    torch.testing.assert_close(lfr_ext.local_flatness(net, x, y, eps=0.05, step_size=0.02, steps=2, init_std=0.0), plain)
+    torch.testing.assert_close(
+        lfr_ext.local_flatness(net, x, y, eps=0.05, step_size=0.02, steps=2, init_std=0.0), plain
+    )
     out = lfr_ext.lfr_loss(net, x, y, lam=0.5, eps=0.05, step_size=0.02, steps=2)
     assert out.logits.shape == (8, 4)
     for hvp in ("auto", "double_backprop"):
@@ -136,9 +140,15 @@ def test_weights_in_foreign_formats_load_and_misfits_are_named(tmp_path):
     torch.manual_seed(0)
     source = SmallCNN()
     state = source.state_dict()
-    for i, checkpoint in enumerate([state, {"state_dict": state, "epoch": 7}, {"model": state, "optimizer": {}},
-                                    {f"module.{k}": v for k, v in state.items()},
-                                    {f"_orig_mod.module.{k}": v for k, v in state.items()}]):
+    for i, checkpoint in enumerate(
+        [
+            state,
+            {"state_dict": state, "epoch": 7},
+            {"model": state, "optimizer": {}},
+            {f"module.{k}": v for k, v in state.items()},
+            {f"_orig_mod.module.{k}": v for k, v in state.items()},
+        ]
+    ):
         path = tmp_path / f"w{i}.pt"
         torch.save(checkpoint, path)
         target = load_weights(SmallCNN(), path)
@@ -169,8 +179,15 @@ def test_weights_in_foreign_formats_load_and_misfits_are_named(tmp_path):
 def test_robustbench_eps_is_a_fraction_only_where_tables_write_one():
     from lfr_ext.evaluation.model_eval import _eps_text
 
-    assert [_eps_text(e) for e in (8 / 255, 0.0313725, 4 / 255, 0.031, 0.1, 0.2, 0.3)] == \
-        ["8/255", "8/255", "4/255", "0.031", "0.1", "0.2", "0.3"]
+    assert [_eps_text(e) for e in (8 / 255, 0.0313725, 4 / 255, 0.031, 0.1, 0.2, 0.3)] == [
+        "8/255",
+        "8/255",
+        "4/255",
+        "0.031",
+        "0.1",
+        "0.2",
+        "0.3",
+    ]
 
 
 @needs_fashion_mnist
@@ -182,8 +199,26 @@ def test_lfr_eval_on_foreign_weights_writes_robustbench_json(tmp_path, capsys):
     weights = tmp_path / "foreign.pt"
     state = SmallCNN(zero_init_last=False).state_dict()
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, weights)
-    budget = ["--n", "12", "--pgd-steps", "2", "--pgd-restarts", "1", "--square-queries", "10", "--curve-n", "8",
-              "--lf-n", "4", "--clean-n", "32", "--landscape-points", "1", "--device", "cpu"]
+    budget = [
+        "--n",
+        "12",
+        "--pgd-steps",
+        "2",
+        "--pgd-restarts",
+        "1",
+        "--square-queries",
+        "10",
+        "--curve-n",
+        "8",
+        "--lf-n",
+        "4",
+        "--clean-n",
+        "32",
+        "--landscape-points",
+        "1",
+        "--device",
+        "cpu",
+    ]
     out = tmp_path / "out"
     bad = tmp_path / "bad.pt"
     torch.save({"conv.weight": torch.zeros(1)}, bad)
@@ -226,8 +261,17 @@ def test_masking_checks_flag_a_quantised_model_and_not_an_honest_one():
     scores = torch.linspace(-0.6, 0.6, 48)
     x = (scores.view(-1, 1, 1, 1).expand(-1, 1, 2, 2) / 4 + 0.5 + 0.01).contiguous()
     y = (scores < 0).long()
-    config = EvalConfig(n=48, pgd_steps=10, pgd_restarts=1, square_queries=300, curve_n=48, curve_steps=10, lf_n=8,
-                        lf_steps=2, batch_size=48)
+    config = EvalConfig(
+        n=48,
+        pgd_steps=10,
+        pgd_restarts=1,
+        square_queries=300,
+        curve_n=48,
+        curve_steps=10,
+        lf_n=8,
+        lf_steps=2,
+        batch_size=48,
+    )
     honest = lfr_ext.evaluate_model(HonestToy(), x, y, eps=0.1, config=config)
     assert honest.flags == [], honest.flags
     masked = lfr_ext.evaluate_model(Quantised(HonestToy()), x, y, eps=0.1, config=config)
@@ -242,8 +286,15 @@ def test_evaluate_model_leaves_the_rng_and_the_model_as_they_were():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    lfr_ext.evaluate_model(model, x, y, eps=0.05, config=EvalConfig(n=8, autoattack=False, square_queries=0, curve_n=8,
-                                                                     lf_n=4, lf_steps=1, pgd_steps=2, pgd_restarts=1))
+    lfr_ext.evaluate_model(
+        model,
+        x,
+        y,
+        eps=0.05,
+        config=EvalConfig(
+            n=8, autoattack=False, square_queries=0, curve_n=8, lf_n=4, lf_steps=1, pgd_steps=2, pgd_restarts=1
+        ),
+    )
     assert torch.equal(torch.rand(3), expected) and model.training
 
 
@@ -258,11 +309,23 @@ def test_lfr_train_with_normalisation_trains_and_evaluates_in_pixel_space(tmp_pa
         resolve_config(dict(mean=[0.5], std=[0.0]))
     with pytest.raises(ValueError, match="1 or 1 values"):
         resolve_config(dict(mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2]))
-    cfg = resolve_config(dict(method="lfr", train_subset=64, batch_size=32, epochs=1, val_size=32, val_robust_size=8,
-                              val_attack_steps=2, steps=2, milestones=[1], mean=[0.2860], std=[0.3530]))
+    cfg = resolve_config(
+        dict(
+            method="lfr",
+            train_subset=64,
+            batch_size=32,
+            epochs=1,
+            val_size=32,
+            val_robust_size=8,
+            val_attack_steps=2,
+            steps=2,
+            milestones=[1],
+            mean=[0.2860],
+            std=[0.3530],
+        )
+    )
     train(cfg, str(tmp_path / "run"), device="cpu", progress=False, log=lambda s: None)
     model, saved, _ = load_trained_model(str(tmp_path / "run"), "last")
     assert isinstance(model, lfr_ext.PixelClassifier) and saved.mean == [0.2860]
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(model(x), model.model((x - 0.2860) / 0.3530))
-

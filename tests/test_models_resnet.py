@@ -47,8 +47,18 @@ def test_factory_errors():
         build_model("vgg16", in_channels=3, num_classes=10)
     with pytest.raises(ValueError, match="small_cnn takes 28x28"):
         build_model("small_cnn", in_channels=3, num_classes=10, image_size=32)
-    assert set(MODELS) == {"small_cnn", "resnet18", "resnet20", "preact_resnet18", "wrn34_10", "wrn28_10",
-                           "wrn28_10_silu", "wrn16_4_silu", "convnext_tiny_cifar", "vit_tiny_cifar"}
+    assert set(MODELS) == {
+        "small_cnn",
+        "resnet18",
+        "resnet20",
+        "preact_resnet18",
+        "wrn34_10",
+        "wrn28_10",
+        "wrn28_10_silu",
+        "wrn16_4_silu",
+        "convnext_tiny_cifar",
+        "vit_tiny_cifar",
+    }
     from lfr_ext.models import WideResNet
 
     with pytest.raises(ValueError, match="depth 6n \\+ 4"):
@@ -57,8 +67,9 @@ def test_factory_errors():
         WideResNet(16, 4, activation="gelu")
 
 
-@pytest.mark.parametrize("name, parameters", [("wrn34_10", 46_160_474), ("wrn28_10", 36_479_194),
-                                              ("wrn16_4_silu", 2_748_890)])
+@pytest.mark.parametrize(
+    "name, parameters", [("wrn34_10", 46_160_474), ("wrn28_10", 36_479_194), ("wrn16_4_silu", 2_748_890)]
+)
 def test_wide_resnets_have_the_published_sizes(name, parameters):
     """WRN-34-10 46.2M (TRADES), WRN-28-10 36.5M and WRN-16-4 2.7M (Zagoruyko & Komodakis)."""
     model = build_model(name, in_channels=3, num_classes=10)
@@ -76,7 +87,6 @@ def test_silu_wide_resnet_trains_with_lfr_on_the_linearized_engine():
         out = lfr_ext.lfr_loss(model, x, y, lam=0.1, eps=8 / 255, step_size=2 / 255, steps=1)
     out.loss.backward()
     assert torch.isfinite(out.penalty) and model.fc.weight.grad is not None
-
 
 
 def test_convnext_and_vit_train_with_lfr_on_the_linearized_engine():

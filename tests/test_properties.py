@@ -18,10 +18,12 @@ def test_batch_size_independence(q):
     x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
     y = torch.randint(0, 10, (5,))
     batched = lfr_ext.flatness_penalty(model, x, y, q=q, init_std=0.0, reduction="none", **KW)
-    alone = torch.cat([
-        lfr_ext.flatness_penalty(model, x[i:i + 1], y[i:i + 1], q=q, init_std=0.0, reduction="none", **KW)
-        for i in range(5)
-    ])
+    alone = torch.cat(
+        [
+            lfr_ext.flatness_penalty(model, x[i : i + 1], y[i : i + 1], q=q, init_std=0.0, reduction="none", **KW)
+            for i in range(5)
+        ]
+    )
     torch.testing.assert_close(batched, alone, rtol=1e-10, atol=1e-12)
 
 
@@ -30,8 +32,9 @@ def test_determinism_with_generator():
     x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
     first = lfr_ext.flatness_penalty(model, x, y, generator=torch.Generator().manual_seed(3), **KW)
     second = lfr_ext.flatness_penalty(model, x, y, generator=torch.Generator().manual_seed(3), **KW)
-    other = lfr_ext.flatness_penalty(model, x, y, generator=torch.Generator().manual_seed(4), init_std=0.05,
-                                     **{k: v for k, v in KW.items()})
+    other = lfr_ext.flatness_penalty(
+        model, x, y, generator=torch.Generator().manual_seed(4), init_std=0.05, **{k: v for k, v in KW.items()}
+    )
     assert torch.equal(first, second)
     assert not torch.equal(first, other)
 

@@ -24,8 +24,13 @@ SETUP_COMMANDS = (
 )
 
 # The pages whose relative links must point at files or folders of the repository.
-LINKED_PAGES = ("README.md", "CONTRIBUTING.md", "bench/README.md", "lfr_ext/linearized/README.md",
-                "lfr_ext/training/README.md")
+LINKED_PAGES = (
+    "README.md",
+    "CONTRIBUTING.md",
+    "bench/README.md",
+    "lfr_ext/linearized/README.md",
+    "lfr_ext/training/README.md",
+)
 
 _PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _FENCED_BLOCK = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
@@ -82,6 +87,7 @@ def test_relative_links_resolve(page):
 
 
 def test_link_finder_sees_links_and_skips_urls_and_code():
-    markdown = ("[a](x/y.md#part) [b](https://example.org) [c](#local)\n"
-                "[ref]: ../z.py\n```text\n[d](inside/code.md)\n```\n")
+    markdown = (
+        "[a](x/y.md#part) [b](https://example.org) [c](#local)\n[ref]: ../z.py\n```text\n[d](inside/code.md)\n```\n"
+    )
     assert relative_links(markdown) == ["x/y.md", "../z.py"]

@@ -21,7 +21,9 @@ def _snapshot(model, x, y):
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "x": x.clone(), "y": y.clone(), "x_requires_grad": x.requires_grad,
+        "x": x.clone(),
+        "y": y.clone(),
+        "x_requires_grad": x.requires_grad,
     }
 
 

@@ -28,8 +28,9 @@ CLASSES = 5
 
 def _make(name, train):
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=CLASSES, drop_rate=0.0, drop_path_rate=0.0,
-                              **MODELS[name])
+    model = timm.create_model(
+        name, pretrained=False, num_classes=CLASSES, drop_rate=0.0, drop_path_rate=0.0, **MODELS[name]
+    )
     model = model.double().train(train)
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     y = torch.tensor([1, 3])

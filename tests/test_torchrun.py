@@ -32,8 +32,15 @@ FLAGS = ["--method", "lfr", "--train-subset", "256", "--epochs", "2"]
 
 def _torchrun(args, out_dir, *, max_restarts=0, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-               f"--max-restarts={max_restarts}", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        f"--max-restarts={max_restarts}",
+        *args,
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -57,8 +64,9 @@ def _one_process_reference():
     x_train, y_train, _, _ = load_run_data(cfg, None)
     info = DATASETS[cfg.data]
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes,
-                        image_size=info.image_size)
+    model = build_model(
+        cfg.model, in_channels=info.in_channels, num_classes=info.num_classes, image_size=info.image_size
+    )
     assert not list(model.buffers())  # no per-rank BatchNorm statistics to follow
     states = []
     for rank in range(WORLD):
@@ -82,7 +90,9 @@ def _one_process_reference():
 
 def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(straight_run):
     summary = json.loads(open(os.path.join(straight_run, "summary.json")).read())
-    assert summary["world_size"] == WORLD and summary["per_rank_batch_size"] == resolve_config(OVERRIDES).batch_size // 2
+    assert (
+        summary["world_size"] == WORLD and summary["per_rank_batch_size"] == resolve_config(OVERRIDES).batch_size // 2
+    )
     checkpoint = load_checkpoint(os.path.join(straight_run, "last.pt"))
     assert len(checkpoint["rng_per_rank"]) == WORLD and checkpoint["world_size"] == WORLD
     threads = torch.get_num_threads()
@@ -103,7 +113,8 @@ def test_a_killed_rank_resumes_with_nothing_lost(straight_run, tmp_path):
     from epoch 1's checkpoint and ends where the uninterrupted run ends, bit for bit."""
     out_dir = str(tmp_path / "killed")
     driver = tmp_path / "driver.py"
-    driver.write_text(textwrap.dedent(f"""
+    driver.write_text(
+        textwrap.dedent(f"""
         import os, signal
         from lfr_ext.training import resolve_config, train
 
@@ -114,7 +125,8 @@ def test_a_killed_rank_resumes_with_nothing_lost(straight_run, tmp_path):
 
         train(resolve_config({OVERRIDES!r}), {out_dir!r}, device="cpu", progress=False,
               batch_hook=kill_rank_1_in_epoch_2)
-    """))
+    """)
+    )
     proc = _torchrun([str(driver)], out_dir, max_restarts=1)
     assert "resuming after epoch 1" in proc.stdout + proc.stderr
     killed, straight = (load_checkpoint(os.path.join(d, "last.pt")) for d in (out_dir, straight_run))

@@ -23,8 +23,18 @@ from tests.utils import FASHION_MNIST_MARKS, requires_cuda
 pytestmark = FASHION_MNIST_MARKS
 
 # Small enough for a few seconds per run on 2 CPU cores, big enough to exercise every part.
-TINY = dict(train_subset=64, batch_size=32, epochs=2, val_size=48, val_robust_size=16, val_attack_steps=2, steps=2,
-            step_size=0.05, milestones=[2], lr=0.05)
+TINY = dict(
+    train_subset=64,
+    batch_size=32,
+    epochs=2,
+    val_size=48,
+    val_robust_size=16,
+    val_attack_steps=2,
+    steps=2,
+    step_size=0.05,
+    milestones=[2],
+    lr=0.05,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -123,8 +133,14 @@ def test_resume_refuses_a_different_config_and_fresh_runs_refuse_to_overwrite(tm
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, str(tmp_path), device="cpu", progress=False, log=lambda s: None)
     with pytest.raises(ValueError, match="lr: saved 0.05, now 0.1"):
-        train(tiny_config("plain", epochs=1, lr=0.1), str(tmp_path), resume=True, device="cpu", progress=False,
-              log=lambda s: None)
+        train(
+            tiny_config("plain", epochs=1, lr=0.1),
+            str(tmp_path),
+            resume=True,
+            device="cpu",
+            progress=False,
+            log=lambda s: None,
+        )
 
 
 def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
@@ -153,15 +169,31 @@ def test_collapse_detection():
 
 def test_presets_reproduce_the_authors_settings_and_flags_override():
     mnist = resolve_config({"data": "mnist", "budget": "full"})
-    assert (mnist.model, mnist.eps, mnist.steps, mnist.step_size, mnist.lam, mnist.lr, mnist.batch_size) == \
-        ("small_cnn", 0.3, 40, 0.01, 0.02, 0.01, 128)
+    assert (mnist.model, mnist.eps, mnist.steps, mnist.step_size, mnist.lam, mnist.lr, mnist.batch_size) == (
+        "small_cnn",
+        0.3,
+        40,
+        0.01,
+        0.02,
+        0.01,
+        128,
+    )
     cifar = resolve_config({"data": "cifar10", "budget": "full"})
-    assert (cifar.model, cifar.eps, cifar.steps, cifar.step_size, cifar.lam, cifar.lr, cifar.weight_decay) == \
-        ("resnet20", 0.031, 10, 0.007, 0.03, 0.1, 2e-4)
+    assert (cifar.model, cifar.eps, cifar.steps, cifar.step_size, cifar.lam, cifar.lr, cifar.weight_decay) == (
+        "resnet20",
+        0.031,
+        10,
+        0.007,
+        0.03,
+        0.1,
+        2e-4,
+    )
     fashion = resolve_config({"budget": "full"})
     assert (fashion.data, fashion.eps, fashion.train_subset) == ("fashion-mnist", 0.1, 0)
     quick = resolve_config({})
-    assert quick.budget == "quick" and quick.train_subset > 0 and quick.step_size == pytest.approx(2.5 * 0.1 / quick.steps)
+    assert (
+        quick.budget == "quick" and quick.train_subset > 0 and quick.step_size == pytest.approx(2.5 * 0.1 / quick.steps)
+    )
     assert resolve_config({"eps": 0.2, "lam": 0.5, "model": "resnet20"}).eps == 0.2
     assert set(PRESETS) == {"fashion-mnist", "mnist", "cifar10"}
     with pytest.raises(ValueError, match="method must be one of"):
@@ -213,8 +245,9 @@ def test_validation_monitor_same_attack_on_gpu_and_cpu():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_bf16_autocast_training_on_the_cpu(tmp_path, method):
-    result = train(tiny_config(method, amp="bf16", epochs=1), str(tmp_path), device="cpu", progress=False,
-                   log=lambda s: None)
+    result = train(
+        tiny_config(method, amp="bf16", epochs=1), str(tmp_path), device="cpu", progress=False, log=lambda s: None
+    )
     assert math.isfinite(result.history[0]["train_loss"])
 
 
@@ -249,19 +282,30 @@ def test_gpu_mixed_precision_training(tmp_path, amp):
 @pytest.mark.parametrize("method", ["lfr", "pgd_at", "trades"])
 def test_compile_flag_trains_and_falls_back_with_a_message(tmp_path, monkeypatch, method):
     monkeypatch.setenv("LFR_EXT_COMPILE_BACKEND", "aot_eager")  # seconds to compile, not minutes
-    train(tiny_config(method, compile=True, epochs=1), str(tmp_path / "on"), device="cpu", progress=False,
-          log=lambda s: None)
+    train(
+        tiny_config(method, compile=True, epochs=1),
+        str(tmp_path / "on"),
+        device="cpu",
+        progress=False,
+        log=lambda s: None,
+    )
     assert json.loads((tmp_path / "on" / "summary.json").read_text())["steps_ran"] == "eager, compiled"
     monkeypatch.delattr(torch._dynamo.config, "trace_autograd_ops")
     lines = []
-    train(tiny_config(method, compile=True, epochs=1), str(tmp_path / "off"), device="cpu", progress=False,
-          log=lines.append)
+    train(
+        tiny_config(method, compile=True, epochs=1),
+        str(tmp_path / "off"),
+        device="cpu",
+        progress=False,
+        log=lines.append,
+    )
     # Only LFR traces autograd calls: it alone runs eagerly, and says why; the baselines still compile.
     warnings = [line for line in lines if line.startswith("WARNING --compile")]
     steps_ran = json.loads((tmp_path / "off" / "summary.json").read_text())["steps_ran"]
     if method == "lfr":
         assert len(warnings) == 1 and warnings[0].startswith(
-            "WARNING --compile: lfr runs eagerly: this torch cannot trace autograd.grad"), warnings
+            "WARNING --compile: lfr runs eagerly: this torch cannot trace autograd.grad"
+        ), warnings
         assert steps_ran == "eager"
     else:
         assert not warnings and steps_ran == "eager, compiled"

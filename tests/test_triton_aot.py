@@ -19,7 +19,12 @@ def test_kernels_compile_ahead_of_time_for_sm80_and_sm90():
     from tests.triton_aot_check import variants  # the variants declared beside the kernels, once per architecture
 
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    out = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot_check.py"), *ARCHS],
-                         capture_output=True, text=True, env=env, timeout=900)
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "triton_aot_check.py"), *ARCHS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"compiled {len(variants()) * len(ARCHS)} Triton kernel variants" in out.stdout

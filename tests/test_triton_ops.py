@@ -21,11 +21,14 @@ from lfr_ext.reference import ascent_step_reference, grad_norm_reference
 from tests.op_cases import LOW_PRECISION, QS, REQUIRE_TRITON, assert_reduction_accurate, make_inputs
 from tests.utils import HAS_CUDA, REQUIRE_GPU
 
-TRITON_DEVICES = [d for d in (["cuda"] if HAS_CUDA else []) + ["cpu"]
-                  if _impl.unavailable_reason("triton", torch.device(d)) is None]
+TRITON_DEVICES = [
+    d for d in (["cuda"] if HAS_CUDA else []) + ["cpu"] if _impl.unavailable_reason("triton", torch.device(d)) is None
+]
 if not TRITON_DEVICES and not (REQUIRE_TRITON or REQUIRE_GPU):
-    pytest.skip(f"Triton kernels unavailable: {_impl.unavailable_reason('triton', torch.device('cpu'))}",
-                allow_module_level=True)
+    pytest.skip(
+        f"Triton kernels unavailable: {_impl.unavailable_reason('triton', torch.device('cpu'))}",
+        allow_module_level=True,
+    )
 DEVICE = TRITON_DEVICES[0] if TRITON_DEVICES else ("cuda" if HAS_CUDA else "cpu")
 if DEVICE == "cuda":
     pytestmark = pytest.mark.cuda  # on a GPU machine these run on CUDA tensors: GPU tests
@@ -87,8 +90,9 @@ def test_launch_plan():
 def test_registration_kind():
     """A triton_op (kernels visible to Inductor) on GPU; an opaque custom_op under the interpreter."""
     for spec in OPS:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(spec.triton, "CompositeExplicitAutograd") or \
-            torch._C._dispatch_has_kernel_for_dispatch_key(spec.triton, "CPU"), spec.triton
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(
+            spec.triton, "CompositeExplicitAutograd"
+        ) or torch._C._dispatch_has_kernel_for_dispatch_key(spec.triton, "CPU"), spec.triton
 
 
 def test_triton_op_knows_its_kernels():
@@ -140,7 +144,9 @@ def test_launch_on_the_second_gpu():
     expected = ascent_step_reference(x, x_adv, h, g, 0.03, 0.007, 0.0, 1.0, 2, True)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
     assert_reduction_accurate(got[1], expected[1], grad_norm_reference(g.double(), 2))
-    assert_reduction_accurate(lfr_ext.ops.grad_norm(g, 2, impl="triton"), expected[1], grad_norm_reference(g.double(), 2))
+    assert_reduction_accurate(
+        lfr_ext.ops.grad_norm(g, 2, impl="triton"), expected[1], grad_norm_reference(g.double(), 2)
+    )
 
 
 def test_bf16_rounding_is_round_to_nearest_even():

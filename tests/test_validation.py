@@ -57,7 +57,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("arg, transform, override, error, message", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "arg, transform, override, error, message", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)]
+)
 def test_bad_input_raises_before_any_work(data, arg, transform, override, error, message):
     model, x, y = data
     if transform is not None:

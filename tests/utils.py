@@ -32,16 +32,23 @@ def requires_cuda(test):
     return test
 
 
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                       "t10k-labels-idx1-ubyte.gz")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 HAVE_FASHION_MNIST = all(os.path.exists(os.path.join(FASHION_MNIST_DIR, name)) for name in FASHION_MNIST_FILES)
 # The tests that read Fashion-MNIST from disk carry the `fashion_mnist` mark, so that a run on a
 # machine without it leaves them out by name (`-m "not fashion_mnist"`, scripts/gpu_check.sh)
 # instead of skipping them, which LFR_EXT_REQUIRE_GPU=1 counts as a failure.
 FASHION_MNIST_MARKS = [
     pytest.mark.fashion_mnist,
-    pytest.mark.skipif(not HAVE_FASHION_MNIST, reason=f"needs Fashion-MNIST in {FASHION_MNIST_DIR} (Debian's "
-                                                      "dataset-fashion-mnist; scripts/install.sh installs it)"),
+    pytest.mark.skipif(
+        not HAVE_FASHION_MNIST,
+        reason=f"needs Fashion-MNIST in {FASHION_MNIST_DIR} (Debian's "
+        "dataset-fashion-mnist; scripts/install.sh installs it)",
+    ),
 ]
 
 
@@ -53,7 +60,8 @@ def needs_fashion_mnist(test):
 
 HAVE_TORCHATTACKS = importlib.util.find_spec("torchattacks") is not None
 needs_torchattacks = pytest.mark.skipif(
-    not HAVE_TORCHATTACKS, reason=f"torchattacks not installed (optional extra; CI installs it: {INSTALL_COMMAND})")
+    not HAVE_TORCHATTACKS, reason=f"torchattacks not installed (optional extra; CI installs it: {INSTALL_COMMAND})"
+)
 
 
 def rel_err(a, b):

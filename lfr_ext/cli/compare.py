@@ -28,8 +28,12 @@ from . import train as train_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lfr-compare", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lfr-compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
     parser.add_argument("--data", default=None, help="dataset (default fashion-mnist)")
     parser.add_argument("--data-dir", default=None)
@@ -38,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-args", default="", help="extra lfr-train flags for every method (one string)")
     parser.add_argument("--eval-args", default="", help="extra lfr-eval flags (one string)")
-    parser.add_argument("--eval-jobs", type=int, default=None,
-                        help="models evaluated at once (default: one per CPU core on the CPU, else 1)")
+    parser.add_argument(
+        "--eval-jobs",
+        type=int,
+        default=None,
+        help="models evaluated at once (default: one per CPU core on the CPU, else 1)",
+    )
     parser.add_argument("--out", default=None, help="folder for the runs and the report (default runs/compare-...)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true")
@@ -82,15 +90,27 @@ def main(argv: list[str] | None = None) -> int:
     trained = time.perf_counter()
     print(f"\ntrained {len(methods)} methods in {trained - started:.0f} s; evaluating", flush=True)
     # On the CPU the models are evaluated side by side, one process per core (lfr-eval --jobs).
-    jobs = args.eval_jobs or (min(len(run_dirs), os.cpu_count() or 1) if resolve_device(args.device).type == "cpu" else 1)
-    eval_argv = [*run_dirs, "--device", args.device, "--report", os.path.join(out, "report"), "--resume",
-                 "--jobs", str(jobs),
-                 *shlex.split(args.eval_args)]
+    jobs = args.eval_jobs or (
+        min(len(run_dirs), os.cpu_count() or 1) if resolve_device(args.device).type == "cpu" else 1
+    )
+    eval_argv = [
+        *run_dirs,
+        "--device",
+        args.device,
+        "--report",
+        os.path.join(out, "report"),
+        "--resume",
+        "--jobs",
+        str(jobs),
+        *shlex.split(args.eval_args),
+    ]
     eval_argv += ["--full"] if args.full else []
     eval_argv += ["--data-dir", args.data_dir] if args.data_dir else []
     code = evaluate_cli.main(eval_argv)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s (training {trained - started:.0f} s, "
-          f"evaluation {time.perf_counter() - trained:.0f} s)")
+    print(
+        f"\ntotal {time.perf_counter() - started:.0f} s (training {trained - started:.0f} s, "
+        f"evaluation {time.perf_counter() - trained:.0f} s)"
+    )
     return code
 
 

@@ -34,20 +34,23 @@ def main(argv=None):
     x_test, y_test = load_fashion_mnist("test")
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    print(f"lfr_ext {__version__}: SmallCNN on Fashion-MNIST ({len(x_all)} train images found), "
-          f"eps={args.eps}, {args.steps} ascent steps of {step_size:.3f}, lam={args.lam}")
+    print(
+        f"lfr_ext {__version__}: SmallCNN on Fashion-MNIST ({len(x_all)} train images found), "
+        f"eps={args.eps}, {args.steps} ascent steps of {step_size:.3f}, lam={args.lam}"
+    )
     started = time.perf_counter()
     for step in range(args.train_steps):
         idx = torch.randint(0, len(x_all), (args.batch,))
-        out = lfr_loss(model, x_all[idx], y_all[idx], lam=args.lam, eps=args.eps, step_size=step_size,
-                       steps=args.steps)
+        out = lfr_loss(model, x_all[idx], y_all[idx], lam=args.lam, eps=args.eps, step_size=step_size, steps=args.steps)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
         if step % 10 == 0 or step == args.train_steps - 1:
             acc = (out.logits.argmax(1) == y_all[idx]).float().mean()
-            print(f"step {step:3d}  loss {out.loss.item():.4f}  CE {out.natural_loss.item():.4f}  "
-                  f"penalty {out.penalty.item():.4f}  batch acc {acc:.2f}")
+            print(
+                f"step {step:3d}  loss {out.loss.item():.4f}  CE {out.natural_loss.item():.4f}  "
+                f"penalty {out.penalty.item():.4f}  batch acc {acc:.2f}"
+            )
     print(f"trained {args.train_steps} LFR steps in {time.perf_counter() - started:.1f} s")
 
     model.eval()
@@ -64,10 +67,14 @@ def main(argv=None):
     t_pgd = time.perf_counter() - t0
     with torch.no_grad():
         robust_acc = (model(x_adv).argmax(1) == y).float().mean().item()
-    print(f"test batch of 128: clean acc {clean_acc:.3f}, PGD-{args.steps} acc {robust_acc:.3f}, "
-          f"penalty {penalty.item():.4f}, mean local flatness {lf.mean().item():.4f}")
-    print(f"one flatness_penalty call {t_penalty * 1e3:.0f} ms vs one PGD-{args.steps} attack {t_pgd * 1e3:.0f} ms "
-          f"({t_penalty / t_pgd:.1f}x) on {'CPU' if x.device.type == 'cpu' else x.device}")
+    print(
+        f"test batch of 128: clean acc {clean_acc:.3f}, PGD-{args.steps} acc {robust_acc:.3f}, "
+        f"penalty {penalty.item():.4f}, mean local flatness {lf.mean().item():.4f}"
+    )
+    print(
+        f"one flatness_penalty call {t_penalty * 1e3:.0f} ms vs one PGD-{args.steps} attack {t_pgd * 1e3:.0f} ms "
+        f"({t_penalty / t_pgd:.1f}x) on {'CPU' if x.device.type == 'cpu' else x.device}"
+    )
 
 
 if __name__ == "__main__":

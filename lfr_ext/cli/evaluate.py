@@ -55,8 +55,12 @@ def _radius(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lfr-eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lfr-eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("runs", nargs="*", help="run folders written by lfr-train")
     parser.add_argument("--model", default=None, help="an lfr_ext.models architecture, with --weights")
     parser.add_argument("--weights", default=None, help="weights file saved by any code, with --model")
@@ -64,23 +68,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="folder for --weights' results (default: beside the weights)")
     parser.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean the model normalises by")
     parser.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std the model normalises by")
-    parser.add_argument("--autoattack-impl", choices=["reference", "torchattacks"], default=None,
-                        help="AutoAttack implementation (default: reference)")
+    parser.add_argument(
+        "--autoattack-impl",
+        choices=["reference", "torchattacks"],
+        default=None,
+        help="AutoAttack implementation (default: reference)",
+    )
     parser.add_argument("--full", action="store_true", help="whole test set, PGD-40 x 5, Square 5000 (default: quick)")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                        help="evaluate the best-robust (default) or the last epoch's model")
-    parser.add_argument("--eps", type=_radius, default=None,
-                        help="attack radius in pixel space, a number or a fraction like 8/255 (default: the run's eps)")
+    parser.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="evaluate the best-robust (default) or the last epoch's model",
+    )
+    parser.add_argument(
+        "--eps",
+        type=_radius,
+        default=None,
+        help="attack radius in pixel space, a number or a fraction like 8/255 (default: the run's eps)",
+    )
     parser.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (its cost dominates on CPU)")
     for flag, kind, text in EVAL_FLAGS:
         parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
     parser.add_argument("--data-dir", default=None, help="dataset folder, as given to lfr-train")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="run folders evaluated at once on the CPU, one process each with cores/N threads "
-                             "(default 1; other thread counts may differ in the last bits of floats)")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep a run's evaluation.json made of the same checkpoint file, eps and budget")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run folders evaluated at once on the CPU, one process each with cores/N threads "
+        "(default 1; other thread counts may differ in the last bits of floats)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep a run's evaluation.json made of the same checkpoint file, eps and budget",
+    )
     parser.add_argument("--report", default=None, metavar="DIR", help="also write the report (Markdown + PNG) to DIR")
     return parser
 
@@ -96,8 +119,18 @@ def eval_config_from_args(args: argparse.Namespace):
     return dataclasses.replace(ecfg, **overrides)
 
 
-def evaluate_runs(run_dirs: list[str], ecfg, *, which="best", eps=None, data_dir=None, device="cpu", resume=False,
-                  jobs: int = 1, log=print) -> list[dict]:
+def evaluate_runs(
+    run_dirs: list[str],
+    ecfg,
+    *,
+    which="best",
+    eps=None,
+    data_dir=None,
+    device="cpu",
+    resume=False,
+    jobs: int = 1,
+    log=print,
+) -> list[dict]:
     """Evaluate each run folder; ``jobs`` > 1 (CPU only) evaluates that many at once, one process
     each with ``cores // jobs`` threads: the attacks' small batches use one core far better than
     two, so the cores are used fully by running models side by side."""
@@ -107,8 +140,9 @@ def evaluate_runs(run_dirs: list[str], ecfg, *, which="best", eps=None, data_dir
         return [evaluate_run(run, ecfg, log=log, **kwargs) for run in run_dirs]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
-                                                initargs=(threads,)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
         futures = [pool.submit(evaluate_run, run, ecfg, **kwargs) for run in run_dirs]
         return [future.result() for future in futures]
 
@@ -138,12 +172,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ecfg = eval_config_from_args(args)
         device = resolve_device(args.device)
-        results = evaluate_runs(args.runs, ecfg, which=args.checkpoint, eps=args.eps, data_dir=args.data_dir,
-                                device=device, resume=args.resume, jobs=args.jobs)
+        results = evaluate_runs(
+            args.runs,
+            ecfg,
+            which=args.checkpoint,
+            eps=args.eps,
+            data_dir=args.data_dir,
+            device=device,
+            resume=args.resume,
+            jobs=args.jobs,
+        )
         if args.weights:
             out = args.out or os.path.splitext(args.weights)[0] + "-evaluation"
-            results.append(evaluate_weights(args.model, args.weights, args.data, ecfg, eps=args.eps, out_dir=out,
-                                            data_dir=args.data_dir, device=device, mean=args.mean, std=args.std))
+            results.append(
+                evaluate_weights(
+                    args.model,
+                    args.weights,
+                    args.data,
+                    ecfg,
+                    eps=args.eps,
+                    out_dir=out,
+                    data_dir=args.data_dir,
+                    device=device,
+                    mean=args.mean,
+                    std=args.std,
+                )
+            )
             print(f"results: {out}")
     except (FileNotFoundError, ValueError, RuntimeError, TypeError, KeyError) as exc:
         print(f"lfr-eval: error: {exc}", file=sys.stderr)

@@ -32,9 +32,11 @@ def report() -> str:
     from ..hvp import AUTO_DECLINED_CLASSES, HVP_METHODS
     from ..linearized import SUPPORTED_OPS
 
-    lines.append(f"hvp methods: {', '.join(HVP_METHODS)}; auto -> linearized for the default cross-entropy on "
-                 f"models built from the {len(SUPPORTED_OPS)} covered op spellings, else double_backprop "
-                 "(logger 'lfr_ext' at DEBUG reports each pick)")
+    lines.append(
+        f"hvp methods: {', '.join(HVP_METHODS)}; auto -> linearized for the default cross-entropy on "
+        f"models built from the {len(SUPPORTED_OPS)} covered op spellings, else double_backprop "
+        "(logger 'lfr_ext' at DEBUG reports each pick)"
+    )
     declined = "; ".join(f"{op_class} ({reason})" for op_class, reason in AUTO_DECLINED_CLASSES.items())
     lines.append(f"  auto leaves to double backprop: {declined or 'no op class (linearized wherever it is exact)'}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -24,8 +24,12 @@ def _read_json(path: str):
 def load_run(run_dir: str) -> dict:
     """The files of one run folder that exist: config, metrics, summary, evaluation."""
     run = {"dir": run_dir}
-    for key, name in (("config", "config.json"), ("metrics", "metrics.json"), ("summary", "summary.json"),
-                      ("evaluation", "evaluation.json")):
+    for key, name in (
+        ("config", "config.json"),
+        ("metrics", "metrics.json"),
+        ("summary", "summary.json"),
+        ("evaluation", "evaluation.json"),
+    ):
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
             run[key] = _read_json(path)
@@ -50,10 +54,14 @@ def results_table(results: list[dict], summaries: list[dict | None] | None = Non
     for result, summary in zip(results, summaries):
         seconds = summary.get("mean_epoch_seconds") if summary else None
         name = result.get("method") or os.path.basename(result.get("weights", "?"))  # a run, or foreign weights
-        cells = [METHOD_LABELS.get(name, name),
-                 *(_fmt(result["accuracy"].get(a)) for a in attacks), _fmt(result["worst_case"]),
-                 _fmt(result["local_flatness"]["mean"], 2), _fmt(seconds, 1),
-                 str(len(result["flags"])) if result["flags"] else "none"]
+        cells = [
+            METHOD_LABELS.get(name, name),
+            *(_fmt(result["accuracy"].get(a)) for a in attacks),
+            _fmt(result["worst_case"]),
+            _fmt(result["local_flatness"]["mean"], 2),
+            _fmt(seconds, 1),
+            str(len(result["flags"])) if result["flags"] else "none",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -80,8 +88,11 @@ def plot_training_curves(runs: list[dict], path: str) -> None:
         if any(v is not None for v in robust):
             axes[2].plot(epochs, [float("nan") if v is None else v for v in robust], marker="o", label=_label(run))
     cfg = runs[0]["config"]
-    titles = ["training loss", "validation clean accuracy",
-              f"validation accuracy, PGD-{cfg['val_attack_steps']} eps {cfg['eps']:g}"]
+    titles = [
+        "training loss",
+        "validation clean accuracy",
+        f"validation accuracy, PGD-{cfg['val_attack_steps']} eps {cfg['eps']:g}",
+    ]
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
@@ -102,8 +113,12 @@ def plot_accuracy_vs_eps(runs: list[dict], path: str) -> None:
     train_eps = runs[0]["evaluation"]["eps"]
     ax.axvline(train_eps, color="gray", linestyle=":", label=f"training eps {train_eps:g}")
     curve = runs[0]["evaluation"]["accuracy_vs_eps"]
-    ax.set(xlabel="L-inf eps", ylabel="accuracy", ylim=(0, 1),
-           title=f"accuracy vs eps ({curve['attack']}, {curve['n']} test images)")
+    ax.set(
+        xlabel="L-inf eps",
+        ylabel="accuracy",
+        ylim=(0, 1),
+        title=f"accuracy vs eps ({curve['attack']}, {curve['n']} test images)",
+    )
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -180,8 +195,11 @@ def write_report(run_dirs: list[str], out_dir: str) -> str:
         pair = _landscape_pair(evaluated)
         plot_landscape_1d(pair, os.path.join(out_dir, "landscape_1d.png"))
         plot_landscape_2d(pair, os.path.join(out_dir, "landscape_2d.png"))
-        figures += [("Accuracy vs eps", "accuracy_vs_eps.png"), ("Loss landscape, 1-D slices", "landscape_1d.png"),
-                    ("Loss landscape, 2-D slices", "landscape_2d.png")]
+        figures += [
+            ("Accuracy vs eps", "accuracy_vs_eps.png"),
+            ("Loss landscape, 1-D slices", "landscape_1d.png"),
+            ("Loss landscape, 2-D slices", "landscape_2d.png"),
+        ]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write(render_markdown(runs, evaluated, figures))
@@ -202,9 +220,11 @@ def render_markdown(runs: list[dict], evaluated: list[dict], figures: list[tuple
         c, s = run["config"], run.get("summary") or {}
         weight = {"lfr": f"lam {c['lam']:g}", "trades": f"beta {c['trades_beta']:g}"}.get(c["method"], "-")
         collapsed = ", ".join(f"epoch {e}" for e in s.get("collapsed_epochs", [])) or "none"
-        lines.append(f"| {_label(run)} | {c['budget']} | {len(run.get('metrics', []))}/{c['epochs']} | "
-                     f"{c['train_subset'] or 'all'} | {c['eps']:g} | {c['steps']} x {c['step_size']:g} | {weight} | "
-                     f"{c['lr']:g} | {s.get('best_epoch') or '-'} | {_fmt(s.get('mean_epoch_seconds'), 1)} | {collapsed} |")
+        lines.append(
+            f"| {_label(run)} | {c['budget']} | {len(run.get('metrics', []))}/{c['epochs']} | "
+            f"{c['train_subset'] or 'all'} | {c['eps']:g} | {c['steps']} x {c['step_size']:g} | {weight} | "
+            f"{c['lr']:g} | {s.get('best_epoch') or '-'} | {_fmt(s.get('mean_epoch_seconds'), 1)} | {collapsed} |"
+        )
     if evaluated:
         e0 = evaluated[0]["evaluation"]
         ecfg = e0["eval_config"]
@@ -213,8 +233,11 @@ def render_markdown(runs: list[dict], evaluated: list[dict], figures: list[tuple
             "## Robust accuracy",
             "",
             f"First {e0['n']} test images, L-inf eps {e0['eps']:g}, checkpoints: "
-            + ", ".join(f"{_label(r)} {r['evaluation']['checkpoint']['checkpoint']} (epoch "
-                        f"{r['evaluation']['checkpoint']['epoch']})" for r in evaluated)
+            + ", ".join(
+                f"{_label(r)} {r['evaluation']['checkpoint']['checkpoint']} (epoch "
+                f"{r['evaluation']['checkpoint']['epoch']})"
+                for r in evaluated
+            )
             + ". Attacks from torchattacks (PGD step 2.5 eps / steps, random start, "
             f"{ecfg['pgd_restarts']} restarts; AutoAttack standard). *Worst case*: correct under every attack. "
             f"*Mean LF*: the paper's local flatness, mean over {evaluated[0]['evaluation']['local_flatness']['n']} "
@@ -223,7 +246,8 @@ def render_markdown(runs: list[dict], evaluated: list[dict], figures: list[tuple
             results_table([r["evaluation"] for r in evaluated], [r.get("summary") for r in evaluated]),
             "",
             f"Clean accuracy on {e0['clean_n']} test images: "
-            + ", ".join(f"{_label(r)} {r['evaluation']['clean_full_test']:.4f}" for r in evaluated) + ".",
+            + ", ".join(f"{_label(r)} {r['evaluation']['clean_full_test']:.4f}" for r in evaluated)
+            + ".",
             "",
             "## Gradient-masking checks",
             "",
@@ -232,8 +256,10 @@ def render_markdown(runs: list[dict], evaluated: list[dict], figures: list[tuple
         ]
         for run in evaluated:
             for check in run["evaluation"]["sanity"]:
-                lines.append(f"| {_label(run)} | {check['name']} | {'pass' if check['passed'] else '**FLAG**'} | "
-                             f"{check['detail']} |")
+                lines.append(
+                    f"| {_label(run)} | {check['name']} | {'pass' if check['passed'] else '**FLAG**'} | "
+                    f"{check['detail']} |"
+                )
     lines += ["", "## Figures", ""]
     for title, name in figures:
         lines += [f"### {title}", "", f"![{title}]({name})", ""]

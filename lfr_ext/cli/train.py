@@ -48,33 +48,63 @@ CONFIG_FLAGS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lfr-train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lfr-train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--method", choices=METHODS, default="lfr", help="training objective (default lfr)")
     parser.add_argument("--data", choices=list(DATASETS), default=None, help="dataset (default fashion-mnist)")
     parser.add_argument("--data-dir", default=None, help="folder with the dataset's files (MNIST, CIFAR-10)")
     parser.add_argument("--model", choices=list(MODELS), default=None, help="architecture (default: the preset's)")
     parser.add_argument("--preset", choices=list(PRESETS), default=None, help="settings (default: named like --data)")
-    parser.add_argument("--full", action="store_true",
-                        help=f"whole dataset and the preset's schedule (default: the quick budget {BUDGETS['quick']})")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help=f"whole dataset and the preset's schedule (default: the quick budget {BUDGETS['quick']})",
+    )
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="lr schedule (default multistep)")
-    parser.add_argument("--milestones", type=lambda s: [int(v) for v in s.split(",") if v], default=None,
-                        help="comma-separated epochs where lr *= gamma")
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                        help="random crop + flip (default: on for CIFAR-10)")
-    parser.add_argument("--compile", action="store_true", default=None,
-                        help="torch.compile: LFR's inner and penalty steps compiled whole (hvp='compiled'), the other "
-                             "methods' model compiled; where this torch cannot compile LFR's steps, LFR runs eagerly and "
-                             "the log says why")
-    parser.add_argument("--amp", choices=AMP_MODES, default=None,
-                        help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler (CUDA); default none")
+    parser.add_argument(
+        "--milestones",
+        type=lambda s: [int(v) for v in s.split(",") if v],
+        default=None,
+        help="comma-separated epochs where lr *= gamma",
+    )
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random crop + flip (default: on for CIFAR-10)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile: LFR's inner and penalty steps compiled whole (hvp='compiled'), the other "
+        "methods' model compiled; where this torch cannot compile LFR's steps, LFR runs eagerly and "
+        "the log says why",
+    )
+    parser.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default=None,
+        help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler (CUDA); default none",
+    )
     for flag, kind, text in CONFIG_FLAGS:
         parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
-    parser.add_argument("--mean", type=float, nargs="+", default=None,
-                        help="per-channel mean the model normalises its inputs by, inside the model (with --std); "
-                             "radii and the [0, 1] box stay in pixel space")
+    parser.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        default=None,
+        help="per-channel mean the model normalises its inputs by, inside the model (with --std); "
+        "radii and the [0, 1] box stay in pixel space",
+    )
     parser.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std (with --mean)")
-    parser.add_argument("--out", default=None, help="run folder (default runs/<data>-<model>-<method>-<budget>-seed<seed>)")
+    parser.add_argument(
+        "--out", default=None, help="run folder (default runs/<data>-<model>-<method>-<budget>-seed<seed>)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -84,10 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in CONFIG_FLAGS}
-    overrides.update(method=args.method, data=args.data, model=args.model, preset=args.preset,
-                     schedule=args.schedule, milestones=args.milestones, augment=args.augment, amp=args.amp,
-                     compile=args.compile, mean=args.mean, std=args.std,
-                     budget="full" if args.full else None)
+    overrides.update(
+        method=args.method,
+        data=args.data,
+        model=args.model,
+        preset=args.preset,
+        schedule=args.schedule,
+        milestones=args.milestones,
+        augment=args.augment,
+        amp=args.amp,
+        compile=args.compile,
+        mean=args.mean,
+        std=args.std,
+        budget="full" if args.full else None,
+    )
     return resolve_config(overrides)
 
 
@@ -102,19 +142,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         out_dir = args.out or default_out_dir(cfg)
-        say(f"lfr-train: {cfg.method} on {cfg.data} ({cfg.budget} budget), {cfg.model}, eps {cfg.eps:g}, "
+        say(
+            f"lfr-train: {cfg.method} on {cfg.data} ({cfg.budget} budget), {cfg.model}, eps {cfg.eps:g}, "
             f"{cfg.steps} x {cfg.step_size:g}, {cfg.epochs} epochs -> {out_dir}"
-            + (f" on {os.environ['WORLD_SIZE']} ranks" if launched_by_torchrun() else ""))
-        result = train(cfg, out_dir, resume=args.resume, device=args.device, data_dir=args.data_dir,
-                       progress=not args.no_progress)
+            + (f" on {os.environ['WORLD_SIZE']} ranks" if launched_by_torchrun() else "")
+        )
+        result = train(
+            cfg, out_dir, resume=args.resume, device=args.device, data_dir=args.data_dir, progress=not args.no_progress
+        )
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"lfr-train: error: {exc}", file=sys.stderr)
         return 2
     best = result.history[result.best_epoch - 1] if result.best_epoch else None
     if best is not None:
-        robust = "" if best["val_robust_acc"] != best["val_robust_acc"] else f", val robust {best['val_robust_acc']:.3f}"
-        say(f"done: best epoch {result.best_epoch} (val clean {best['val_clean_acc']:.3f}{robust}); "
-            f"checkpoints in {out_dir}")
+        robust = (
+            "" if best["val_robust_acc"] != best["val_robust_acc"] else f", val robust {best['val_robust_acc']:.3f}"
+        )
+        say(
+            f"done: best epoch {result.best_epoch} (val clean {best['val_clean_acc']:.3f}{robust}); "
+            f"checkpoints in {out_dir}"
+        )
     else:
         say(f"done: no epoch qualified as best (every epoch at chance level); checkpoints in {out_dir}")
     return 0

@@ -16,7 +16,19 @@ from .runner import evaluate_run, evaluate_weights, load_trained_model
 from .weights import load_weights
 
 __all__ = [
-    "AUTOATTACK_IMPLS", "INSTALL_COMMAND", "AttackResult", "AttackSuite", "accuracy_vs_eps", "require_torchattacks",
-    "run_attacks", "EVAL_BUDGETS", "EvalConfig", "Evaluation", "evaluate_model", "evaluate_run", "evaluate_weights",
-    "load_trained_model", "load_weights",
+    "AUTOATTACK_IMPLS",
+    "INSTALL_COMMAND",
+    "AttackResult",
+    "AttackSuite",
+    "accuracy_vs_eps",
+    "require_torchattacks",
+    "run_attacks",
+    "EVAL_BUDGETS",
+    "EvalConfig",
+    "Evaluation",
+    "evaluate_model",
+    "evaluate_run",
+    "evaluate_weights",
+    "load_trained_model",
+    "load_weights",
 ]

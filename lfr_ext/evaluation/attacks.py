@@ -32,8 +32,10 @@ def require_reference_autoattack():
     try:
         import pyautoattack
     except ImportError as exc:
-        raise ImportError("the reference AutoAttack comes from pyautoattack, which is not installed:\n"
-                          f"    {INSTALL_COMMAND}\n(or evaluate with autoattack_impl='torchattacks')") from exc
+        raise ImportError(
+            "the reference AutoAttack comes from pyautoattack, which is not installed:\n"
+            f"    {INSTALL_COMMAND}\n(or evaluate with autoattack_impl='torchattacks')"
+        ) from exc
     return pyautoattack
 
 
@@ -45,7 +47,8 @@ def require_torchattacks():
         raise ImportError(
             "the evaluation attacks come from torchattacks, which is not installed. Install it without its "
             f"declared dependencies (they would replace your torch):\n    {INSTALL_COMMAND}\n"
-            "(scripts/install.sh does this)") from exc
+            "(scripts/install.sh does this)"
+        ) from exc
     return torchattacks
 
 
@@ -106,11 +109,13 @@ def _make_attack(torchattacks, name: str, model: nn.Module, suite: AttackSuite):
     if name == "FGSM":
         return torchattacks.FGSM(model, eps=suite.eps)
     if name == suite.pgd_name:
-        return torchattacks.PGD(model, eps=suite.eps, alpha=2.5 * suite.eps / suite.pgd_steps, steps=suite.pgd_steps,
-                                random_start=True)
+        return torchattacks.PGD(
+            model, eps=suite.eps, alpha=2.5 * suite.eps / suite.pgd_steps, steps=suite.pgd_steps, random_start=True
+        )
     if name.startswith("Square"):
-        return torchattacks.Square(model, norm="Linf", eps=suite.eps, n_queries=suite.square_queries, n_restarts=1,
-                                   seed=suite.seed)
+        return torchattacks.Square(
+            model, norm="Linf", eps=suite.eps, n_queries=suite.square_queries, n_restarts=1, seed=suite.seed
+        )
     if name == "AutoAttack":
         return standard_autoattack(torchattacks, model, eps=suite.eps, num_classes=suite.num_classes, seed=suite.seed)
     raise ValueError(f"unknown attack {name!r}")
@@ -125,13 +130,23 @@ def standard_autoattack(torchattacks, model: nn.Module, *, eps: float, num_class
     "standard")`` itself leaves APGD, APGD-T and FAB at their class defaults of 10 iterations
     (torchattacks 3.5.1), a weaker attack than the standard version it is named after.
     """
-    return torchattacks.MultiAttack([
-        torchattacks.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=seed),
-        torchattacks.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=num_classes, seed=seed),
-        torchattacks.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
-                         n_classes=num_classes, seed=seed),
-        torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed),
-    ])
+    return torchattacks.MultiAttack(
+        [
+            torchattacks.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=seed),
+            torchattacks.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=num_classes, seed=seed),
+            torchattacks.FAB(
+                model,
+                norm="Linf",
+                eps=eps,
+                steps=100,
+                n_restarts=1,
+                multi_targeted=True,
+                n_classes=num_classes,
+                seed=seed,
+            ),
+            torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed),
+        ]
+    )
 
 
 def _check_threat_model(x: torch.Tensor, x_adv: torch.Tensor, eps: float, name: str) -> None:
@@ -146,8 +161,9 @@ def _predict_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
     return model(x).argmax(1) == y
 
 
-def run_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: AttackSuite, *, batch_size: int = 500,
-                log=None) -> AttackResult:
+def run_attacks(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: AttackSuite, *, batch_size: int = 500, log=None
+) -> AttackResult:
     """Attack every sample of (N, C, H, W) ``x`` with labels (N,) ``y`` with each attack of the
     suite (model in eval mode); return per-sample correctness on the adversarial inputs.
 
@@ -172,8 +188,10 @@ def run_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Attac
             result.correct[name], result.autoattack = _reference_autoattack(model, x, y, suite, batch_size)
         else:
             if name == "AutoAttack":
-                result.autoattack = {"implementation": "torchattacks 3.5.1 (APGD, APGD-T, FAB-T, Square)",
-                                     "warnings": []}
+                result.autoattack = {
+                    "implementation": "torchattacks 3.5.1 (APGD, APGD-T, FAB-T, Square)",
+                    "warnings": [],
+                }
             attack = _make_attack(torchattacks, name, model, suite)
             correct = clean.clone()
             for _ in range(suite.pgd_restarts if name == suite.pgd_name else 1):
@@ -203,13 +221,15 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _reference_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: AttackSuite,
-                          batch_size: int) -> tuple[torch.Tensor, dict]:
+def _reference_autoattack(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: AttackSuite, batch_size: int
+) -> tuple[torch.Tensor, dict]:
     """The reference standard AutoAttack on (N, ...) ``x``: per-sample correctness (N,) on its
     adversarial points, and ``{"implementation", "warnings"}`` (the reference's own checks)."""
     pyautoattack = require_reference_autoattack()
-    adversary = pyautoattack.AutoAttack(model, norm="Linf", eps=suite.eps, version="standard", seed=suite.seed,
-                                        device=x.device)
+    adversary = pyautoattack.AutoAttack(
+        model, norm="Linf", eps=suite.eps, version="standard", seed=suite.seed, device=x.device
+    )
     # The standard version targets the 9 most likely wrong classes (all of them for 10 classes);
     # with fewer classes there are only C - 1, which the reference would index past.
     adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = min(9, suite.num_classes - 1)
@@ -220,12 +240,22 @@ def _reference_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, su
     finally:
         adversary.logger.removeHandler(collect)
     _check_threat_model(x, x_adv, suite.eps, "AutoAttack")
-    correct = torch.cat([_predict_correct(model, xb, yb) for xb, yb in zip(x_adv.split(batch_size), y.split(batch_size))])
+    correct = torch.cat(
+        [_predict_correct(model, xb, yb) for xb, yb in zip(x_adv.split(batch_size), y.split(batch_size))]
+    )
     return correct.cpu(), {"implementation": "reference (pyautoattack 0.2.0)", "warnings": collect.messages}
 
 
-def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_grid: list[float], *, steps: int,
-                    seed: int = 0, batch_size: int = 500) -> list[float]:
+def accuracy_vs_eps(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_grid: list[float],
+    *,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> list[float]:
     """Accuracy under torchattacks PGD-``steps`` (step 2.5 eps / steps, random start) at each
     radius of ``eps_grid``; radius 0 is clean accuracy."""
     torchattacks = require_torchattacks()
@@ -233,7 +263,9 @@ def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_grid
     accuracies = []
     for eps in eps_grid:
         torch.manual_seed(seed)
-        attack = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True) if eps else None
+        attack = (
+            torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True) if eps else None
+        )
         correct = 0
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             x_adv = attack(xb, yb) if attack is not None else xb

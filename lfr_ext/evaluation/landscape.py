@@ -26,7 +26,9 @@ def _directions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -
 
 
 @torch.no_grad()
-def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+def _losses(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, chunk: int = 512
+) -> torch.Tensor:
     """Per-sample CE at ``clip(x + offsets[k])`` for offsets (K, B, ...): (K, B)."""
     k, b = offsets.shape[:2]
     points = (x.unsqueeze(0) + offsets).clamp(0.0, 1.0).reshape(k * b, *x.shape[1:])
@@ -35,8 +37,16 @@ def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, offsets: torch.T
     return torch.cat(losses).reshape(k, b)
 
 
-def loss_slices(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, radius: float, points_1d: int = 41,
-                points_2d: int = 21, seed: int = 0) -> dict:
+def loss_slices(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    radius: float,
+    points_1d: int = 41,
+    points_2d: int = 21,
+    seed: int = 0,
+) -> dict:
     """1-D and 2-D loss slices around each of the B samples (x (B, C, H, W), y (B,)).
 
     Returns lists (JSON-ready): ``t`` (points_1d,), ``loss_adv`` and ``loss_rand`` (B, points_1d)
@@ -53,5 +63,11 @@ def loss_slices(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, radius: f
     a, b = torch.meshgrid(grid, grid, indexing="ij")
     offsets = a.reshape(shape) * d_adv + b.reshape(shape) * d_rand
     loss_2d = _losses(model, x, y, offsets).reshape(points_2d, points_2d, -1).permute(2, 0, 1)
-    return {"radius": radius, "t": t.tolist(), "loss_adv": loss_adv.T.tolist(), "loss_rand": loss_rand.T.tolist(),
-            "grid": grid.tolist(), "loss_2d": loss_2d.tolist()}
+    return {
+        "radius": radius,
+        "t": t.tolist(),
+        "loss_adv": loss_adv.T.tolist(),
+        "loss_rand": loss_rand.T.tolist(),
+        "grid": grid.tolist(),
+        "loss_2d": loss_2d.tolist(),
+    }

@@ -57,8 +57,9 @@ class EvalConfig:
 
 EVAL_BUDGETS = {
     "quick": EvalConfig(),
-    "full": EvalConfig(n=10000, pgd_steps=40, pgd_restarts=5, square_queries=5000, curve_n=1000, curve_steps=20,
-                       lf_n=10000),
+    "full": EvalConfig(
+        n=10000, pgd_steps=40, pgd_restarts=5, square_queries=5000, curve_n=1000, curve_steps=20, lf_n=10000
+    ),
 }
 
 
@@ -93,10 +94,20 @@ class Evaluation:
         if "AutoAttack" not in self.accuracy:
             raise ValueError("a RobustBench entry reports AutoAttack accuracy: evaluate with autoattack=True")
         return {
-            "name": name, "architecture": architecture, "dataset": dataset, "threat_model": "Linf",
-            "eps": _eps_text(self.eps), "n_examples": self.n, "clean_acc": f"{100 * self.accuracy['clean']:.2f}",
-            "autoattack_acc": f"{100 * self.accuracy['AutoAttack']:.2f}", "additional_data": None,
-            "number_forward_passes": 1, "link": None, "authors": None, "venue": None, "reported": None,
+            "name": name,
+            "architecture": architecture,
+            "dataset": dataset,
+            "threat_model": "Linf",
+            "eps": _eps_text(self.eps),
+            "n_examples": self.n,
+            "clean_acc": f"{100 * self.accuracy['clean']:.2f}",
+            "autoattack_acc": f"{100 * self.accuracy['AutoAttack']:.2f}",
+            "additional_data": None,
+            "number_forward_passes": 1,
+            "link": None,
+            "authors": None,
+            "venue": None,
+            "reported": None,
             "footnote": f"AutoAttack standard version ({self.autoattack.get('implementation')}), evaluated by lfr_ext",
         }
 
@@ -129,8 +140,10 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int 
     if x.shape[0] == 0:
         raise ValueError("x holds no images")
     if not torch.isfinite(x).all() or x.min().item() < 0 or x.max().item() > 1:
-        raise ValueError(f"x must lie in [0, 1] (pixel space; give mean/std for a model that normalises), "
-                         f"got [{x.min().item():.4g}, {x.max().item():.4g}]")
+        raise ValueError(
+            f"x must lie in [0, 1] (pixel space; give mean/std for a model that normalises), "
+            f"got [{x.min().item():.4g}, {x.max().item():.4g}]"
+        )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     if num_classes is not None and (y.min().item() < 0 or y.max().item() >= num_classes):
@@ -141,16 +154,21 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int 
 def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
     logits = model(x[:1])
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise TypeError(f"the model must return (B, K) logits; got {type(logits).__name__} "
-                        f"{tuple(getattr(logits, 'shape', ()))} (pass logits= to select them from a tuple or dict)")
+        raise TypeError(
+            f"the model must return (B, K) logits; got {type(logits).__name__} "
+            f"{tuple(getattr(logits, 'shape', ()))} (pass logits= to select them from a tuple or dict)"
+        )
     return logits.shape[1]
 
 
-def mean_local_flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
-                        batch_size: int) -> float:
+def mean_local_flatness(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int, batch_size: int
+) -> float:
     """Mean LF(x) (the paper's metric, :func:`lfr_ext.local_flatness`) over (N, ...) ``x``."""
-    values = [local_flatness(model, xb, yb, eps=eps, step_size=2.5 * eps / max(steps, 1), steps=steps)
-              for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
+    values = [
+        local_flatness(model, xb, yb, eps=eps, step_size=2.5 * eps / max(steps, 1), steps=steps)
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size))
+    ]
     return torch.cat(values).mean().item()
 
 
@@ -158,9 +176,20 @@ def eps_grid(eps: float, factors, eps_max: float) -> list[float]:
     return sorted({0.0, *(round(eps * f, 6) for f in factors if eps * f < eps_max), eps_max})
 
 
-def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                   config: EvalConfig | None = None, mean=None, std=None, logits=None,
-                   num_classes: int | None = None, landscape: bool = False, log=None) -> Evaluation:
+def evaluate_model(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    config: EvalConfig | None = None,
+    mean=None,
+    std=None,
+    logits=None,
+    num_classes: int | None = None,
+    landscape: bool = False,
+    log=None,
+) -> Evaluation:
     """Evaluate ``model`` on (N, C, H, W) images ``x`` in [0, 1] and (N,) labels ``y`` at L-inf
     radius ``eps`` (pixel space). The first ``config.n`` images are attacked (default: the
     quick budget, :data:`EVAL_BUDGETS`). ``mean``/``std``/``logits``: see
@@ -180,23 +209,34 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
         check_inputs(x, y, eps, num_classes)
         n = min(config.n, len(x))
         xs, ys = x[:n], y[:n].long()
-        suite = AttackSuite(eps=eps, pgd_steps=config.pgd_steps, pgd_restarts=config.pgd_restarts,
-                            square_queries=config.square_queries, autoattack=config.autoattack,
-                            autoattack_impl=config.autoattack_impl, num_classes=num_classes, seed=config.seed)
+        suite = AttackSuite(
+            eps=eps,
+            pgd_steps=config.pgd_steps,
+            pgd_restarts=config.pgd_restarts,
+            square_queries=config.square_queries,
+            autoattack=config.autoattack,
+            autoattack_impl=config.autoattack_impl,
+            num_classes=num_classes,
+            seed=config.seed,
+        )
         attacks = run_attacks(net, xs, ys, suite, batch_size=config.batch_size, log=log)
         accuracies = {name: attacks.accuracy(name) for name in attacks.correct}
         worst = attacks.worst_case()
 
         grid = eps_grid(eps, config.eps_factors, config.eps_max)
-        curve_x, curve_y = xs[:config.curve_n], ys[:config.curve_n]
-        curve = accuracy_vs_eps(net, curve_x, curve_y, grid, steps=config.curve_steps, seed=config.seed,
-                                batch_size=config.batch_size)
-        lf_x, lf_y = xs[:config.lf_n], ys[:config.lf_n]
-        lf = mean_local_flatness(net, lf_x, lf_y, eps=eps, steps=config.lf_steps, batch_size=min(config.batch_size, 250))
+        curve_x, curve_y = xs[: config.curve_n], ys[: config.curve_n]
+        curve = accuracy_vs_eps(
+            net, curve_x, curve_y, grid, steps=config.curve_steps, seed=config.seed, batch_size=config.batch_size
+        )
+        lf_x, lf_y = xs[: config.lf_n], ys[: config.lf_n]
+        lf = mean_local_flatness(
+            net, lf_x, lf_y, eps=eps, steps=config.lf_steps, batch_size=min(config.batch_size, 250)
+        )
         slices = None
         if landscape:
-            slices = loss_slices(net, xs[:config.landscape_points], ys[:config.landscape_points], radius=2 * eps,
-                                 seed=config.seed)
+            slices = loss_slices(
+                net, xs[: config.landscape_points], ys[: config.landscape_points], radius=2 * eps, seed=config.seed
+            )
 
     tol = sampling_tolerance(n)
     white_box = ["FGSM", suite.pgd_name]  # AutoAttack is left out: it ends with Square itself
@@ -208,13 +248,30 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     flags = [f"{c.name}: {c.detail}" for c in checks if not c.passed]
     flags += [f"AutoAttack: {warning}" for warning in attacks.autoattack.get("warnings", [])]
     return Evaluation(
-        eps=eps, n=n, accuracy=accuracies, worst_case=worst.float().mean().item(), robust=worst.tolist(),
-        attack_order=suite.names(), attack_seconds=attacks.seconds,
+        eps=eps,
+        n=n,
+        accuracy=accuracies,
+        worst_case=worst.float().mean().item(),
+        robust=worst.tolist(),
+        attack_order=suite.names(),
+        attack_seconds=attacks.seconds,
         accuracy_vs_eps={"eps": grid, "accuracy": curve, "n": len(curve_x), "attack": f"PGD-{config.curve_steps}"},
         local_flatness={"mean": lf, "n": len(lf_x), "steps": config.lf_steps},
-        sanity=[c._asdict() for c in checks], flags=flags, autoattack=attacks.autoattack, landscape=slices,
-        seconds=time.perf_counter() - started, config=asdict(config))
+        sanity=[c._asdict() for c in checks],
+        flags=flags,
+        autoattack=attacks.autoattack,
+        landscape=slices,
+        seconds=time.perf_counter() - started,
+        config=asdict(config),
+    )
 
 
-__all__ = ["EVAL_BUDGETS", "EvalConfig", "Evaluation", "check_inputs", "eps_grid", "evaluate_model",
-           "mean_local_flatness"]
+__all__ = [
+    "EVAL_BUDGETS",
+    "EvalConfig",
+    "Evaluation",
+    "check_inputs",
+    "eps_grid",
+    "evaluate_model",
+    "mean_local_flatness",
+]

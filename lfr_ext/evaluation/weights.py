@@ -39,13 +39,14 @@ def extract_state_dict(checkpoint) -> dict[str, torch.Tensor]:
         else:
             raise ValueError(
                 f"no state_dict found in the checkpoint: expected tensors, or a dict of tensors under one of "
-                f"{list(_CONTAINER_KEYS)}; its keys are {sorted(map(str, checkpoint))[:10]}")
+                f"{list(_CONTAINER_KEYS)}; its keys are {sorted(map(str, checkpoint))[:10]}"
+            )
     stripped = True
     while stripped and state:  # torch.compile(DDP(model)) nests them: _orig_mod.module.
         stripped = False
         for prefix in _WRAPPER_PREFIXES:
             if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 stripped = True
     return state
 
@@ -55,14 +56,20 @@ def check_fits(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys {_listed(missing)}")
     if unexpected:
-        hint = (" (a model saved inside lfr_ext.PixelClassifier: load into that, or strip 'model.')"
-                if all(k.startswith("model.") for k in unexpected) else "")
+        hint = (
+            " (a model saved inside lfr_ext.PixelClassifier: load into that, or strip 'model.')"
+            if all(k.startswith("model.") for k in unexpected)
+            else ""
+        )
         problems.append(f"unexpected keys {_listed(unexpected)}{hint}")
     if shapes:
         problems.append(f"shape mismatches {_listed(shapes)}")
@@ -82,7 +89,8 @@ def load_weights(model: nn.Module, source, *, map_location: str | torch.device =
             raise ValueError(
                 f"{os.fspath(source)!r} holds more than tensors (numpy or Python objects), which lfr_ext does not "
                 "unpickle from a foreign file: re-save its state_dict alone (torch.save(model.state_dict(), path)); "
-                "an lfr-train run is evaluated by its folder") from error
+                "an lfr-train run is evaluated by its folder"
+            ) from error
     state = extract_state_dict(source)
     check_fits(model, state)
     model.load_state_dict(state)

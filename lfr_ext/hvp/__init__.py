@@ -35,9 +35,23 @@ from .linearized import grad_and_hvp_linearized, penalty_linearized
 from .policy import AUTO_DECLINED_CLASSES, HVP_METHODS, METHODS, SecondOrderEngine
 from .subgradient import norm_subgradient
 
-__all__ = ["AUTO_DECLINED_CLASSES", "CACHE", "EngineCache", "FINITE_DIFFERENCE_RADIUS", "HVP_METHODS", "METHODS",
-           "MethodFacts", "SecondOrderEngine", "compiled", "grad_and_hvp_finite_difference", "grad_and_hvp_forward",
-           "grad_and_hvp_linearized", "norm_subgradient", "penalty_linearized", "twice_differentiable_attention"]
+__all__ = [
+    "AUTO_DECLINED_CLASSES",
+    "CACHE",
+    "EngineCache",
+    "FINITE_DIFFERENCE_RADIUS",
+    "HVP_METHODS",
+    "METHODS",
+    "MethodFacts",
+    "SecondOrderEngine",
+    "compiled",
+    "grad_and_hvp_finite_difference",
+    "grad_and_hvp_forward",
+    "grad_and_hvp_linearized",
+    "norm_subgradient",
+    "penalty_linearized",
+    "twice_differentiable_attention",
+]
 
 # The table is generated from the records, so it lists exactly what the policy accepts (no
 # docstring to fill under python -OO).

@@ -61,8 +61,10 @@ def compile_support_problem() -> str | None:
     once per process, the answer kept in :data:`lfr_ext.hvp.CACHE`: what would fail in Dynamo on a
     real model fails here, with a reason)."""
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
-        return ("this torch cannot trace autograd.grad into a compiled graph (torch._dynamo.config.trace_autograd_ops "
-                "is missing); use hvp='auto'")
+        return (
+            "this torch cannot trace autograd.grad into a compiled graph (torch._dynamo.config.trace_autograd_ops "
+            "is missing); use hvp='auto'"
+        )
     if CACHE.compile_trial is None:
         CACHE.compile_trial = (_trial_compile_problem(),)
     return CACHE.compile_trial[0]

@@ -43,15 +43,24 @@ def twice_differentiable_attention(model: nn.Module):
     double-backprop passes run in this block, so their graphs can be differentiated again (the
     penalty's parameter gradient included). Said once per model class that has attention."""
     if _has_attention(model):
-        CACHE.warn_once(("attention", type(model).__qualname__),
-                        f"lfr_ext: double backprop runs {type(model).__name__}'s scaled_dot_product_attention on its "
-                        "math backend (PyTorch's fused attention kernels have no double backward)")
+        CACHE.warn_once(
+            ("attention", type(model).__qualname__),
+            f"lfr_ext: double backprop runs {type(model).__name__}'s scaled_dot_product_attention on its "
+            "math backend (PyTorch's fused attention kernels have no double backward)",
+        )
     with sdpa_kernel(SDPBackend.MATH):
         yield
 
 
-def grad_and_hvp(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
-                 norm_fn: Callable, loss_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_and_hvp(
+    model: nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    q: float,
+    norm_fn: Callable,
+    loss_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``g = \nabla_{x'} \sum l_i`` and ``h = \nabla_{x'} \sum_i \|g_i\|_q`` (B, ...) each, detached.
 
     Both backwards run on scaled values and are unscaled out of place (``loss_scale``, see
@@ -69,8 +78,15 @@ def grad_and_hvp(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn
         return g.detach(), unscaled(h, loss_scale).detach()
 
 
-def penalty(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
-            norm_fn: Callable, loss_scale: torch.Tensor | None) -> torch.Tensor:
+def penalty(
+    model: nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    q: float,
+    norm_fn: Callable,
+    loss_scale: torch.Tensor | None,
+) -> torch.Tensor:
     """Per-sample ``||g_i||_q`` (B,), unscaled, differentiable w.r.t. the parameters (and ``x'``
     if it requires grad) by double backprop, in whatever mode the model is in."""
     with twice_differentiable_attention(model):

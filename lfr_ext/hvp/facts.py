@@ -56,9 +56,20 @@ def facts_table(methods: Iterable[MethodFacts]) -> str:
         return "yes" if flag else "no"
 
     header = ("method", "exact", "auto", "scaler", "none", "d/dx", "loss", "devices", "what it is")
-    rows = [(f"``{m.name}``", yes(m.exact), yes(m.auto_may_choose), yes(m.takes_grad_scaler),
-             yes(m.per_sample_penalty), yes(m.penalty_differentiable_in_x), "CE" if m.needs_default_loss else "any",
-             ", ".join(m.devices) if m.devices else "any", m.description) for m in methods]
+    rows = [
+        (
+            f"``{m.name}``",
+            yes(m.exact),
+            yes(m.auto_may_choose),
+            yes(m.takes_grad_scaler),
+            yes(m.per_sample_penalty),
+            yes(m.penalty_differentiable_in_x),
+            "CE" if m.needs_default_loss else "any",
+            ", ".join(m.devices) if m.devices else "any",
+            m.description,
+        )
+        for m in methods
+    ]
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     rule = " ".join("=" * width for width in widths)
 

@@ -24,15 +24,22 @@ FACTS = MethodFacts(
 )
 
 
-def grad_and_hvp_finite_difference(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
-                                   loss_scale: torch.Tensor | None = None):
+def grad_and_hvp_finite_difference(
+    model: nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    q: float,
+    loss_scale: torch.Tensor | None = None,
+):
     """Approximate ``h = (g(x' + r v) - g(x' - r v)) / 2r``, ``r`` chosen per sample so the
     largest coordinate moves by ``FINITE_DIFFERENCE_RADIUS``. Eval-mode models only (the
     per-sample radii assume samples do not interact)."""
 
     def grad_at(z):
-        return input_gradient(model, z.detach().requires_grad_(True), y, loss_fn, create_graph=False,
-                              loss_scale=loss_scale)
+        return input_gradient(
+            model, z.detach().requires_grad_(True), y, loss_fn, create_graph=False, loss_scale=loss_scale
+        )
 
     g = grad_at(x_adv)
     v = norm_subgradient(g, q)

@@ -22,8 +22,14 @@ FACTS = MethodFacts(
 )
 
 
-def grad_and_hvp_forward(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
-                         loss_scale: torch.Tensor | None = None):
+def grad_and_hvp_forward(
+    model: nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    q: float,
+    loss_scale: torch.Tensor | None = None,
+):
     """``g`` and ``h`` by ``torch.func``: ``h = jvp(grad(sum l), x', v)`` (forward-over-reverse)."""
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())

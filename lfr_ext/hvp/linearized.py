@@ -52,13 +52,23 @@ def _record(model: nn.Module, x: torch.Tensor, declined=None) -> tuple[TangentTa
     if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         raise UnsupportedOpError("a model output that is not a (B, C) logits tensor")
     if not tape.carries(logits):
-        raise UnsupportedOpError("a model whose output the tape did not see computed (a custom autograd.Function or a "
-                                 "torch.compile'd region?)")
+        raise UnsupportedOpError(
+            "a model whose output the tape did not see computed (a custom autograd.Function or a "
+            "torch.compile'd region?)"
+        )
     return tape, logits
 
 
-def grad_and_hvp_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, q: float,
-                            verify: bool = False, loss_scale: torch.Tensor | None = None, declined=None):
+def grad_and_hvp_linearized(
+    model: nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    q: float,
+    verify: bool = False,
+    loss_scale: torch.Tensor | None = None,
+    declined=None,
+):
     """``g`` and ``h = H v`` by the linearized tangent pass; default cross-entropy only.
 
     One forward (recorded), one backward for ``g`` (graph kept), one tangent pass for
@@ -91,9 +101,15 @@ def grad_and_hvp_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tens
     return g, unscaled(h, loss_scale)
 
 
-def penalty_linearized(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, q: float,
-                       verify: bool = False, loss_scale: torch.Tensor | None = None,
-                       declined=None) -> tuple[torch.Tensor, bool | None]:
+def penalty_linearized(
+    model: nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    q: float,
+    verify: bool = False,
+    loss_scale: torch.Tensor | None = None,
+    declined=None,
+) -> tuple[torch.Tensor, bool | None]:
     """Per-sample ``||g_i||_q`` (B,) whose derivatives (w.r.t. the parameters, and ``x'``
     if it requires grad) are those of ``sum_i (p_i - e_{y_i})^T (J s)_i``, ``s`` fixed.
 

@@ -26,18 +26,26 @@ logger = logging.getLogger("lfr_ext")
 # its results files; bench/results/README.md lists them with the runs of the classes kept.
 AUTO_DECLINED_CLASSES: dict[str, str] = {
     "attention": "ViT-tiny's inner step measured slower linearized than by double backprop, "
-                 "bench/results/cpu-2core-x86_64-2026-12-01-tangent-beyond-relu-*.json; "
-                 "hvp='linearized' still runs it, exactly",
+    "bench/results/cpu-2core-x86_64-2026-12-01-tangent-beyond-relu-*.json; "
+    "hvp='linearized' still runs it, exactly",
 }
 
 # Every method's record, in the order lfr_ext.hvp's table and `python -m lfr_ext.info` list them.
-METHODS: dict[str, MethodFacts] = {facts.name: facts for facts in (
-    linearized.FACTS, double_backprop.FACTS, forward.FACTS, finite_difference.FACTS, compiled.FACTS)}
+METHODS: dict[str, MethodFacts] = {
+    facts.name: facts
+    for facts in (linearized.FACTS, double_backprop.FACTS, forward.FACTS, finite_difference.FACTS, compiled.FACTS)
+}
 HVP_METHODS = ("auto", *METHODS)
 
 
-def check_request(hvp: str, *, default_loss: bool, grad_scaler: bool, device_type: str | None = None,
-                  methods: dict[str, MethodFacts] = METHODS) -> None:
+def check_request(
+    hvp: str,
+    *,
+    default_loss: bool,
+    grad_scaler: bool,
+    device_type: str | None = None,
+    methods: dict[str, MethodFacts] = METHODS,
+) -> None:
     """Refuse, before any work, an ``hvp=`` request its method's record says it cannot serve:
     an unknown name, a ``grad_scaler``, a loss other than the default, a device type. (``auto``
     chooses among methods that serve every request.)"""
@@ -60,8 +68,10 @@ def check_request(hvp: str, *, default_loss: bool, grad_scaler: bool, device_typ
 def check_penalty_request(facts: MethodFacts, *, reduction: str, x_requires_grad: bool) -> None:
     """Refuse a penalty ``facts``' method cannot give: per-sample values (``reduction="none"``)
     or, when ``x`` requires grad, a derivative w.r.t. ``x``."""
-    if not ((reduction == "none" and not facts.per_sample_penalty) or
-            (x_requires_grad and not facts.penalty_differentiable_in_x)):
+    if not (
+        (reduction == "none" and not facts.per_sample_penalty)
+        or (x_requires_grad and not facts.penalty_differentiable_in_x)
+    ):
         return
     gives = []
     if not facts.per_sample_penalty:
@@ -91,10 +101,21 @@ class SecondOrderEngine:
     double backprop from the same RNG state); an explicit ``linearized`` raises instead.
     """
 
-    def __init__(self, hvp: str, model: nn.Module, default_loss: bool, norm_fn: Callable = grad_norm_reference,
-                 loss_scale: torch.Tensor | None = None, device: torch.device | None = None):
-        check_request(hvp, default_loss=default_loss, grad_scaler=loss_scale is not None,
-                      device_type=None if device is None else torch.device(device).type)
+    def __init__(
+        self,
+        hvp: str,
+        model: nn.Module,
+        default_loss: bool,
+        norm_fn: Callable = grad_norm_reference,
+        loss_scale: torch.Tensor | None = None,
+        device: torch.device | None = None,
+    ):
+        check_request(
+            hvp,
+            default_loss=default_loss,
+            grad_scaler=loss_scale is not None,
+            device_type=None if device is None else torch.device(device).type,
+        )
         self.requested = hvp
         self.model = model
         self.default_loss = default_loss
@@ -145,16 +166,26 @@ class SecondOrderEngine:
         if isinstance(error, DeclinedOpError):  # a measured choice, not a gap: said in lfr_ext.info and here
             logger.info("lfr_ext: hvp='auto' -> double_backprop for %s: %s", name, error)
             return
-        CACHE.warn_once((type(self.model).__qualname__, error.op),
-                        f"lfr_ext: hvp='auto' falls back to double backprop for {name}: {error}")
+        CACHE.warn_once(
+            (type(self.model).__qualname__, error.op),
+            f"lfr_ext: hvp='auto' falls back to double backprop for {name}: {error}",
+        )
         logger.debug("lfr_ext: hvp='auto' -> double_backprop (%s)", error.op)
 
     def grad_and_hvp(self, model, x_adv, y, loss_fn, q):
         """``(g, H v)`` at ``x_adv`` (B, ...) each, detached."""
         method = self.method
         if method == "linearized":
-            result = self._linearized("inner", x_adv, lambda verify: (grad_and_hvp_linearized(
-                model, x_adv, y, loss_fn, q, verify, loss_scale=self.loss_scale, declined=self.declined), None))
+            result = self._linearized(
+                "inner",
+                x_adv,
+                lambda verify: (
+                    grad_and_hvp_linearized(
+                        model, x_adv, y, loss_fn, q, verify, loss_scale=self.loss_scale, declined=self.declined
+                    ),
+                    None,
+                ),
+            )
             if result is not None:
                 return result.value
             method = "double_backprop"
@@ -182,13 +213,21 @@ class SecondOrderEngine:
         check_penalty_request(METHODS[method], reduction=reduction, x_requires_grad=x_adv.requires_grad)
         if method == "compiled":
             return compiled.engine_for(model, loss_fn, q).penalty(x_adv, y)
-        if method == "linearized" and reduction == "none" and \
-                CACHE.verified.get(self.model, {}).get(self._key("penalty")):
+        if (
+            method == "linearized"
+            and reduction == "none"
+            and CACHE.verified.get(self.model, {}).get(self._key("penalty"))
+        ):
             self._refuse_or_skip_coupled()
             return self._penalty_double_backprop(model, x_adv, y, loss_fn, q)
         if method == "linearized":
-            result = self._linearized("penalty", x_adv, lambda verify: penalty_linearized(
-                model, x_adv, y, q, verify, loss_scale=self.loss_scale, declined=self.declined))
+            result = self._linearized(
+                "penalty",
+                x_adv,
+                lambda verify: penalty_linearized(
+                    model, x_adv, y, q, verify, loss_scale=self.loss_scale, declined=self.declined
+                ),
+            )
             if result is not None and not (result.couples and reduction == "none"):
                 return result.value
             if result is not None:

@@ -36,8 +36,14 @@ def unscaled(grad: torch.Tensor, loss_scale: torch.Tensor | None) -> torch.Tenso
     return grad if loss_scale is None else grad / loss_scale
 
 
-def input_gradient(model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-                   create_graph: bool, loss_scale: torch.Tensor | None) -> torch.Tensor:
+def input_gradient(
+    model: torch.nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    create_graph: bool,
+    loss_scale: torch.Tensor | None,
+) -> torch.Tensor:
     r""":func:`lfr_ext.reference.input_gradient` with its backward on the scaled loss:
     ``g = \nabla_{x'} \sum_i l_i(x')`` (B, ...), taken on ``loss_scale * sum_i l_i`` and unscaled.
     ``x_adv`` must require grad; ``create_graph=True`` keeps ``g`` differentiable."""

@@ -170,8 +170,17 @@ def multi_head_attention(tape, func, name, args, kwargs):
         raise UnsupportedOpError(f"{name} with add_zero_attn")
     if a["training"] and a["dropout_p"] > 0:
         raise UnsupportedOpError(f"{name} with dropout in training (its mask is drawn inside the kernel)")
-    constant = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias", "q_proj_weight",
-                "k_proj_weight", "v_proj_weight", "attn_mask", "key_padding_mask")
+    constant = (
+        "in_proj_weight",
+        "in_proj_bias",
+        "out_proj_weight",
+        "out_proj_bias",
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "attn_mask",
+        "key_padding_mask",
+    )
     if any(tape.carries(a[key]) for key in constant):
         raise UnsupportedOpError(f"{name} with input-dependent weights or masks")
     out, weights = func(*args, **kwargs)
@@ -199,8 +208,10 @@ def multi_head_attention(tape, func, name, args, kwargs):
         if not a["use_separate_proj_weight"] and inputs[0] is not None and inputs[0] is inputs[1] is inputs[2]:
             packed_bias = a["in_proj_bias"] if with_bias else None
             return [heads_of(p) for p in F.linear(inputs[0], a["in_proj_weight"], packed_bias).chunk(3, dim=-1)]
-        return [None if t is None else heads_of(F.linear(t, w, b if with_bias else None))
-                for t, w, b in zip(inputs, projections, biases)]
+        return [
+            None if t is None else heads_of(F.linear(t, w, b if with_bias else None))
+            for t, w, b in zip(inputs, projections, biases)
+        ]
 
     q, k, v = project([query, key, value], with_bias=True)
     batch, length, source_length = q.shape[0], q.shape[2], k.shape[2]

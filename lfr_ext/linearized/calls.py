@@ -37,6 +37,6 @@ def arguments(func, args, kwargs) -> dict:
     (``inspect.Signature.bind`` costs ~10x more)."""
     parameters = _parameters(func)
     named = dict(zip((name for name, _ in parameters), args))
-    for name, default in parameters[len(args):]:
+    for name, default in parameters[len(args) :]:
         named[name] = kwargs.get(name, default)
     return named

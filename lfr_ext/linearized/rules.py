@@ -88,8 +88,9 @@ def _outputs(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-_INPLACE_DUNDERS = frozenset({"torch.Tensor.__iadd__", "torch.Tensor.__isub__", "torch.Tensor.__imul__",
-                              "torch.Tensor.__itruediv__"})
+_INPLACE_DUNDERS = frozenset(
+    {"torch.Tensor.__iadd__", "torch.Tensor.__isub__", "torch.Tensor.__imul__", "torch.Tensor.__itruediv__"}
+)
 
 
 def is_inplace(name: str, args=(), kwargs=None, flag_at: int | None = None) -> bool:
@@ -187,20 +188,27 @@ def product(tape, func, name, args, kwargs):
         tape.depends_on_source_through("product", name)
         tape.keep(a, b, out) if is_div else tape.keep(a, b)
         if is_div:
+
             def tangent(ta, tb):
                 return ((0 if ta is None else ta) - out * tb) / b
         else:
+
             def tangent(ta, tb):
                 return outplace(ta, b, *rest, **kw) + outplace(a, tb, *rest, **kw)
+
         tape.emit([out], tangent, [a, b])
         return out
     if carries_a:
+
         def tangent(t):
             return outplace(t, b, *rest, **kw)
+
         source = a
     else:
+
         def tangent(t):
             return outplace(a, t, *rest, **kw)
+
         source = b
     tape.keep(b if carries_a else a)  # the constant operand the tangent reads
     tape.emit([out], tangent, [source])
@@ -496,8 +504,9 @@ def dropout(tape, func, name, args, kwargs):
         return out
     if inplace:
         tape.check_inplace_target(x, name)
-    fused = (name == "torch.nn.functional.dropout" and not inplace and x.device.type != "cpu" and 0 < p < 1
-             and x.numel() > 0)
+    fused = (
+        name == "torch.nn.functional.dropout" and not inplace and x.device.type != "cpu" and 0 < p < 1 and x.numel() > 0
+    )
     if fused:
         out, mask = torch.native_dropout(x, p, True)
         scale = 1.0 / (1.0 - p)
@@ -548,7 +557,9 @@ def batch_norm(tape, func, name, args, kwargs):
 # The table
 # ---------------------------------------------------------------------------------------
 _OUTPLACE = {
-    "torch.Tensor.mul_": torch.mul, "torch.Tensor.__imul__": torch.mul, "torch.Tensor.div_": torch.div,
+    "torch.Tensor.mul_": torch.mul,
+    "torch.Tensor.__imul__": torch.mul,
+    "torch.Tensor.div_": torch.div,
     "torch.Tensor.__itruediv__": torch.div,
 }
 
@@ -563,20 +574,73 @@ def _register(names, rule):
 _T = "torch.Tensor."
 _F = "torch.nn.functional."
 _register([_F + f"conv{d}d" for d in (1, 2, 3)] + [f"torch.conv{d}d" for d in (1, 2, 3)], bias_free(2))
-_register([_F + f"conv_transpose{d}d" for d in (1, 2, 3)] + [f"torch.conv_transpose{d}d" for d in (1, 2, 3)],
-          bias_free(2))
+_register(
+    [_F + f"conv_transpose{d}d" for d in (1, 2, 3)] + [f"torch.conv_transpose{d}d" for d in (1, 2, 3)], bias_free(2)
+)
 _register([_F + "linear"], bias_free(2))
-_register(["torch.matmul", "torch.mm", "torch.bmm", _T + "matmul", _T + "mm", _T + "bmm", _T + "__matmul__",
-           _T + "__rmatmul__", "torch.mul", _T + "mul", _T + "mul_", _T + "__mul__", _T + "__rmul__", _T + "__imul__",
-           "torch.div", _T + "div", _T + "div_", _T + "__truediv__", _T + "__itruediv__", "torch.true_divide"], product)
-_register(["torch.add", _T + "add", _T + "add_", _T + "__add__", _T + "__radd__", _T + "__iadd__", "torch.sub",
-           _T + "sub", _T + "sub_", _T + "__sub__", _T + "__isub__", _T + "__rsub__", "torch.rsub"], add_sub)
+_register(
+    [
+        "torch.matmul",
+        "torch.mm",
+        "torch.bmm",
+        _T + "matmul",
+        _T + "mm",
+        _T + "bmm",
+        _T + "__matmul__",
+        _T + "__rmatmul__",
+        "torch.mul",
+        _T + "mul",
+        _T + "mul_",
+        _T + "__mul__",
+        _T + "__rmul__",
+        _T + "__imul__",
+        "torch.div",
+        _T + "div",
+        _T + "div_",
+        _T + "__truediv__",
+        _T + "__itruediv__",
+        "torch.true_divide",
+    ],
+    product,
+)
+_register(
+    [
+        "torch.add",
+        _T + "add",
+        _T + "add_",
+        _T + "__add__",
+        _T + "__radd__",
+        _T + "__iadd__",
+        "torch.sub",
+        _T + "sub",
+        _T + "sub_",
+        _T + "__sub__",
+        _T + "__isub__",
+        _T + "__rsub__",
+        "torch.rsub",
+    ],
+    add_sub,
+)
 _register(["torch.neg", _T + "neg", _T + "__neg__"], neg)
 _register(["torch.where", _T + "where"], where)
 _register(["torch.cat", "torch.concat", "torch.concatenate", "torch.stack"], concat)
-_register([_T + "detach", "torch.detach", "torch.zeros_like", "torch.ones_like", "torch.empty_like", "torch.full_like",
-           "torch.rand_like", "torch.randn_like", _T + "new_zeros", _T + "new_ones", _T + "new_empty", _T + "new_full"],
-          no_tangent)
+_register(
+    [
+        _T + "detach",
+        "torch.detach",
+        "torch.zeros_like",
+        "torch.ones_like",
+        "torch.empty_like",
+        "torch.full_like",
+        "torch.rand_like",
+        "torch.randn_like",
+        _T + "new_zeros",
+        _T + "new_ones",
+        _T + "new_empty",
+        _T + "new_full",
+    ],
+    no_tangent,
+)
 # An accessor returns a tensor that already exists: it keeps whatever tangent the tape gave it
 # (FSDP2's pre-backward hook reads ``output._base`` to warn about views).
 _register([_T + "_base.__get__"], no_tangent)
@@ -600,16 +664,74 @@ _register([_F + "scaled_dot_product_attention"], scaled_dot_product_attention)
 _register([_F + "multi_head_attention_forward"], multi_head_attention)
 _register([_F + "pad"], pad)
 _register(
-    [_F + f"avg_pool{d}d" for d in (1, 2, 3)] + [_F + f"adaptive_avg_pool{d}d" for d in (1, 2, 3)]
+    [_F + f"avg_pool{d}d" for d in (1, 2, 3)]
+    + [_F + f"adaptive_avg_pool{d}d" for d in (1, 2, 3)]
     + ["torch.avg_pool1d", _F + "interpolate", _F + "pixel_shuffle", _F + "pixel_unshuffle"]
-    + ["torch.flatten", "torch.reshape", "torch.permute", "torch.transpose", "torch.squeeze", "torch.unsqueeze",
-       "torch.mean", "torch.sum", "torch.chunk", "torch.split", "torch.narrow", "torch.select", "torch.movedim",
-       "torch.flip", "torch.roll", "torch.clone", "torch.t", "torch.unbind"]
-    + [_T + n for n in ("flatten", "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "contiguous",
-                        "squeeze", "unsqueeze", "__getitem__", "expand", "expand_as", "repeat", "clone", "narrow",
-                        "select", "mean", "sum", "chunk", "split", "unbind", "movedim", "flip", "roll", "to", "float",
-                        "double", "half", "bfloat16", "type", "type_as", "cuda", "cpu", "__pos__", "positive",
-                        "T.__get__", "mT.__get__")] + ["torch.positive"],
+    + [
+        "torch.flatten",
+        "torch.reshape",
+        "torch.permute",
+        "torch.transpose",
+        "torch.squeeze",
+        "torch.unsqueeze",
+        "torch.mean",
+        "torch.sum",
+        "torch.chunk",
+        "torch.split",
+        "torch.narrow",
+        "torch.select",
+        "torch.movedim",
+        "torch.flip",
+        "torch.roll",
+        "torch.clone",
+        "torch.t",
+        "torch.unbind",
+    ]
+    + [
+        _T + n
+        for n in (
+            "flatten",
+            "view",
+            "view_as",
+            "reshape",
+            "reshape_as",
+            "permute",
+            "transpose",
+            "t",
+            "contiguous",
+            "squeeze",
+            "unsqueeze",
+            "__getitem__",
+            "expand",
+            "expand_as",
+            "repeat",
+            "clone",
+            "narrow",
+            "select",
+            "mean",
+            "sum",
+            "chunk",
+            "split",
+            "unbind",
+            "movedim",
+            "flip",
+            "roll",
+            "to",
+            "float",
+            "double",
+            "half",
+            "bfloat16",
+            "type",
+            "type_as",
+            "cuda",
+            "cpu",
+            "__pos__",
+            "positive",
+            "T.__get__",
+            "mT.__get__",
+        )
+    ]
+    + ["torch.positive"],
     same_op,
 )
 

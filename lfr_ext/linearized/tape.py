@@ -63,8 +63,13 @@ def _tensors(obj):
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and a.stride() == b.stride()
-            and a.data_ptr() == b.data_ptr())
+    return (
+        a.dtype == b.dtype
+        and a.device == b.device
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
 
 
 class TangentTape(TorchFunctionMode):
@@ -237,8 +242,10 @@ class TangentTape(TorchFunctionMode):
             return torch.zeros_like(output)
         for kept, version in self._kept:
             if kept._version != version:
-                raise UnsupportedOpError("an in-place write, after it was recorded, to a tensor that a recorded linear "
-                                         f"map reads (shape {tuple(kept.shape)})")
+                raise UnsupportedOpError(
+                    "an in-place write, after it was recorded, to a tensor that a recorded linear "
+                    f"map reads (shape {tuple(kept.shape)})"
+                )
         env: list = [None] * self._num_slots
         env[0] = v
         for fn, in_slots, out_slots in self._program:

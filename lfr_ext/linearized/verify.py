@@ -25,15 +25,15 @@ def custom_functions(root, ignore: tuple[type, ...] = ()) -> list[str]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if isinstance(node, torch.autograd.function.BackwardCFunction) and \
-                not issubclass(node._forward_cls, ignore):
+        if isinstance(node, torch.autograd.function.BackwardCFunction) and not issubclass(node._forward_cls, ignore):
             found.append(type(node).__name__)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found
 
 
-def verify_recording(tape: TangentTape, x: torch.Tensor, logits: torch.Tensor,
-                     ignore_functions: tuple[type, ...] = ()) -> bool:
+def verify_recording(
+    tape: TangentTape, x: torch.Tensor, logits: torch.Tensor, ignore_functions: tuple[type, ...] = ()
+) -> bool:
     """Check the recording against autograd before trusting it; return whether samples couple.
 
     * No custom ``autograd.Function`` in the graph but ``ignore_functions`` (see

@@ -31,12 +31,23 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     if name == "small_cnn" and image_size != 28:
         # Its fc1 is sized for the 4x4 feature map that 28x28 inputs leave.
-        raise ValueError(f"small_cnn takes 28x28 images (MNIST-like), got {image_size}x{image_size}; "
-                         "use resnet20, resnet18, preact_resnet18 or a WideResNet")
+        raise ValueError(
+            f"small_cnn takes 28x28 images (MNIST-like), got {image_size}x{image_size}; "
+            "use resnet20, resnet18, preact_resnet18 or a WideResNet"
+        )
     if name in _TAKES_IMAGE_SIZE:
         return MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     return MODELS[name](in_channels=in_channels, num_classes=num_classes)
 
 
-__all__ = ["MODELS", "build_model", "SmallCNN", "ResNet18", "ResNet20", "PreActResNet18", "WideResNet",
-           "ConvNeXtCifar", "ViTCifar"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "SmallCNN",
+    "ResNet18",
+    "ResNet20",
+    "PreActResNet18",
+    "WideResNet",
+    "ConvNeXtCifar",
+    "ViTCifar",
+]

@@ -24,8 +24,9 @@ class _ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) tensor."""
 
     def forward(self, x):
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                            self.eps).permute(0, 3, 1, 2)
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(
+            0, 3, 1, 2
+        )
 
 
 class ConvNeXtBlock(nn.Module):
@@ -75,8 +76,17 @@ class TransformerBlock(nn.Module):
 
 
 class ViTCifar(nn.Module):
-    def __init__(self, *, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, patch: int = 4,
-                 dim: int = 64, depth: int = 2, heads: int = 4):
+    def __init__(
+        self,
+        *,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        image_size: int = 32,
+        patch: int = 4,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+    ):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}")

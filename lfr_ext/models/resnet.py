@@ -74,8 +74,9 @@ class PreActBlock(nn.Module):
 class _StageNet(nn.Module):
     """Stem conv, residual stages, (optional final BN-ReLU), global average pool, linear."""
 
-    def __init__(self, block, widths: list[int], depths: list[int], in_channels: int, num_classes: int,
-                 preact: bool = False):
+    def __init__(
+        self, block, widths: list[int], depths: list[int], in_channels: int, num_classes: int, preact: bool = False
+    ):
         super().__init__()
         self.preact = preact
         self.stem = _conv3x3(in_channels, widths[0])

@@ -21,18 +21,25 @@ class SmallCNN(nn.Module):
         activation = nn.ReLU(inplace=True)  # shared on purpose: the authors' model does this
         self.feature_extractor = nn.Sequential(
             OrderedDict(
-                conv1=nn.Conv2d(in_channels, 32, 3), relu1=activation,
-                conv2=nn.Conv2d(32, 32, 3), relu2=activation,
+                conv1=nn.Conv2d(in_channels, 32, 3),
+                relu1=activation,
+                conv2=nn.Conv2d(32, 32, 3),
+                relu2=activation,
                 maxpool1=nn.MaxPool2d(2, 2),
-                conv3=nn.Conv2d(32, 64, 3), relu3=activation,
-                conv4=nn.Conv2d(64, 64, 3), relu4=activation,
+                conv3=nn.Conv2d(32, 64, 3),
+                relu3=activation,
+                conv4=nn.Conv2d(64, 64, 3),
+                relu4=activation,
                 maxpool2=nn.MaxPool2d(2, 2),
             )
         )
         self.classifier = nn.Sequential(
             OrderedDict(
-                fc1=nn.Linear(64 * 4 * 4, 200), relu1=activation, drop=nn.Dropout(drop),
-                fc2=nn.Linear(200, 200), relu2=activation,
+                fc1=nn.Linear(64 * 4 * 4, 200),
+                relu1=activation,
+                drop=nn.Dropout(drop),
+                fc2=nn.Linear(200, 200),
+                relu2=activation,
                 fc3=nn.Linear(200, num_classes),
             )
         )

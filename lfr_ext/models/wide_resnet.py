@@ -39,8 +39,9 @@ class WideBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-``depth``-``width``; ``activation`` "relu" or "silu"."""
 
-    def __init__(self, depth: int = 34, width: int = 10, *, in_channels: int = 3, num_classes: int = 10,
-                 activation: str = "relu"):
+    def __init__(
+        self, depth: int = 34, width: int = 10, *, in_channels: int = 3, num_classes: int = 10, activation: str = "relu"
+    ):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"a WideResNet has depth 6n + 4 (n >= 1), got {depth}")

@@ -60,9 +60,13 @@ def capture_rng_states() -> dict:
 
 
 def restore_rng_states(states: dict) -> None:
-    if states["torch_cuda"] and (not torch.cuda.is_available() or torch.cuda.device_count() < len(states["torch_cuda"])):
-        raise RuntimeError("the checkpoint holds CUDA RNG states for more GPUs than are visible; "
-                           "resume on the same kind of machine for identical numbers")
+    if states["torch_cuda"] and (
+        not torch.cuda.is_available() or torch.cuda.device_count() < len(states["torch_cuda"])
+    ):
+        raise RuntimeError(
+            "the checkpoint holds CUDA RNG states for more GPUs than are visible; "
+            "resume on the same kind of machine for identical numbers"
+        )
     RngState(states["torch_cpu"], dict(enumerate(states["torch_cuda"]))).restore()
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])

@@ -89,8 +89,10 @@ class TrainConfig:
             (self.budget in BUDGETS, f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}"),
-            (not (self.compile and self.amp == "fp16"),
-             "compile with amp='fp16' is not supported (the compiled LFR engine takes no GradScaler); use amp='bf16'"),
+            (
+                not (self.compile and self.amp == "fp16"),
+                "compile with amp='fp16' is not supported (the compiled LFR engine takes no GradScaler); use amp='bf16'",
+            ),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
@@ -100,15 +102,19 @@ class TrainConfig:
             (self.lam >= 0, f"lam must be >= 0, got {self.lam}"),
             (self.train_subset >= 0, f"train_subset must be >= 0 (0: all), got {self.train_subset}"),
             (self.val_size >= 1, f"val_size must be >= 1, got {self.val_size}"),
-            (0 <= self.val_robust_size <= self.val_size,
-             f"val_robust_size must be in [0, val_size={self.val_size}], got {self.val_robust_size}"),
+            (
+                0 <= self.val_robust_size <= self.val_size,
+                f"val_robust_size must be in [0, val_size={self.val_size}], got {self.val_robust_size}",
+            ),
             (self.val_attack_steps >= 1, f"val_attack_steps must be >= 1, got {self.val_attack_steps}"),
             (all(m >= 1 for m in self.milestones), f"milestones must be epochs >= 1, got {self.milestones}"),
             ((self.mean is None) == (self.std is None), "give both mean and std, or neither"),
             (self.std is None or all(v > 0 for v in self.std), f"std must be positive, got {self.std}"),
-            (self.mean is None or len(self.mean) in (1, DATASETS[self.data].in_channels),
-             f"mean/std need 1 or {DATASETS[self.data].in_channels if self.data in DATASETS else '?'} values "
-             f"(one per channel), got {self.mean}"),
+            (
+                self.mean is None or len(self.mean) in (1, DATASETS[self.data].in_channels),
+                f"mean/std need 1 or {DATASETS[self.data].in_channels if self.data in DATASETS else '?'} values "
+                f"(one per channel), got {self.mean}",
+            ),
             (self.mean is None or len(self.mean) == len(self.std), "mean and std need as many values"),
         ]
         for ok, message in checks:
@@ -121,16 +127,49 @@ class TrainConfig:
 # Fashion-MNIST preset with the eps conventional for that set.
 PRESETS: dict[str, dict] = {
     "fashion-mnist": dict(
-        data="fashion-mnist", model="small_cnn", eps=0.1, step_size=0.01, steps=20, lam=0.02,
-        lr=0.01, momentum=0.9, weight_decay=0.0, batch_size=128, epochs=30, milestones=[15, 25], augment=False,
+        data="fashion-mnist",
+        model="small_cnn",
+        eps=0.1,
+        step_size=0.01,
+        steps=20,
+        lam=0.02,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=0.0,
+        batch_size=128,
+        epochs=30,
+        milestones=[15, 25],
+        augment=False,
     ),
     "mnist": dict(  # authors' MNIST SmallCNN: eps 0.3, 40 x 0.01, lam 0.02, SGD 0.01, batch 128
-        data="mnist", model="small_cnn", eps=0.3, step_size=0.01, steps=40, lam=0.02,
-        lr=0.01, momentum=0.9, weight_decay=0.0, batch_size=128, epochs=100, milestones=[55, 75, 90], augment=False,
+        data="mnist",
+        model="small_cnn",
+        eps=0.3,
+        step_size=0.01,
+        steps=40,
+        lam=0.02,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=0.0,
+        batch_size=128,
+        epochs=100,
+        milestones=[55, 75, 90],
+        augment=False,
     ),
     "cifar10": dict(  # authors' CIFAR-10 ResNet-20: eps 0.031, 10 x 0.007, lam 0.03, SGD 0.1, wd 2e-4
-        data="cifar10", model="resnet20", eps=0.031, step_size=0.007, steps=10, lam=0.03,
-        lr=0.1, momentum=0.9, weight_decay=2e-4, batch_size=128, epochs=100, milestones=[50, 75], augment=True,
+        data="cifar10",
+        model="resnet20",
+        eps=0.031,
+        step_size=0.007,
+        steps=10,
+        lam=0.03,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=2e-4,
+        batch_size=128,
+        epochs=100,
+        milestones=[50, 75],
+        augment=True,
     ),
 }
 
@@ -138,8 +177,16 @@ PRESETS: dict[str, dict] = {
 # evaluates all four methods on a 2-core CPU in about 10 minutes (README). Batch 64 and lr 0.05
 # because a 3-epoch run needs more optimizer steps than the preset's 128 / 0.01 give.
 BUDGETS: dict[str, dict] = {
-    "quick": dict(train_subset=5000, epochs=3, batch_size=64, lr=0.05, milestones=[3], steps=5,
-                  step_size_factor=2.5, val_robust_size=200),
+    "quick": dict(
+        train_subset=5000,
+        epochs=3,
+        batch_size=64,
+        lr=0.05,
+        milestones=[3],
+        steps=5,
+        step_size_factor=2.5,
+        val_robust_size=200,
+    ),
     "full": dict(),
 }
 
@@ -153,8 +200,9 @@ def build_run_model(cfg: TrainConfig):
     from ..models import build_model
 
     info = DATASETS[cfg.data]
-    model = build_model(cfg.model, in_channels=info.in_channels, num_classes=info.num_classes,
-                        image_size=info.image_size)
+    model = build_model(
+        cfg.model, in_channels=info.in_channels, num_classes=info.num_classes, image_size=info.image_size
+    )
     return model if cfg.mean is None else PixelClassifier(model, mean=cfg.mean, std=cfg.std)
 
 

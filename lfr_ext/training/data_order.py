@@ -38,8 +38,10 @@ def split_train_val(n: int, *, val_size: int, train_subset: int, seed: int) -> S
     val, train = order[:val_size], order[val_size:]
     if train_subset:
         if train_subset > len(train):
-            raise ValueError(f"train_subset={train_subset} but only {len(train)} training images remain "
-                             f"after holding out val_size={val_size}")
+            raise ValueError(
+                f"train_subset={train_subset} but only {len(train)} training images remain "
+                f"after holding out val_size={val_size}"
+            )
         train = train[:train_subset]
     return Split(train=train, val=val)
 

@@ -91,12 +91,24 @@ def _config_mismatch(saved: dict, current: TrainConfig) -> list[str]:
     now = json.loads(current.to_json())
     defaults = json.loads(TrainConfig().to_json())
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-    return [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
+    return [
+        f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
 
 
-def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str = "auto", data_dir: str | None = None,
-          progress: bool = True, log: Callable[[str], None] = print, batch_hook: BatchHook | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    out_dir: str,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    data_dir: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    batch_hook: BatchHook | None = None,
+) -> TrainResult:
     """Train ``cfg.method`` into ``out_dir``; continue from ``out_dir/last.pt`` if ``resume``.
 
     Under ``torchrun`` with several processes every rank trains its share of each batch with
@@ -109,22 +121,42 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, device: str =
     cfg.validate()
     dev = resolve_device(device)
     with parallel.process_group(dev) as ranks:
-        return _train(cfg, out_dir, resume=resume, dev=parallel.device_for(dev, ranks),
-                      ranks=ranks, data_dir=data_dir, progress=progress and ranks.main,
-                      log=log if ranks.main else _silent, batch_hook=batch_hook)
+        return _train(
+            cfg,
+            out_dir,
+            resume=resume,
+            dev=parallel.device_for(dev, ranks),
+            ranks=ranks,
+            data_dir=data_dir,
+            progress=progress and ranks.main,
+            log=log if ranks.main else _silent,
+            batch_hook=batch_hook,
+        )
 
 
 def _silent(message: str) -> None:
     pass
 
 
-def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, ranks: parallel.Ranks,
-           data_dir: str | None, progress: bool, log: Callable[[str], None], batch_hook: BatchHook | None) -> TrainResult:
+def _train(
+    cfg: TrainConfig,
+    out_dir: str,
+    *,
+    resume: bool,
+    dev: torch.device,
+    ranks: parallel.Ranks,
+    data_dir: str | None,
+    progress: bool,
+    log: Callable[[str], None],
+    batch_hook: BatchHook | None,
+) -> TrainResult:
     if cfg.amp == "fp16" and dev.type != "cuda":
         raise ValueError("amp='fp16' (autocast with a GradScaler) needs a CUDA GPU; use amp='bf16' on the CPU")
     if ranks.parallel and cfg.batch_size % ranks.world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {ranks.world} ranks: every rank trains "
-                         "an equal share of each batch")
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be a multiple of the {ranks.world} ranks: every rank trains "
+            "an equal share of each batch"
+        )
     info = DATASETS[cfg.data]
     if ranks.main:
         os.makedirs(out_dir, exist_ok=True)
@@ -135,8 +167,9 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, r
         # A group torchrun restarted continues its own job's checkpoint without being told.
         resume = resume or (parallel.restarted_by_torchrun() and checkpoint.get("job") == parallel.job_id())
         if not resume:
-            raise FileExistsError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it, "
-                                  "or choose another --out")
+            raise FileExistsError(
+                f"{out_dir} already holds a run (last.pt); pass --resume to continue it, or choose another --out"
+            )
         mismatch = _config_mismatch(checkpoint["config"], cfg)
         if checkpoint.get("world_size", 1) != ranks.world:
             mismatch.append(f"world size: saved {checkpoint.get('world_size', 1)}, now {ranks.world}")
@@ -170,16 +203,31 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, r
         training_step.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        train_stats = _train_one_epoch(wrapped, training_step, x_train, y_train, cfg, epoch, dev, ranks, progress,
-                                       batch_hook)
+        train_stats = _train_one_epoch(
+            wrapped, training_step, x_train, y_train, cfg, epoch, dev, ranks, progress, batch_hook
+        )
         parallel.average_running_statistics(model, ranks)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val_clean, val_robust = validation_accuracies(
-            model, x_val.to(dev), y_val.to(dev), robust_size=cfg.val_robust_size, eps=cfg.eps,
-            steps=cfg.val_attack_steps, seed=cfg.seed)
-        row = dict(epoch=epoch, lr=lr, **train_stats, val_clean_acc=val_clean, val_robust_acc=val_robust,
-                   epoch_seconds=time.perf_counter() - started, is_best=False, collapse="")
+            model,
+            x_val.to(dev),
+            y_val.to(dev),
+            robust_size=cfg.val_robust_size,
+            eps=cfg.eps,
+            steps=cfg.val_attack_steps,
+            seed=cfg.seed,
+        )
+        row = dict(
+            epoch=epoch,
+            lr=lr,
+            **train_stats,
+            val_clean_acc=val_clean,
+            val_robust_acc=val_robust,
+            epoch_seconds=time.perf_counter() - started,
+            is_best=False,
+            collapse="",
+        )
         history.append(row)
         row["collapse"] = collapse_message(history, info.num_classes, cfg.collapse_margin)
         # The best model is chosen on robust accuracy (clean accuracy when there is no robust
@@ -188,31 +236,51 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, dev: torch.device, r
         if not row["collapse"] and score > best_robust:
             best_robust, best_epoch, row["is_best"] = score, epoch, True
             if ranks.main:
-                atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "config": json.loads(cfg.to_json()),
-                                   "metrics": row}, os.path.join(out_dir, "best.pt"))
+                atomic_torch_save(
+                    {"model": model.state_dict(), "epoch": epoch, "config": json.loads(cfg.to_json()), "metrics": row},
+                    os.path.join(out_dir, "best.pt"),
+                )
         rng_per_rank = parallel.gather_objects(capture_rng_states(), ranks)
         if ranks.main:
-            atomic_torch_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_per_rank[0], "epoch": epoch, "history": history, "best_robust": best_robust,
-                "best_epoch": best_epoch, "config": json.loads(cfg.to_json()), "world_size": ranks.world,
-                "job": parallel.job_id(),
-                **({"rng_per_rank": rng_per_rank} if ranks.parallel else {}),
-                **({"grad_scaler": training_step.grad_scaler.state_dict()} if training_step.grad_scaler else {}),
-            }, last_path)
+            atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_per_rank[0],
+                    "epoch": epoch,
+                    "history": history,
+                    "best_robust": best_robust,
+                    "best_epoch": best_epoch,
+                    "config": json.loads(cfg.to_json()),
+                    "world_size": ranks.world,
+                    "job": parallel.job_id(),
+                    **({"rng_per_rank": rng_per_rank} if ranks.parallel else {}),
+                    **({"grad_scaler": training_step.grad_scaler.state_dict()} if training_step.grad_scaler else {}),
+                },
+                last_path,
+            )
             write_metrics(history, os.path.join(out_dir, "metrics.csv"), os.path.join(out_dir, "metrics.json"))
         parallel.barrier(ranks)  # a rank that dies from here on resumes from this checkpoint
         log(_epoch_line(cfg, row))
         if row["collapse"]:
             log(f"WARNING {cfg.method}: {row['collapse']}")
 
-    summary = {"method": cfg.method, "epochs": len(history), "best_epoch": best_epoch, "final": history[-1],
-               "best": history[best_epoch - 1] if best_epoch else None,
-               "collapsed_epochs": [h["epoch"] for h in history if h["collapse"].startswith("COLLAPSE")],
-               "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),
-               "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "steps_ran": training_step.describe(), "world_size": ranks.world,
-               "per_rank_batch_size": cfg.batch_size // ranks.world}
+    summary = {
+        "method": cfg.method,
+        "epochs": len(history),
+        "best_epoch": best_epoch,
+        "final": history[-1],
+        "best": history[best_epoch - 1] if best_epoch else None,
+        "collapsed_epochs": [h["epoch"] for h in history if h["collapse"].startswith("COLLAPSE")],
+        "mean_epoch_seconds": sum(h["epoch_seconds"] for h in history) / len(history),
+        "device": str(dev),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "steps_ran": training_step.describe(),
+        "world_size": ranks.world,
+        "per_rank_batch_size": cfg.batch_size // ranks.world,
+    }
     if ranks.main:
         atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(nan_to_none(summary), indent=2))
     return TrainResult(out_dir, cfg, history, best_epoch, model)
@@ -222,11 +290,23 @@ def _check_inputs(x: torch.Tensor, split: str) -> None:
     """The inputs lie in [0, 1] (the box every method projects onto) and are finite: checked
     once per run, so that the steps need not sync to check every batch."""
     if len(x) and not bool(((x >= 0) & (x <= 1)).all()):
-        raise ValueError(f"the {split} images must lie in [0, 1]; got values in [{x.min().item():g}, {x.max().item():g}]")
+        raise ValueError(
+            f"the {split} images must lie in [0, 1]; got values in [{x.min().item():g}, {x.max().item():g}]"
+        )
 
 
-def _train_one_epoch(model, training_step: TrainingStep, x_train, y_train, cfg: TrainConfig, epoch: int, dev,
-                     ranks: parallel.Ranks, progress: bool, batch_hook: BatchHook | None) -> dict:
+def _train_one_epoch(
+    model,
+    training_step: TrainingStep,
+    x_train,
+    y_train,
+    cfg: TrainConfig,
+    epoch: int,
+    dev,
+    ranks: parallel.Ranks,
+    progress: bool,
+    batch_hook: BatchHook | None,
+) -> dict:
     """One pass over the epoch's global batches (this rank's share of each); returns mean loss,
     penalty and accuracy over all ranks."""
     model.train()
@@ -249,8 +329,12 @@ def _train_one_epoch(model, training_step: TrainingStep, x_train, y_train, cfg: 
         if bar is not None and (index + 1) % sync_every == 0:
             means = totals.means()
             penalty = means["train_penalty"]
-            bar.set_postfix(loss=f"{means['train_loss']:.3f}", pen="-" if math.isnan(penalty) else f"{penalty:.3f}",
-                            acc=f"{means['train_acc']:.3f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{means['train_loss']:.3f}",
+                pen="-" if math.isnan(penalty) else f"{penalty:.3f}",
+                acc=f"{means['train_acc']:.3f}",
+                refresh=False,
+            )
         if batch_hook is not None:
             batch_hook(epoch, index)
     if bar is not None:
@@ -270,8 +354,13 @@ def _progress_bar(batches, description: str):
 
 def _epoch_line(cfg: TrainConfig, row: dict) -> str:
     penalty = "" if math.isnan(row["train_penalty"]) else f" penalty {row['train_penalty']:.4f}"
-    robust = ("" if math.isnan(row["val_robust_acc"])
-              else f" PGD-{cfg.val_attack_steps}(eps {cfg.eps:g}) {row['val_robust_acc']:.3f}")
-    return (f"{cfg.method} epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}{penalty} "
-            f"train acc {row['train_acc']:.3f} | val clean {row['val_clean_acc']:.3f}{robust} | "
-            f"{row['epoch_seconds']:.1f} s{' [best]' if row['is_best'] else ''}")
+    robust = (
+        ""
+        if math.isnan(row["val_robust_acc"])
+        else f" PGD-{cfg.val_attack_steps}(eps {cfg.eps:g}) {row['val_robust_acc']:.3f}"
+    )
+    return (
+        f"{cfg.method} epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}{penalty} "
+        f"train acc {row['train_acc']:.3f} | val clean {row['val_clean_acc']:.3f}{robust} | "
+        f"{row['epoch_seconds']:.1f} s{' [best]' if row['is_best'] else ''}"
+    )

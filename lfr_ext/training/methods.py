@@ -36,15 +36,26 @@ class StepOutput(NamedTuple):
     penalty: torch.Tensor
 
 
-def pgd_linf_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
-                generator: torch.Generator | None = None, loss_scale: torch.Tensor | None = None) -> torch.Tensor:
+def pgd_linf_ce(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    generator: torch.Generator | None = None,
+    loss_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Madry et al.'s L-inf PGD on the cross-entropy from a uniform random start: (B, ...) in
     [0, 1]. The model's mode is the caller's business. ``generator`` fixes the start; it may
     live on another device than ``x`` (a CPU generator gives the same start on every device).
     ``loss_scale`` (fp16): the input gradient is taken on the scaled loss, against underflow;
     only its sign is used, so it needs no unscaling."""
     noise_device = x.device if generator is None else generator.device
-    delta = torch.empty(x.shape, dtype=x.dtype, device=noise_device).uniform_(-eps, eps, generator=generator).to(x.device)
+    delta = (
+        torch.empty(x.shape, dtype=x.dtype, device=noise_device).uniform_(-eps, eps, generator=generator).to(x.device)
+    )
     x_adv = (x + delta).clamp(0.0, 1.0)
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -55,8 +66,15 @@ def pgd_linf_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     return x_adv.detach()
 
 
-def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: float, steps: int,
-                  loss_scale: torch.Tensor | None = None) -> torch.Tensor:
+def trades_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    loss_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """TRADES's inner maximisation: PGD on KL(f(x) || f(x')) from x + 0.001 * N(0, I);
     ``loss_scale`` as in :func:`pgd_linf_ce`."""
     with torch.no_grad():
@@ -79,29 +97,39 @@ def _loss_scale(grad_scaler, x: torch.Tensor) -> torch.Tensor | None:
     return input_gradient_scale(grad_scaler, x)
 
 
-def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None,
-               compiled: bool = False) -> StepOutput:
+def plain_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None, compiled: bool = False
+) -> StepOutput:
     """Standard training: mean CE on clean inputs."""
     logits = model(x)
     return StepOutput(F.cross_entropy(logits, y), logits, _nan(x))
 
 
-def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None,
-                compiled: bool = False) -> StepOutput:
+def pgd_at_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None, compiled: bool = False
+) -> StepOutput:
     """Madry et al. (2018): mean CE on PGD adversarial examples only. The attack runs on the
     module a DDP wrapper holds (no gradient synchronisation needed) with the buffers the wrapper's
     forward would use, the loss through ``model``."""
     sync_buffers_as_forward_would(model)
     model.eval()
-    x_adv = pgd_linf_ce(unwrapped(model), x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                        loss_scale=_loss_scale(grad_scaler, x))
+    x_adv = pgd_linf_ce(
+        unwrapped(model),
+        x,
+        y,
+        eps=cfg.eps,
+        step_size=cfg.step_size,
+        steps=cfg.steps,
+        loss_scale=_loss_scale(grad_scaler, x),
+    )
     model.train()
     logits = model(x_adv)
     return StepOutput(F.cross_entropy(logits, y), logits, _nan(x))
 
 
-def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None,
-                compiled: bool = False) -> StepOutput:
+def trades_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None, compiled: bool = False
+) -> StepOutput:
     """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x')) / B.
 
     The attack runs on the module a DDP wrapper holds, with the buffers the wrapper's forward
@@ -114,21 +142,33 @@ def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     sync_buffers_as_forward_would(model)
     model.eval()
     net = unwrapped(model)
-    x_adv = trades_attack(net, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                          loss_scale=_loss_scale(grad_scaler, x))
+    x_adv = trades_attack(
+        net, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, loss_scale=_loss_scale(grad_scaler, x)
+    )
     model.train()
     logits = model(x)
     kl = F.kl_div(F.log_softmax(net(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return StepOutput(F.cross_entropy(logits, y) + cfg.trades_beta * kl, logits, kl.detach())
 
 
-def lfr_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None,
-             compiled: bool = False) -> StepOutput:
+def lfr_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None, compiled: bool = False
+) -> StepOutput:
     """Xu et al. (2020): mean CE + lam * local-flatness penalty, via :func:`lfr_ext.lfr_loss`
     (which takes a DDP-wrapped model)."""
     # validate=False: the trainer checks the data once (validation would sync every step).
-    out = lfr_loss(model, x, y, lam=cfg.lam, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                   validate=False, grad_scaler=grad_scaler, hvp="compiled" if compiled else "auto")
+    out = lfr_loss(
+        model,
+        x,
+        y,
+        lam=cfg.lam,
+        eps=cfg.eps,
+        step_size=cfg.step_size,
+        steps=cfg.steps,
+        validate=False,
+        grad_scaler=grad_scaler,
+        hvp="compiled" if compiled else "auto",
+    )
     return StepOutput(out.loss, out.logits, out.penalty.detach())
 
 

@@ -16,8 +16,16 @@ from .data_order import generator_for
 from .methods import pgd_linf_ce
 
 METRIC_FIELDS = [
-    "epoch", "lr", "train_loss", "train_penalty", "train_acc", "val_clean_acc", "val_robust_acc",
-    "epoch_seconds", "is_best", "collapse",
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_penalty",
+    "train_acc",
+    "val_clean_acc",
+    "val_robust_acc",
+    "epoch_seconds",
+    "is_best",
+    "collapse",
 ]
 
 
@@ -30,8 +38,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def validation_accuracies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, robust_size: int, eps: float,
-                          steps: int, seed: int, batch_size: int = 500) -> tuple[float, float]:
+def validation_accuracies(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    robust_size: int,
+    eps: float,
+    steps: int,
+    seed: int,
+    batch_size: int = 500,
+) -> tuple[float, float]:
     """(clean accuracy on all of ``x``, accuracy under PGD-``steps`` on its first ``robust_size``).
 
     The PGD start comes from a private generator fixed by ``seed``, so the monitor never draws
@@ -48,8 +65,10 @@ def validation_accuracies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         if eps == 0:
             return clean, accuracy(model, xr, yr, batch_size)
         generator = generator_for(seed, 0xA77AC)
-        adv = [pgd_linf_ce(model, xb, yb, eps=eps, step_size=2.5 * eps / steps, steps=steps, generator=generator)
-               for xb, yb in zip(xr.split(batch_size), yr.split(batch_size))]
+        adv = [
+            pgd_linf_ce(model, xb, yb, eps=eps, step_size=2.5 * eps / steps, steps=steps, generator=generator)
+            for xb, yb in zip(xr.split(batch_size), yr.split(batch_size))
+        ]
         return clean, accuracy(model, torch.cat(adv), yr, batch_size)
     finally:
         model.train(was_training)
@@ -64,8 +83,10 @@ def collapse_message(history: list[dict], num_classes: int, margin: float) -> st
         return ""
     best_before = max((h["val_clean_acc"] for h in history[:-1]), default=float("nan"))
     if best_before > chance + margin:
-        return (f"COLLAPSE: clean accuracy fell to {latest:.3f} (chance {chance:.3f}) at epoch {history[-1]['epoch']}, "
-                f"down from {best_before:.3f}")
+        return (
+            f"COLLAPSE: clean accuracy fell to {latest:.3f} (chance {chance:.3f}) at epoch {history[-1]['epoch']}, "
+            f"down from {best_before:.3f}"
+        )
     return f"AT CHANCE: clean accuracy {latest:.3f} (chance {chance:.3f}) at epoch {history[-1]['epoch']}"
 
 

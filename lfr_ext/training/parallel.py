@@ -100,19 +100,23 @@ def _init_process_group(backend: str) -> None:
         dist.init_process_group(backend)
         return
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timedelta(minutes=10))
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timedelta(minutes=10)
+    )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"lfr_ext/attempt{attempt}", store), rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"lfr_ext/attempt{attempt}", store), rank=rank, world_size=world
+    )
 
 
 def device_for(device: torch.device, ranks: Ranks) -> torch.device:
     """One GPU per process: ``cuda`` means ``cuda:LOCAL_RANK`` under torchrun."""
     if device.type == "cuda" and ranks.parallel:
         if device.index is not None:
-            raise ValueError(f"--device {device} under torchrun would put every rank on one GPU; pass --device cuda "
-                             "(each rank takes cuda:LOCAL_RANK)")
+            raise ValueError(
+                f"--device {device} under torchrun would put every rank on one GPU; pass --device cuda "
+                "(each rank takes cuda:LOCAL_RANK)"
+            )
         torch.cuda.set_device(ranks.local_rank)
         return torch.device("cuda", ranks.local_rank)
     return device

@@ -38,8 +38,15 @@ class TrainingStep:
     Autocast runs with ``cache_enabled=False``, as PyTorch requires for graph capture.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step_fn, cfg: TrainConfig,
-                 device: torch.device, log=print):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        step_fn,
+        cfg: TrainConfig,
+        device: torch.device,
+        log=print,
+    ):
         self.model, self.optimizer, self.step_fn, self.cfg = model, optimizer, step_fn, cfg
         self.device = device
         self.amp_dtype = AMP_DTYPES.get(cfg.amp)
