@@ -16,8 +16,9 @@ The inner step needs ``g = grad_x sum_i l_i`` and ``h = H v`` at the current poi
 Setups: SmallCNN (b128, MNIST shapes), ResNet-20, WRN-16-4 with SiLU, the small ConvNeXt and ViT
 of :mod:`lfr_ext.models` (CIFAR shapes; b128 on GPU, ``LFR_BENCH_CPU_BATCH`` (default 16) on CPU).
 The providers that differentiate attention twice (double backprop, forward-over-reverse) run it on
-its math backend, the only one with a double backward; the linearized pass runs PyTorch's default. ``bench/summarize.py`` states each median in
-gradients: over the ``gradient`` provider's median at the same setup.
+its math backend, the only one with a double backward; the linearized pass runs PyTorch's default.
+``bench/summarize.py`` states each median in gradients: over the ``gradient`` provider's median at
+the same setup.
 """
 
 from __future__ import annotations

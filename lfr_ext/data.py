@@ -64,7 +64,8 @@ def load_idx_split(
     if missing:
         hint = f" Install it with: {install_hint}." if install_hint else ""
         raise FileNotFoundError(
-            f"{dataset} {split} split not found in {directory}: missing {', '.join(m + '[.gz]' for m in missing)}.{hint}"
+            f"{dataset} {split} split not found in {directory}: "
+            f"missing {', '.join(m + '[.gz]' for m in missing)}.{hint}"
         )
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.shape != (images.shape[0],):

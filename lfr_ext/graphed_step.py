@@ -62,9 +62,10 @@ on their gradient accumulators, so the fresh leaves cannot be used: build DDP on
 as :func:`lfr_ext.training.parallel.wrap` does, and keep no autograd graph alive from an
 earlier step), after at least 11 DDP warm-up steps (PyTorch's CUDA-graphs notes); NCCL captures
 its collectives. An FSDP2 (``fully_shard``) model is refused: its hooks keep per-step state in Python
-between their collectives, which a replay would skip. ``model.load_state_dict`` / ``optimizer.load_state_dict`` after a capture
-*replace* tensors the graph reads and writes: load before building the step, or build a new one. A batch whose shape, dtype or device differs from the example's runs
-eagerly too (one warning; :meth:`GraphedStep.eager` runs a step eagerly without one).
+between their collectives, which a replay would skip. ``model.load_state_dict`` /
+``optimizer.load_state_dict`` after a capture *replace* tensors the graph reads and writes: load
+before building the step, or build a new one. A batch whose shape, dtype or device differs from the
+example's runs eagerly too (one warning; :meth:`GraphedStep.eager` runs a step eagerly without one).
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ def test_import_and_penalty_without_library():
         "import torch, lfr_ext\n"
         "from lfr_ext.models import SmallCNN\n"
         "m = SmallCNN(zero_init_last=False)\n"
-        "p = lfr_ext.flatness_penalty(m, torch.rand(2,1,28,28), torch.tensor([1,2]), eps=0.1, step_size=0.01, steps=2)\n"
+        "p = lfr_ext.flatness_penalty(m, torch.rand(2,1,28,28), torch.tensor([1,2]),\n"
+        "                             eps=0.1, step_size=0.01, steps=2)\n"
         "print(lfr_ext.ops.available_impls('cpu'), float(p) > 0)\n"
     )
     out = _run(code, LFR_EXT_DISABLE_EXTENSION="1", TRITON_INTERPRET="0")  # no interpreted Triton either

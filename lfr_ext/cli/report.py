@@ -213,7 +213,8 @@ def render_markdown(runs: list[dict], evaluated: list[dict], figures: list[tuple
         "",
         "## Training",
         "",
-        "| method | budget | epochs | train images | eps | inner steps | lam / beta | lr | best epoch | s/epoch | collapse |",
+        "| method | budget | epochs | train images | eps | inner steps | lam / beta | lr | best epoch | s/epoch "
+        "| collapse |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:

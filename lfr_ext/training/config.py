@@ -91,7 +91,8 @@ class TrainConfig:
             (self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}"),
             (
                 not (self.compile and self.amp == "fp16"),
-                "compile with amp='fp16' is not supported (the compiled LFR engine takes no GradScaler); use amp='bf16'",
+                "compile with amp='fp16' is not supported (the compiled LFR engine takes no GradScaler); "
+                "use amp='bf16'",
             ),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

@@ -13,9 +13,10 @@ What changes with N > 1 ranks (and nothing does with one):
   different start noise, PGD starts and Dropout masks. Checkpoints hold every rank's RNG states.
 * **Model.** ``DistributedDataParallel`` without buffer syncing at each forward
   (``forward_sync_buffers=False`` from torch 2.13, ``broadcast_buffers=False`` before; the former
-  still syncs the identical initial buffers once): BatchNorm keeps per-rank statistics (LFR's penalty pass needs per-rank BatchNorm, see
-  :mod:`lfr_ext.wrapped`), and the running statistics are averaged across ranks at the end of
-  every epoch, so evaluation and checkpoints see one consistent model.
+  still syncs the identical initial buffers once): BatchNorm keeps per-rank statistics (LFR's
+  penalty pass needs per-rank BatchNorm, see :mod:`lfr_ext.wrapped`), and the running statistics
+  are averaged across ranks at the end of every epoch, so evaluation and checkpoints see one
+  consistent model.
 * **Outputs.** Rank 0 writes the checkpoints, metrics, summary and log lines; the training
   loss, penalty and accuracy are summed over the ranks; the validation monitor runs the same
   attack on every rank (the models are identical), so its figures need no reduction.
