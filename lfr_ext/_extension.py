@@ -78,6 +78,7 @@ def _try_load() -> ExtensionStatus:
     return ExtensionStatus(True, path, info)
 
 
+# Once per process: a shared library is loaded once (its TORCH_LIBRARY registrations cannot be repeated).
 @functools.lru_cache(maxsize=None)
 def status() -> ExtensionStatus:
     """Load the library on first use (once) and report what happened; warns once on failure,

@@ -26,6 +26,7 @@ IMPLS = ("auto", "triton", "cuda", "cpu", "reference")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference", "triton")}
 
 
+# Once per process: importing the kernels registers torch.library ops, which cannot be registered twice.
 @functools.lru_cache(maxsize=None)
 def triton_kernels():
     """The registered Triton ops (module :mod:`lfr_ext.kernels.registration`), or the reason they cannot

@@ -271,7 +271,9 @@ class _CloseAfterBackward(torch.autograd.Function):
 
 
 # Open steps by id(net), held weakly: a step lives through its net's pre-hook and its losses'
-# graphs, and holds its net, so the id cannot be reused while it is here.
+# graphs, and holds its net, so the id cannot be reused while it is here. Process-wide and not in
+# lfr_ext.hvp.CACHE: it holds no knowledge to forget, only the steps now open, which a second LFR
+# call before the backward must join (clearing it would reshard parameters autograd still needs).
 _open_steps: "weakref.WeakValueDictionary[int, ShardedStep]" = weakref.WeakValueDictionary()
 
 

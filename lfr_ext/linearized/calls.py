@@ -26,6 +26,7 @@ class DeclinedOpError(UnsupportedOpError):
         self.args = (f"`{op}` is {op_class}, which hvp='auto' leaves to double backprop ({reason})",)
 
 
+# A memo of pure facts (a function's signature), valid for the whole process: nothing to forget.
 @functools.lru_cache(maxsize=None)
 def _parameters(func) -> tuple[tuple[str, object], ...]:
     return tuple((name, p.default) for name, p in inspect.signature(func).parameters.items())
