@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..penalty import input_gradient_scale, lfr_loss
+from ..hvp.scaling import input_gradient_scale, scaled
+from ..penalty import lfr_loss
 from ..reference import project_linf
 from ..wrapped import sync_buffers_as_forward_would, unwrapped
 from .config import TrainConfig
@@ -61,7 +62,7 @@ def pgd_linf_ce(
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss if loss_scale is None else loss * loss_scale, x_adv)
+            (grad,) = torch.autograd.grad(scaled(loss, loss_scale), x_adv)
         x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
 
@@ -84,7 +85,7 @@ def trades_attack(
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
-            (grad,) = torch.autograd.grad(kl if loss_scale is None else kl * loss_scale, x_adv)
+            (grad,) = torch.autograd.grad(scaled(kl, loss_scale), x_adv)
         x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
 
