@@ -15,6 +15,8 @@ the trainer (:mod:`lfr_ext.training`), the data readers, the model zoo and the c
 Reference: Xu, Li, Jiang, Xia, "Adversarial Defense via Local Flatness Regularization", ICIP 2020.
 """
 
+import importlib
+
 from . import hvp, ops, reference  # ops loads the compiled library, once
 from ._version import __version__
 from .captured import CapturedStep
@@ -22,8 +24,10 @@ from .classifier import PixelClassifier
 from .graphed_step import GraphedStep
 from .penalty import LFRLoss, flatness_penalty, lfr_loss, local_flatness
 
-# Names of the evaluation harness, resolved on first access by __getattr__ below (PEP 562).
+# Names of the evaluation harness, and the harness's modules, resolved on first access by
+# __getattr__ below (PEP 562).
 _EVALUATION_NAMES = ("evaluate_model", "EvalConfig", "Evaluation")
+_HARNESS_MODULES = ("cli", "data", "evaluation", "models", "training")
 
 __all__ = [
     "flatness_penalty",
@@ -42,12 +46,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``lfr_ext.evaluate_model`` and the other evaluation names: imports :mod:`lfr_ext.evaluation` on
-    first access (and with it the trainer, the data readers and the models)."""
+    """``lfr_ext.evaluate_model`` and the other evaluation names, and the harness's sub-packages
+    (``lfr_ext.models``, ``lfr_ext.training``, ...): imported on first access, not with the package."""
     if name in _EVALUATION_NAMES:
         from . import evaluation
 
         return getattr(evaluation, name)
+    if name in _HARNESS_MODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

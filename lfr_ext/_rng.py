@@ -1,6 +1,7 @@
 """The global RNG states of torch, captured to be put back: one definition for every place that
-rewinds them (the engine's redo of a refused pass, GraphedStep's warm-up), keeps them
-(the evaluation's attacks, which seed the global RNG) or saves them (the trainer's checkpoints).
+rewinds them (the engine's redo of a refused pass, GraphedStep's warm-up), keeps them (the
+evaluation's attacks, which seed the global RNG, and the compiled engine's trial compile) or saves
+them (the trainer's checkpoints).
 """
 
 from __future__ import annotations

@@ -14,9 +14,6 @@ class WarnOnce:
     def __init__(self):
         self.given: set[Hashable] = set()
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self.given
-
     def warn(self, key: Hashable, message: str, stacklevel: int = 2) -> None:
         if key in self.given:
             return

@@ -34,7 +34,7 @@ HARNESS = (
     "lfr_ext.info",
 )
 
-# The commands that `python -m lfr_ext.<name>` runs through the module at the old path.
+# The commands that `python -m lfr_ext.<name>` runs, through lfr_ext/<name>.py.
 COMMANDS = ("train", "evaluate", "compare", "report", "demo")
 
 
@@ -56,6 +56,22 @@ def test_import_lfr_ext_loads_no_harness_module():
     harness = [m for m in loaded if any(m == h or m.startswith(h + ".") for h in HARNESS)]
     assert not harness, f"`import lfr_ext` loaded the harness modules {harness}; all lfr_ext modules loaded: {loaded}"
     assert "lfr_ext.penalty" in loaded and "lfr_ext.ops" in loaded  # the library itself did load
+
+
+def test_harness_packages_and_command_mains_resolve_on_first_access():
+    """``lfr_ext.models`` (and the other harness packages) load when first named, and the command
+    modules at the old paths still export their ``main``."""
+    found = _in_fresh_interpreter(
+        "import json, sys\n"
+        "import lfr_ext\n"
+        "before = [m in sys.modules for m in ('lfr_ext.models', 'lfr_ext.training')]\n"
+        "from lfr_ext.models import SmallCNN\n"
+        "import lfr_ext.cli.train\n"
+        "from lfr_ext.train import main\n"
+        "print(json.dumps({'before': before, 'models': lfr_ext.models.SmallCNN is SmallCNN,\n"
+        "                  'training': lfr_ext.training.__name__, 'main': main is lfr_ext.cli.train.main}))\n"
+    )
+    assert found == {"before": [False, False], "models": True, "training": "lfr_ext.training", "main": True}
 
 
 def test_evaluation_names_resolve_lazily_to_lfr_ext_evaluation():

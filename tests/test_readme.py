@@ -30,10 +30,13 @@ LINKED_PAGES = (
     "bench/README.md",
     "lfr_ext/linearized/README.md",
     "lfr_ext/training/README.md",
+    "kernels/README.md",
+    "bench/results/README.md",
 )
 
 _PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _FENCED_BLOCK = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+_INLINE_CODE = re.compile(r"`[^`\n]*`")
 _INLINE_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _REFERENCE_LINK = re.compile(r"^\[[^\]]+\]:\s*(\S+)", re.MULTILINE)
 
@@ -44,9 +47,9 @@ def python_blocks(markdown: str) -> list[str]:
 
 
 def relative_links(markdown: str) -> list[str]:
-    """Link targets of ``markdown`` outside code fences that name a path: not a URL, not a bare
-    ``#anchor``; an anchor after a path is dropped."""
-    prose = _FENCED_BLOCK.sub("", markdown)
+    """Link targets of ``markdown`` outside code (fences and inline spans) that name a path: not a
+    URL, not a bare ``#anchor``; an anchor after a path is dropped."""
+    prose = _INLINE_CODE.sub("", _FENCED_BLOCK.sub("", markdown))
     targets = _INLINE_LINK.findall(prose) + _REFERENCE_LINK.findall(prose)
     paths = []
     for target in targets:
@@ -88,6 +91,7 @@ def test_relative_links_resolve(page):
 
 def test_link_finder_sees_links_and_skips_urls_and_code():
     markdown = (
-        "[a](x/y.md#part) [b](https://example.org) [c](#local)\n[ref]: ../z.py\n```text\n[d](inside/code.md)\n```\n"
+        "[a](x/y.md#part) [b](https://example.org) [c](#local) `f(x)[i](...)`\n[ref]: ../z.py\n"
+        "```text\n[d](inside/code.md)\n```\n"
     )
     assert relative_links(markdown) == ["x/y.md", "../z.py"]

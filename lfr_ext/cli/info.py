@@ -54,7 +54,8 @@ def _module_version(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print :func:`report`; ``argv`` is accepted for a console script's sake and ignored."""
+    """Print :func:`report` (``python -m lfr_ext.info``); ``argv`` is ignored, as the other
+    commands' ``main(argv)`` take one."""
     print(report())
     return 0
 

@@ -18,7 +18,8 @@ in bench/results/README.md.
 
 :class:`SecondOrderEngine` (:mod:`lfr_ext.hvp.policy`) resolves ``hvp=`` for one call, checks
 the request against the method's record (:mod:`lfr_ext.hvp.facts`) and computes both the inner
-products and the penalty. fp16 loss scaling is in :mod:`lfr_ext.hvp.scaling`. What the engines
+products and the penalty. fp16 loss scaling is in :mod:`lfr_ext.hvp.scaling`, the norm
+subgradient ``v`` the methods share in :mod:`lfr_ext.hvp.subgradient`. What the engines
 learn about a model (a refused recording, a verified one) lives in one
 explicit :class:`EngineCache`, :data:`CACHE` (:mod:`lfr_ext.hvp.cache`).
 """

@@ -45,8 +45,10 @@ class EngineCache:
         finally:
             vars(self).update(saved)
 
-    def warn_once(self, key: tuple, message: str) -> None:
-        self.warned.warn(key, message, stacklevel=5)
+    def warn_once(self, key: tuple, message: str, stacklevel: int = 5) -> None:
+        """Warn once per ``key``, at ``stacklevel`` as ``warnings.warn`` called here counts it (5:
+        the user's call of a public function, through the engine's layers)."""
+        self.warned.warn(key, message, stacklevel=stacklevel)
 
 
 CACHE = EngineCache()

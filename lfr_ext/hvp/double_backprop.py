@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..reference import LossFn
 from .cache import CACHE
 from .facts import MethodFacts
-from .scaling import input_gradient, scaled, unscaled
+from .scaling import scaled, scaled_input_gradient, unscaled
 
 FACTS = MethodFacts(
     name="double_backprop",
@@ -47,6 +47,7 @@ def twice_differentiable_attention(model: nn.Module):
             ("attention", type(model).__qualname__),
             f"lfr_ext: double backprop runs {type(model).__name__}'s scaled_dot_product_attention on its "
             "math backend (PyTorch's fused attention kernels have no double backward)",
+            stacklevel=6,  # one frame deeper than the engine's other warnings: this context manager
         )
     with sdpa_kernel(SDPBackend.MATH):
         yield
@@ -70,7 +71,7 @@ def grad_and_hvp(
     with twice_differentiable_attention(model):
         if not (x_adv.is_leaf and x_adv.requires_grad):
             x_adv = x_adv.detach().requires_grad_(True)
-        g = input_gradient(model, x_adv, y, loss_fn, create_graph=True, loss_scale=loss_scale)
+        g = scaled_input_gradient(model, x_adv, y, loss_fn, create_graph=True, loss_scale=loss_scale)
         total = norm_fn(g, q).sum()
         if not total.requires_grad:  # g does not depend on x' (a model with zero gradients, e.g. quantised inputs)
             return g.detach(), torch.zeros_like(x_adv)
@@ -92,4 +93,4 @@ def penalty(
     with twice_differentiable_attention(model):
         if not x_adv.requires_grad:  # else x' is a function of x whose derivative is kept
             x_adv = x_adv.detach().requires_grad_(True)
-        return norm_fn(input_gradient(model, x_adv, y, loss_fn, create_graph=True, loss_scale=loss_scale), q)
+        return norm_fn(scaled_input_gradient(model, x_adv, y, loss_fn, create_graph=True, loss_scale=loss_scale), q)

@@ -2,8 +2,8 @@
 
 Each method module declares its :class:`MethodFacts` as ``FACTS``; the policy
 (:mod:`lfr_ext.hvp.policy`) checks requests against them, and the table of :mod:`lfr_ext.hvp`
-and ``python -m lfr_ext.info`` are generated from them, so the documentation cannot drift from
-what the code accepts.
+and the method list of ``python -m lfr_ext.info`` are generated from them, so the documentation
+cannot drift from what the code accepts.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ class MethodFacts:
 
 TABLE_LEGEND = """\
 exact: the inner ``H v`` is exact; auto: ``hvp="auto"`` may choose it; scaler: takes an fp16
-``grad_scaler``; none: gives per-sample penalties (``reduction="none"``); d/dx: the penalty is
-differentiable w.r.t. ``x`` too; loss: the losses it takes (CE: the default cross-entropy only);
-devices: the device types it runs on."""
+``grad_scaler``; none: gives per-sample penalties (``reduction="none"``; ``linearized`` not
+where the penalty pass couples samples, as train-mode BatchNorm does: there an explicit request
+raises and ``auto`` runs double backprop); d/dx: the penalty is differentiable w.r.t. ``x`` too;
+loss: the losses it takes (CE: the default cross-entropy only); devices: the device types it runs on."""
 
 
 def facts_table(methods: Iterable[MethodFacts]) -> str:

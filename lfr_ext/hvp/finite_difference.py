@@ -11,7 +11,7 @@ from torch import nn
 
 from ..reference import LossFn
 from .facts import MethodFacts
-from .scaling import input_gradient
+from .scaling import scaled_input_gradient
 from .subgradient import norm_subgradient
 
 FINITE_DIFFERENCE_RADIUS = 1e-3
@@ -37,7 +37,7 @@ def grad_and_hvp_finite_difference(
     per-sample radii assume samples do not interact)."""
 
     def grad_at(z):
-        return input_gradient(
+        return scaled_input_gradient(
             model, z.detach().requires_grad_(True), y, loss_fn, create_graph=False, loss_scale=loss_scale
         )
 

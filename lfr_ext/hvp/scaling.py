@@ -36,7 +36,7 @@ def unscaled(grad: torch.Tensor, loss_scale: torch.Tensor | None) -> torch.Tenso
     return grad if loss_scale is None else grad / loss_scale
 
 
-def input_gradient(
+def scaled_input_gradient(
     model: torch.nn.Module,
     x_adv: torch.Tensor,
     y: torch.Tensor,

@@ -94,10 +94,6 @@ def _nan(x: torch.Tensor) -> torch.Tensor:
     return x.new_full((), float("nan"))
 
 
-def _loss_scale(grad_scaler, x: torch.Tensor) -> torch.Tensor | None:
-    return input_gradient_scale(grad_scaler, x)
-
-
 def plain_step(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, grad_scaler=None, compiled: bool = False
 ) -> StepOutput:
@@ -121,7 +117,7 @@ def pgd_at_step(
         eps=cfg.eps,
         step_size=cfg.step_size,
         steps=cfg.steps,
-        loss_scale=_loss_scale(grad_scaler, x),
+        loss_scale=input_gradient_scale(grad_scaler, x),
     )
     model.train()
     logits = model(x_adv)
@@ -144,7 +140,7 @@ def trades_step(
     model.eval()
     net = unwrapped(model)
     x_adv = trades_attack(
-        net, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, loss_scale=_loss_scale(grad_scaler, x)
+        net, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, loss_scale=input_gradient_scale(grad_scaler, x)
     )
     model.train()
     logits = model(x)
