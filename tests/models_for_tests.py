@@ -207,6 +207,27 @@ class MaskedAttentionWeightsNet(nn.Module):
         return self.head(torch.cat([out.mean(0), weights.mean(1)], dim=-1))
 
 
+class TinyViT(nn.Module):
+    """Patch embedding, one pre-norm transformer block (LayerNorm, multi-head attention, GELU
+    MLP), mean pooling, linear head: (B, 3, 8, 8) -> (B, 5)."""
+
+    def __init__(self, dim=12, heads=2, patch=4, classes=5):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, tokens, dim)
+        h = self.norm1(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        t = t + self.mlp(self.norm2(t))
+        return self.head(t.mean(1))
+
+
 class LinearToy(nn.Module):
     """Score s = w . (x - 0.5) over 4 pixels with w = 1: logits (s, -s, -10, -10). Classes 2
     and 3 never win (they are there because AutoAttack's targeted DLR loss needs 4 classes).

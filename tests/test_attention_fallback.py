@@ -6,32 +6,11 @@ fp32, so an fp64 comparison would start from other points.)"""
 import warnings
 
 import torch
-from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lfr_ext
 from tests.authors_lfr import authors_lfr_loss
-
-
-class TinyViT(nn.Module):
-    """Patch embedding, one pre-norm transformer block (LayerNorm, multi-head attention, GELU
-    MLP), mean pooling, linear head: (B, 3, 8, 8) -> (B, 5)."""
-
-    def __init__(self, dim=12, heads=2, patch=4, classes=5):
-        super().__init__()
-        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, tokens, dim)
-        h = self.norm1(t)
-        t = t + self.attn(h, h, h, need_weights=False)[0]
-        t = t + self.mlp(self.norm2(t))
-        return self.head(t.mean(1))
+from tests.models_for_tests import TinyViT
 
 
 def test_lfr_on_an_attention_model_runs_and_matches_the_authors():
