@@ -5,6 +5,7 @@ Public entry points::
     lfr_ext.flatness_penalty(model, x, y, eps=..., step_size=..., steps=...)   # the penalty P
     lfr_ext.lfr_loss(model, x, y, lam=..., eps=..., step_size=..., steps=...)  # CE + lam * P
     lfr_ext.local_flatness(model, x, y, eps=..., step_size=..., steps=...)     # LF(x), a metric
+    lfr_ext.input_grad(model, x, y)       # grad_x loss, differentiable once more (any gradient penalty)
 
 ``import lfr_ext`` loads the library only. The robustness evaluation (:mod:`lfr_ext.evaluation`),
 the trainer (:mod:`lfr_ext.training`), the data readers, the model zoo and the command lines
@@ -22,6 +23,7 @@ from ._version import __version__
 from .captured import CapturedStep
 from .classifier import PixelClassifier
 from .graphed_step import GraphedStep
+from .input_gradients import input_grad
 from .penalty import LFRLoss, flatness_penalty, lfr_loss, local_flatness
 
 # Names of the evaluation harness, and the harness's modules, resolved on first access by
@@ -34,6 +36,7 @@ __all__ = [
     "lfr_loss",
     "local_flatness",
     "LFRLoss",
+    "input_grad",
     "CapturedStep",
     "GraphedStep",
     "PixelClassifier",

@@ -25,14 +25,28 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     copied (a copy would bump its version and break any graph of the caller's that saved it).
     """
     modes = module_modes(model)
-    buffers = [(buf, buf._version, buf.detach().clone()) for buf in model.buffers()]
+    buffers = BufferSnapshot(model)
     try:
         yield
     finally:
         restore_modes(modes)
+        buffers.restore()
+
+
+class BufferSnapshot:
+    """Every buffer of ``model`` now, to be put back by :meth:`restore` where a forward wrote it
+    in place (compared by version counter: a buffer nobody wrote is not copied)."""
+
+    def __init__(self, model: nn.Module):
+        self._saved = [(buf, buf._version, buf.detach().clone()) for buf in model.buffers()]
+
+    def restore(self, *, compare_values: bool = False) -> None:
+        """Put back each buffer whose version counter moved, or, with ``compare_values``, whose
+        values differ: BatchNorm's running-statistics update in train mode writes in place
+        without moving the counter (one host sync per buffer; for the rare paths that need it)."""
         with torch.no_grad():
-            for buf, version, saved in buffers:
-                if buf._version != version:
+            for buf, version, saved in self._saved:
+                if buf._version != version or (compare_values and not torch.equal(buf, saved)):
                     buf.copy_(saved)
 
 

@@ -109,7 +109,10 @@ class SecondOrderEngine:
         norm_fn: Callable = grad_norm_reference,
         loss_scale: torch.Tensor | None = None,
         device: torch.device | None = None,
+        caller_depth: int = 5,
     ):
+        """``caller_depth``: the frames from ``warnings.warn`` in :data:`CACHE` up to the user's
+        call of the public function, for the fallback warning to point at it."""
         check_request(
             hvp,
             default_loss=default_loss,
@@ -123,6 +126,7 @@ class SecondOrderEngine:
         self.loss_scale = loss_scale  # GradScaler's scale (fp16 mixed precision), or None
         # auto leaves the op classes it measured slower on the linearized engine to double backprop.
         self.declined = AUTO_DECLINED_CLASSES if hvp == "auto" else None
+        self.caller_depth = caller_depth
         logger.debug("lfr_ext: hvp=%r -> %s", hvp, self.method)
 
     @property
@@ -136,7 +140,7 @@ class SecondOrderEngine:
     def _key(self, kind: str) -> tuple:
         return kind, tuple(m.training for m in self.model.modules())
 
-    def _linearized(self, kind: str, x_adv: torch.Tensor, run: Callable[[bool], tuple]) -> Result | None:
+    def linearized_pass(self, kind: str, x_adv: torch.Tensor, run: Callable[[bool], tuple]) -> Result | None:
         """``run(verify) -> (value, couples)``, verified the first time for this model and modes
         (not while a CUDA graph is being captured: verification syncs). None when the recording
         was refused under ``auto``: the refusal is in :data:`CACHE`. A pass that was being
@@ -169,6 +173,7 @@ class SecondOrderEngine:
         CACHE.warn_once(
             (type(self.model).__qualname__, error.op),
             f"lfr_ext: hvp='auto' falls back to double backprop for {name}: {error}",
+            stacklevel=self.caller_depth,
         )
         logger.debug("lfr_ext: hvp='auto' -> double_backprop (%s)", error.op)
 
@@ -176,7 +181,7 @@ class SecondOrderEngine:
         """``(g, H v)`` at ``x_adv`` (B, ...) each, detached."""
         method = self.method
         if method == "linearized":
-            result = self._linearized(
+            result = self.linearized_pass(
                 "inner",
                 x_adv,
                 lambda verify: (
@@ -221,7 +226,7 @@ class SecondOrderEngine:
             self._refuse_or_skip_coupled()
             return self._penalty_double_backprop(model, x_adv, y, loss_fn, q)
         if method == "linearized":
-            result = self._linearized(
+            result = self.linearized_pass(
                 "penalty",
                 x_adv,
                 lambda verify: penalty_linearized(
