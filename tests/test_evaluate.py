@@ -155,6 +155,7 @@ def test_evaluate_and_report_end_to_end(two_trained_runs, tmp_path, capsys):
     assert result["attack_order"] == ["clean", "FGSM", "PGD-3x1", "Square-20"]
     accuracies = result["accuracy"]
     assert result["worst_case"] <= min(accuracies.values())
+    assert {name: sum(mask) / 16 for name, mask in result["correct"].items()} == accuracies
     assert result["local_flatness"]["mean"] > 0
     curve = result["accuracy_vs_eps"]
     assert curve["eps"][0] == 0.0 and curve["eps"][-1] == 0.5 and curve["accuracy"][0] == accuracies["clean"]
