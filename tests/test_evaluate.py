@@ -155,6 +155,7 @@ def test_evaluate_and_report_end_to_end(two_trained_runs, tmp_path, capsys):
     assert result["attack_order"] == ["clean", "FGSM", "PGD-3x1", "Square-20"]
     accuracies = result["accuracy"]
     assert result["worst_case"] <= min(accuracies.values())
+    assert {name: sum(mask) / 16 for name, mask in result["correct"].items()} == accuracies
     assert result["local_flatness"]["mean"] > 0
     curve = result["accuracy_vs_eps"]
     assert curve["eps"][0] == 0.0 and curve["eps"][-1] == 0.5 and curve["accuracy"][0] == accuracies["clean"]
@@ -164,6 +165,8 @@ def test_evaluate_and_report_end_to_end(two_trained_runs, tmp_path, capsys):
     assert load_run(two_trained_runs[1])["evaluation"]["method"] == "plain"
     markdown = (report_dir / "report.md").read_text()
     assert "| LFR |" in markdown and "| plain |" in markdown and "Gradient-masking checks" in markdown
+    assert "[95% Wilson interval] on n=16 test points" in markdown and "McNemar mid-p" in markdown
+    assert "Clean accuracy on 64 test images [95% Wilson interval]: LFR 0." in markdown
     for figure in ("training_curves.png", "accuracy_vs_eps.png", "landscape_1d.png", "landscape_2d.png"):
         assert (report_dir / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
         assert f"]({figure})" in markdown

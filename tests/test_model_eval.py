@@ -54,6 +54,9 @@ def test_radius_and_box_are_in_pixel_space_for_a_normalising_model():
     for result in (plain, normalised):
         assert result.robust == expected_robust
         assert result.accuracy["clean"] == 7 / 8 and result.accuracy["AutoAttack"] == 3 / 8
+        # Each attack's per-sample correctness is kept (the results table's paired test needs it).
+        assert result.correct["clean"] == [True, True, True, False, True, True, True, True]
+        assert result.correct["AutoAttack"] == result.correct["FGSM"] == expected_robust
         assert result.accuracy_vs_eps["accuracy"] == plain.accuracy_vs_eps["accuracy"]
 
 

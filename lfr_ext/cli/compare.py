@@ -26,6 +26,19 @@ from ..training.loop import resolve_device
 from . import evaluate as evaluate_cli
 from . import train as train_cli
 
+# What `lfr-compare` trains without --methods: LFR and the standard baselines (PGD-AT, TRADES,
+# an undefended model). The other methods of lfr_ext.training.METHODS are chosen by name.
+DEFAULT_METHODS = ("lfr", "pgd_at", "trades", "plain")
+
+
+def parse_methods(text: str) -> list[str]:
+    """The comma-separated method names of ``--methods``; ValueError for an unknown one or none."""
+    methods = [m for m in text.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    return methods
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -34,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, any of {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
+    )
     parser.add_argument("--data", default=None, help="dataset (default fashion-mnist)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--full", action="store_true", help="full training budget and full evaluation")
@@ -56,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        print(f"lfr-compare: error: unknown methods {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
+    try:
+        methods = parse_methods(args.methods)
+    except ValueError as exc:
+        print(f"lfr-compare: error: {exc}", file=sys.stderr)
         return 2
     try:
         require_torchattacks()  # fail before hours of training, not after

@@ -13,7 +13,25 @@ import json
 import os
 import sys
 
-METHOD_LABELS = {"lfr": "LFR", "pgd_at": "PGD-AT", "trades": "TRADES", "plain": "plain"}
+from ..evaluation.intervals import wilson_interval
+from ..evaluation.paired import WORST_CASE, accuracy_columns, unresolved_pairs
+
+# Display names; a method without one is shown by its name (:func:`method_label`).
+METHOD_LABELS = {
+    "lfr": "LFR",
+    "pgd_at": "PGD-AT",
+    "trades": "TRADES",
+    "plain": "plain",
+    "gradnorm": "GradNorm",
+    "igr": "IGR",
+    "cure": "CURE",
+    "gradalign": "GradAlign",
+    "llr": "LLR",
+}
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
 
 
 def _read_json(path: str):
@@ -42,28 +60,58 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def fmt_accuracy(k: int, n: int, digits: int = 3) -> str:
+    """``k / n`` with its 95% Wilson interval: ``0.390 [0.300, 0.488]`` for 39 of 100."""
+    low, high = wilson_interval(k, n)
+    return f"{k / n:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def results_table(results: list[dict], summaries: list[dict | None] | None = None) -> str:
-    """Markdown table, one row per evaluated run: accuracy per attack, the per-sample worst
-    case, mean local flatness, seconds per training epoch and gradient-masking flags."""
+    """Markdown table, one row per evaluated run: accuracy per attack and of the per-sample
+    worst case, each with its 95% interval, mean local flatness, seconds per training epoch and
+    gradient-masking flags; under it, which differences between the runs the number of test
+    points cannot resolve (:func:`resolution_note`)."""
     summaries = summaries or [_summary_of(r["run_dir"]) if "run_dir" in r else None for r in results]
     attacks = []
     for result in results:
         attacks += [a for a in result["attack_order"] if a not in attacks]
-    header = ["method", *attacks, "worst case", "mean LF", "s/epoch", "masking flags"]
+    header = ["method", *attacks, WORST_CASE, "mean LF", "s/epoch", "masking flags"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result, summary in zip(results, summaries):
         seconds = summary.get("mean_epoch_seconds") if summary else None
-        name = result.get("method") or os.path.basename(result.get("weights", "?"))  # a run, or foreign weights
+        columns = accuracy_columns(result)
         cells = [
-            METHOD_LABELS.get(name, name),
-            *(_fmt(result["accuracy"].get(a)) for a in attacks),
-            _fmt(result["worst_case"]),
+            _result_label(result),
+            *(fmt_accuracy(c.k, c.n) if (c := columns.get(a)) else "-" for a in [*attacks, WORST_CASE]),
             _fmt(result["local_flatness"]["mean"], 2),
             _fmt(seconds, 1),
             str(len(result["flags"])) if result["flags"] else "none",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", resolution_note(results)])
+
+
+def resolution_note(results: list[dict]) -> str:
+    """What the table's intervals are, and the pairs of runs whose accuracies differ by less
+    than the test points resolve at 95% (McNemar 1947 on the same points; overlapping Wilson
+    intervals where per-sample results were not saved), with the columns where they do."""
+    sizes = "/".join(str(n) for n in sorted({accuracy_columns(r)[WORST_CASE].n for r in results}))
+    note = f"Accuracies: fraction correct [95% Wilson interval] on n={sizes} test points."
+    if len(results) < 2:
+        return note
+    pairs, unpaired = unresolved_pairs(results, [_result_label(r) for r in results])
+    how = "McNemar mid-p test on the same test points"
+    if unpaired:
+        how += f"; overlapping intervals for {', '.join(unpaired)}, where no paired per-sample results were saved"
+    if not pairs:
+        return f"{note}\nEvery difference between methods is resolved at n={sizes} (95%, {how})."
+    listed = "; ".join(f"{a} vs {b} ({', '.join(columns)})" for a, b, columns in pairs)
+    return f"{note}\nNot resolved at n={sizes} (95%, {how}): {listed}."
+
+
+def _result_label(result: dict) -> str:
+    """A run's method label, or the file name of foreign weights."""
+    return method_label(result.get("method") or os.path.basename(result.get("weights", "?")))
 
 
 def _summary_of(run_dir: str) -> dict | None:
@@ -72,7 +120,7 @@ def _summary_of(run_dir: str) -> dict | None:
 
 
 def _label(run: dict) -> str:
-    return METHOD_LABELS.get(run["config"]["method"], run["config"]["method"])
+    return method_label(run["config"]["method"])
 
 
 def plot_training_curves(runs: list[dict], path: str) -> None:
@@ -109,7 +157,12 @@ def plot_accuracy_vs_eps(runs: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for run in runs:
         curve = run["evaluation"]["accuracy_vs_eps"]
-        ax.plot(curve["eps"], curve["accuracy"], marker="o", label=_label(run))
+        # Error bars: each point's 95% Wilson interval over the curve's n test images.
+        intervals = [wilson_interval(round(a * curve["n"]), curve["n"]) for a in curve["accuracy"]]
+        # (max: matplotlib refuses a negative error, which rounding could make at 0 or 1)
+        errors = [[max(0.0, a - low) for a, (low, _) in zip(curve["accuracy"], intervals)]]
+        errors += [[max(0.0, high - a) for a, (_, high) in zip(curve["accuracy"], intervals)]]
+        ax.errorbar(curve["eps"], curve["accuracy"], yerr=errors, marker="o", capsize=3, label=_label(run))
     train_eps = runs[0]["evaluation"]["eps"]
     ax.axvline(train_eps, color="gray", linestyle=":", label=f"training eps {train_eps:g}")
     curve = runs[0]["evaluation"]["accuracy_vs_eps"]
@@ -117,7 +170,7 @@ def plot_accuracy_vs_eps(runs: list[dict], path: str) -> None:
         xlabel="L-inf eps",
         ylabel="accuracy",
         ylim=(0, 1),
-        title=f"accuracy vs eps ({curve['attack']}, {curve['n']} test images)",
+        title=f"accuracy vs eps ({curve['attack']}, {curve['n']} test images, 95% intervals)",
     )
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
@@ -206,6 +259,12 @@ def write_report(run_dirs: list[str], out_dir: str) -> str:
     return path
 
 
+def _clean_full(evaluation: dict) -> str:
+    """The whole-test-set clean accuracy with its interval (4 digits: n is up to the test set)."""
+    n = evaluation["clean_n"]
+    return fmt_accuracy(round(evaluation["clean_full_test"] * n), n, digits=4)
+
+
 def render_markdown(runs: list[dict], evaluated: list[dict], figures: list[tuple[str, str]]) -> str:
     cfg = runs[0]["config"]
     lines = [
@@ -246,8 +305,8 @@ def render_markdown(runs: list[dict], evaluated: list[dict], figures: list[tuple
             "",
             results_table([r["evaluation"] for r in evaluated], [r.get("summary") for r in evaluated]),
             "",
-            f"Clean accuracy on {e0['clean_n']} test images: "
-            + ", ".join(f"{_label(r)} {r['evaluation']['clean_full_test']:.4f}" for r in evaluated)
+            f"Clean accuracy on {e0['clean_n']} test images [95% Wilson interval]: "
+            + ", ".join(f"{_label(r)} {_clean_full(r['evaluation'])}" for r in evaluated)
             + ".",
             "",
             "## Gradient-masking checks",

@@ -66,8 +66,10 @@ EVAL_BUDGETS = {
 @dataclass
 class Evaluation:
     """What :func:`evaluate_model` measured. Accuracies are fractions in [0, 1] on the same
-    ``n`` points; ``robust`` is the per-sample worst case (correct under every attack);
-    ``flags`` lists the failed gradient-masking checks (and AutoAttack's own warnings)."""
+    ``n`` points; ``robust`` is the per-sample worst case (correct under every attack) and
+    ``correct`` each attack's per-sample correctness (what paired comparisons of models on the
+    same points need, :mod:`.paired`); ``flags`` lists the failed gradient-masking checks (and
+    AutoAttack's own warnings)."""
 
     eps: float
     n: int
@@ -84,6 +86,7 @@ class Evaluation:
     landscape: dict | None = None
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
+    correct: dict[str, list[bool]] = field(default_factory=dict)  # last: positional construction keeps working
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -263,6 +266,7 @@ def evaluate_model(
         landscape=slices,
         seconds=time.perf_counter() - started,
         config=asdict(config),
+        correct={name: mask.tolist() for name, mask in attacks.correct.items()},
     )
 
 
