@@ -196,10 +196,11 @@ def gradalign(
     ``delta = clip_eps(delta0 + fgsm_alpha * eps * sign(g(clip(x + delta0))))`` (then into the box),
     the first gradient detached, the second at ``x + eta`` with ``eta ~ U[-eps, eps]`` (not
     clipped) differentiated through; samples where either gradient is zero are left out of the
-    mean. Defaults: ``lam = 0.2`` (the repository's value at ``eps = 8/255``; its rule is
-    ``lam = 0.02 * 10 ** (eps_px / 8)`` for other radii, eps_px in 1/255 units), ``fgsm_alpha = 1.25``,
-    ``delta0 = 0`` (``delta_init``). ``eta`` is drawn from ``generator`` (default: the global RNG)
-    unless given. ``x`` in ``[0, 1]``.
+    mean (with none left, the penalty is 1 with zero gradient, where the official mean is NaN).
+    Defaults: ``lam = 0.2`` (the repository's value at ``eps = 8/255``; its rule is
+    ``lam = 0.02 * 10 ** (eps_px / 8)`` for other radii, eps_px in 1/255 units),
+    ``fgsm_alpha = 1.25``, ``delta0 = 0`` (``delta_init``). ``eta`` is drawn from ``generator``
+    (default: the global RNG) unless given. ``x`` in ``[0, 1]``.
     """
     delta = torch.zeros_like(x) if delta_init is None else delta_init.detach().clone()
     delta.requires_grad_(True)
@@ -221,7 +222,9 @@ def gradalign(
     kept = (first_norms != 0) & (near_norms != 0)
     # cos over the kept samples, without a host sync (no boolean indexing): a dropped sample adds 0.
     cosines = (_per_sample(g_first) * _per_sample(g_near)).sum(1) / torch.where(kept, first_norms * near_norms, 1.0)
-    penalty = 1.0 - torch.where(kept, cosines, 0.0).sum() / kept.sum()
+    # No sample kept (zero gradients, a zero-initialised head): the official mean of nothing is NaN;
+    # here the penalty is 1 with zero gradient, so that the step goes on.
+    penalty = 1.0 - torch.where(kept, cosines, 0.0).sum() / kept.sum().clamp_min(1)
     return RegularizedLoss(data_loss + lam * penalty, data_loss, penalty, logits)
 
 

@@ -46,6 +46,11 @@ def _loss(method, model, x, y, rank):
 
 def _exact_on_ranks(rank, world, method):
     for name in MODELS:
+        if method == "cure" and name == "resnet_bn":
+            # CURE's penalty runs in eval mode after the step's train-mode forward: under DDP it reads
+            # rank 0's running statistics (what a forward through the wrapper broadcasts), which
+            # per-rank replicas do not have; small_cnn, without BatchNorm, is exact.
+            continue
         for ddp_kwargs in ({}, {"find_unused_parameters": True}):
             model, xs, ys = _batch(name, world)
             reference = copy.deepcopy(model)
@@ -65,7 +70,7 @@ def _exact_on_ranks(rank, world, method):
             assert max(errors) < 1e-12, (method, name, ddp_kwargs, max(errors))
 
 
-@pytest.mark.parametrize("method", ["lfr", "pgd_at", "trades"])
+@pytest.mark.parametrize("method", ["lfr", "pgd_at", "trades", "gradnorm", "igr", "cure", "gradalign"])
 def test_ddp_gradient_is_the_mean_of_per_rank_gradients(method):
     run_on_ranks(_exact_on_ranks, 2, method)
 

@@ -67,7 +67,7 @@ def test_each_method_trains_end_to_end(tmp_path, method):
     rows = json.loads((tmp_path / "metrics.json").read_text())
     assert len(rows) == 2 and all(math.isfinite(r["train_loss"]) for r in rows)
     assert all(0 <= r["val_clean_acc"] <= 1 and 0 <= r["val_robust_acc"] <= 1 for r in rows)
-    has_penalty = method in ("lfr", "trades")
+    has_penalty = method not in ("pgd_at", "plain")
     assert all((r["train_penalty"] is not None) == has_penalty for r in rows)
     csv_lines = (tmp_path / "metrics.csv").read_text().strip().splitlines()
     assert csv_lines[0].startswith("epoch,lr,train_loss") and len(csv_lines) == 3

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated, any of {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
+        help=f"comma-separated (default {','.join(DEFAULT_METHODS)}); any of {', '.join(METHODS)}",
     )
     parser.add_argument("--data", default=None, help="dataset (default fashion-mnist)")
     parser.add_argument("--data-dir", default=None)

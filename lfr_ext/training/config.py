@@ -18,7 +18,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-METHODS = ("lfr", "pgd_at", "trades", "plain")
+METHODS = ("lfr", "pgd_at", "trades", "plain", "gradnorm", "igr", "cure", "gradalign")
 SCHEDULES = ("multistep", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")  # mixed precision of the training step (torch.autocast)
 
@@ -49,6 +49,9 @@ class TrainConfig:
     steps: int = 20
     lam: float = 0.02  # LFR weight
     trades_beta: float = 6.0  # TRADES weight (Zhang et al.'s MNIST/CIFAR value)
+    # weight of the gradient penalty of gradnorm, igr, cure, gradalign (None: the method's published
+    # default, lfr_ext.training.methods.PENALTY_DEFAULTS)
+    penalty_weight: float | None = None
     # data budget and monitoring
     train_subset: int = 0  # 0: every training image that is not held out for validation
     val_size: int = 1000  # held out from the training split, fixed by the seed
@@ -101,6 +104,10 @@ class TrainConfig:
             (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
             (self.steps == 0 or self.step_size > 0, f"step_size must be > 0, got {self.step_size}"),
             (self.lam >= 0, f"lam must be >= 0, got {self.lam}"),
+            (
+                self.penalty_weight is None or self.penalty_weight >= 0,
+                f"penalty_weight must be >= 0, got {self.penalty_weight}",
+            ),
             (self.train_subset >= 0, f"train_subset must be >= 0 (0: all), got {self.train_subset}"),
             (self.val_size >= 1, f"val_size must be >= 1, got {self.val_size}"),
             (

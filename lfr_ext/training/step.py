@@ -19,7 +19,7 @@ from ..graphed_step import GraphedStep
 from ..hvp.compiled import compile_backend, compile_support_problem
 from . import parallel
 from .config import TrainConfig
-from .methods import METHOD_STEPS, StepOutput
+from .methods import METHOD_STEPS, SECOND_ORDER_METHODS, StepOutput
 
 # Steps between two reads of the running totals (the progress bar) on a GPU.
 GPU_SYNC_EVERY = 50
@@ -61,6 +61,12 @@ class TrainingStep:
         """``--compile``, method by method: LFR's inner and penalty steps compiled whole when this
         torch can trace their autograd calls (else LFR runs eagerly, and the log says why); the
         first-order methods' model itself, which needs no autograd tracing."""
+        if step_fn in (METHOD_STEPS[name] for name in SECOND_ORDER_METHODS if name != "lfr"):
+            log(
+                "WARNING --compile: this method runs eagerly: its loss differentiates a gradient, which "
+                "torch.compile of the model does not support"
+            )
+            return False
         if step_fn is not METHOD_STEPS["lfr"]:
             self._method_model = torch.compile(model, backend=compile_backend())
             return True
