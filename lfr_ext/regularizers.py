@@ -21,6 +21,9 @@ cure                ``CE + lam mean_b ||g_b(x + z) - g_b(x)||_2``, ``z = h sign(
 gradalign           FGSM-AT ``CE(x + delta) + lam (1 - mean_b cos(g_b(x), g_b(x + eta)))``, the
                     first gradient detached (Andriushchenko & Flammarion, NeurIPS 2020;
                     tml-epfl/understanding-fast-adv-training ``train.py``)
+llr                 ``2 CE + lam mean_b (|l_b(x + d) - l_b(x) - d_b^T g_b| + 0.3 |d_b^T g_b|)`` at
+                    the gap-maximising ``d`` (Qin et al., NeurIPS 2019;
+                    deepmind/local_linearity_regularizer ``regularizers.py``)
 jacobian_           ``CE + lam/2 * C/(n B) sum_i ||J^T v_i||^2`` with unit random ``v_i``
 regularization      (Hoffman, Roberts, Yaida 2019; facebookresearch/jacobian_regularizer
                     ``jacobian/jacobian.py``)
@@ -39,6 +42,7 @@ the gradient all-reduce) and each input gradient runs on the module it holds.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -228,6 +232,148 @@ def gradalign(
     return RegularizedLoss(data_loss + lam * penalty, data_loss, penalty, logits)
 
 
+class _CleanBatchStatistics:
+    """LLR's normalisation (deepmind/local_linearity_regularizer ``batchnorm.py``, ``test_local_stats``):
+    every BatchNorm of the regulariser's passes normalises with the CLEAN batch's statistics and
+    updates nothing.
+
+    :meth:`recording`: a forward in which each BatchNorm normalises with its own input's batch
+    statistics (without updating its running ones) and its input is kept. :meth:`applied`: forwards
+    in which each BatchNorm normalises with the kept inputs' biased mean and variance (with their
+    graph unless ``detached``), its running statistics untouched."""
+
+    def __init__(self, model: nn.Module):
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.inputs: dict[nn.Module, torch.Tensor] = {}
+        self.statistics: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @contextlib.contextmanager
+    def recording(self):
+        def keep(module, args):
+            self.inputs[module] = args[0]
+
+        handles = [m.register_forward_pre_hook(keep) for m in self.norms]
+        modes = [(m, m.training, m.track_running_stats) for m in self.norms]
+        for m in self.norms:
+            m.train()
+            m.track_running_stats = False  # batch statistics, no update (as frozen_running_stats)
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for m, training, tracked in modes:
+                m.train(training)
+                m.track_running_stats = tracked
+        for m, inputs in self.inputs.items():
+            dims = [0, *range(2, inputs.dim())]
+            self.statistics[m] = (inputs.mean(dims), inputs.var(dims, unbiased=False))
+
+    @contextlib.contextmanager
+    def applied(self, detached: bool):
+        def normalised(module, args, _output):
+            mean, var = self.statistics[module]
+            if detached:
+                mean, var = mean.detach(), var.detach()
+            shape = (1, -1) + (1,) * (args[0].dim() - 2)
+            scale = torch.rsqrt(var + module.eps)
+            if module.weight is not None:
+                scale = scale * module.weight
+            out = (args[0] - mean.view(shape)) * scale.view(shape)
+            return out if module.bias is None else out + module.bias.view(shape)
+
+        # The module's own forward runs in eval mode (no update) and its output is replaced.
+        modes = [(m, m.training) for m in self.norms]
+        handles = [m.register_forward_hook(normalised) for m in self.norms]
+        for m in self.norms:
+            m.eval()
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for m, training in modes:
+                m.train(training)
+
+
+def llr(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    lam: float = 4.0,
+    smoothing: float = 0.3,
+    ce_weight: float = 2.0,
+    weight_decay: float = 0.0,
+    steps: int = 10,
+    adam_lr: float = 0.1,
+    delta_init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    hvp: str = "auto",
+    grad_scaler=None,
+) -> RegularizedLoss:
+    r"""Local linearity regularisation (Qin et al., NeurIPS 2019):
+    ``ce_weight * CE + weight_decay * sum ||W||^2 / 2 + lam * gamma``, with
+
+    .. math::
+        \gamma = \mathrm{mean}_b\, |l_b(x + \delta) - l_b(x) - \delta_b^\top g_b|
+                 + \mathrm{smoothing}\, |\delta_b^\top g_b|
+
+    at the ``delta`` that ``steps`` unrolled Adam steps (lr ``adam_lr``) find to maximise the gap,
+    projected on the eps-ball and the ``[0, 1]`` box, from ``delta_init`` (default: ``U[-eps, eps]``
+    from ``generator``). ``delta`` is a constant of the loss; ``g`` and both losses keep their
+    graphs. The regulariser's forwards normalise with the clean batch's statistics and update no
+    running statistics; the data term's forward is the caller's.
+
+    As deepmind/local_linearity_regularizer ``regularizers.py`` (``local_linearity``), ``config.py``
+    (``lam = 4``, ``smoothing = 0.3``, CE weight 2, 10 steps of Adam at 0.1, ``eps = 8/255`` ramped
+    over the first 500 steps by the caller, weight decay 2e-4 on conv and linear kernels: pass it
+    here, or give the optimiser its own). ``gamma`` is the returned ``penalty``.
+    """
+    logits = model(x)
+    data_loss = F.cross_entropy(logits, y)
+    net = unwrapped(model)
+    norms = _CleanBatchStatistics(net)
+    with norms.recording():
+        g, clean_logits = input_grad(net, x, y, hvp=hvp, grad_scaler=grad_scaler, return_outputs=True)
+    clean_losses = F.cross_entropy(clean_logits, y, reduction="none")
+    if delta_init is None:
+        device = x.device if generator is None else generator.device
+        delta_init = torch.empty(x.shape, dtype=x.dtype, device=device).uniform_(-eps, eps, generator=generator)
+    delta = _project(delta_init.to(x.device), x, eps)
+
+    def gap(point: torch.Tensor, gradient: torch.Tensor, nominal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample ``|l(point) - l(x) - d^T g|`` and ``d^T g``, ``d = point - x`` constant."""
+        moved = _per_sample((point - x).detach() * gradient).sum(1)
+        return (F.cross_entropy(net(point), y, reduction="none") - nominal - moved).abs(), moved
+
+    with norms.applied(detached=True), torch.enable_grad():
+        first, second = torch.zeros_like(delta), torch.zeros_like(delta)
+        for t in range(1, steps + 1):  # Adam on -mean(gap), from zero moments, bias-corrected
+            leaf = delta.detach().requires_grad_(True)
+            gaps, _ = gap(x + leaf, g.detach(), clean_losses.detach())
+            (ascent,) = torch.autograd.grad(-gaps.mean(), leaf)
+            with torch.no_grad():
+                first = 0.9 * first + 0.1 * ascent
+                second = 0.999 * second + 0.001 * ascent * ascent
+                step = adam_lr * (first / (1 - 0.9**t)) / ((second / (1 - 0.999**t)).sqrt() + 1e-9)
+                delta = _project(leaf - step, x, eps)
+    with norms.applied(detached=False):
+        gaps, moved = gap((x + delta).detach(), g, clean_losses)
+    penalty = (gaps + smoothing * moved.abs()).mean()
+    loss = ce_weight * data_loss + lam * penalty
+    if weight_decay:
+        kernels = [m.weight for m in net.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+        loss = loss + weight_decay * sum(w.square().sum() for w in kernels if w.requires_grad) / 2
+    return RegularizedLoss(loss, data_loss, penalty, logits)
+
+
+def _project(delta: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``delta`` into the eps-ball, then ``x + delta`` into the ``[0, 1]`` box."""
+    return (x + delta.clamp(-eps, eps)).clamp(0.0, 1.0) - x
+
+
 def jacobian_regularization(
     model: nn.Module,
     x: torch.Tensor,
@@ -293,4 +439,5 @@ __all__ = [
     "gradient_norm",
     "input_gradient_regularization",
     "jacobian_regularization",
+    "llr",
 ]

@@ -70,7 +70,7 @@ def _exact_on_ranks(rank, world, method):
             assert max(errors) < 1e-12, (method, name, ddp_kwargs, max(errors))
 
 
-@pytest.mark.parametrize("method", ["lfr", "pgd_at", "trades", "gradnorm", "igr", "cure", "gradalign"])
+@pytest.mark.parametrize("method", ["lfr", "pgd_at", "trades", "gradnorm", "igr", "cure", "gradalign", "llr"])
 def test_ddp_gradient_is_the_mean_of_per_rank_gradients(method):
     run_on_ranks(_exact_on_ranks, 2, method)
 

@@ -195,3 +195,15 @@ def test_r1_as_the_readme_writes_it(hvp):
         return official.PenaltyLoss(data + 10.0 * penalty, data, penalty)
 
     _compare(critic, ours, lambda net: official.r1_official(net, real, reg_param=10.0, x_fake=fake))
+
+
+@pytest.mark.parametrize("hvp", HVPS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_llr(name, hvp):
+    model, x, y = _setup(name)
+    delta_init = torch.empty_like(x).uniform_(-EPS, EPS, generator=torch.Generator().manual_seed(6))
+    _compare(
+        model,
+        lambda net: regularizers.llr(net, x, y, eps=EPS, weight_decay=2e-4, steps=4, delta_init=delta_init, hvp=hvp),
+        lambda net: official.llr_official(net, x, y, delta_init=delta_init, eps=EPS, num_steps=4),
+    )

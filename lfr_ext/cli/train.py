@@ -38,7 +38,7 @@ CONFIG_FLAGS = [
     ("steps", int, "steps of the inner maximisation"),
     ("lam", float, "LFR penalty weight"),
     ("trades-beta", float, "TRADES KL weight"),
-    ("penalty-weight", float, "gradient-penalty weight of gradnorm, igr, cure, gradalign (default: the paper's)"),
+    ("penalty-weight", float, "gradient-penalty weight of gradnorm, igr, cure, gradalign, llr (default: the paper's)"),
     ("train-subset", int, "train on this many images (0: all but the validation set)"),
     ("val-size", int, "validation images held out from the training split"),
     ("val-robust-size", int, "validation images attacked each epoch (0: none)"),

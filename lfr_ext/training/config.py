@@ -18,7 +18,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-METHODS = ("lfr", "pgd_at", "trades", "plain", "gradnorm", "igr", "cure", "gradalign")
+METHODS = ("lfr", "pgd_at", "trades", "plain", "gradnorm", "igr", "cure", "gradalign", "llr")
 SCHEDULES = ("multistep", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")  # mixed precision of the training step (torch.autocast)
 
@@ -49,7 +49,7 @@ class TrainConfig:
     steps: int = 20
     lam: float = 0.02  # LFR weight
     trades_beta: float = 6.0  # TRADES weight (Zhang et al.'s MNIST/CIFAR value)
-    # weight of the gradient penalty of gradnorm, igr, cure, gradalign (None: the method's published
+    # weight of the gradient penalty of gradnorm, igr, cure, gradalign, llr (None: the method's published
     # default, lfr_ext.training.methods.PENALTY_DEFAULTS)
     penalty_weight: float | None = None
     # data budget and monitoring

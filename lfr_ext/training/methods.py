@@ -1,6 +1,6 @@
 """The training objectives compared by the trainer, one function per method: LFR, the adversarial
 baselines (PGD-AT, TRADES), plain training, and the input-gradient regularisers of
-:mod:`lfr_ext.regularizers` (Gradient Norm, input-gradient regularisation, CURE, GradAlign).
+:mod:`lfr_ext.regularizers` (Gradient Norm, input-gradient regularisation, CURE, GradAlign, LLR).
 
 Each method maps a batch to a :class:`StepOutput`; the trainer does the optimizer step (and
 the autocast around the method, and the backward through ``grad_scaler`` in fp16). With
@@ -182,6 +182,8 @@ PENALTY_DEFAULTS = {
     "cure": 4.0,
     # tml-epfl/understanding-fast-adv-training: lambda 0.2 at eps 8/255 (README, scripts)
     "gradalign": 0.2,
+    # deepmind/local_linearity_regularizer config.py: local linearity weight 4 (smoothing 0.3, CE weight 2)
+    "llr": 4.0,
 }
 # CURE's finite-difference step: the official h = 3 is in normalised-input units (CIFAR-10 std
 # about 0.2 per channel), h * std in pixels.
@@ -228,6 +230,16 @@ def gradalign_step(model, x, y, cfg: TrainConfig, grad_scaler=None, compiled: bo
     return _from_regularizer(out)
 
 
+def llr_step(model, x, y, cfg: TrainConfig, grad_scaler=None, compiled: bool = False) -> StepOutput:
+    """Qin et al. (2019): ``2 CE + w * gamma``, gamma at the gap-maximising point of ``cfg.steps``
+    Adam steps (the harness's inner-step budget; officially 10) in the eps-ball; weight decay is the
+    optimiser's (``--weight-decay``), the official eps ramp is not applied."""
+    out = regularizers.llr(
+        model, x, y, eps=cfg.eps, lam=_penalty_weight(cfg, "llr"), steps=cfg.steps, grad_scaler=grad_scaler
+    )
+    return _from_regularizer(out)
+
+
 METHOD_STEPS = {
     "lfr": lfr_step,
     "pgd_at": pgd_at_step,
@@ -237,6 +249,7 @@ METHOD_STEPS = {
     "igr": igr_step,
     "cure": cure_step,
     "gradalign": gradalign_step,
+    "llr": llr_step,
 }
 # The methods whose loss is differentiated twice (torch.compile of the model does not support it).
 SECOND_ORDER_METHODS = ("lfr", *PENALTY_DEFAULTS)
