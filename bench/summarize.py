@@ -19,7 +19,19 @@ import math
 import os
 from dataclasses import dataclass
 
-SUITES = ("ascent_step", "step", "tangent", "penalty", "precision", "scale_out", "step_beyond_relu")
+SUITES = (
+    "ascent_step",
+    "step",
+    "tangent",
+    "penalty",
+    "precision",
+    "scale_out",
+    "step_beyond_relu",
+    "gradient_penalties",
+)
+# lfr_ext's step of each gradient penalty over its official double-backprop step
+# (bench/bench_gradient_penalties.py): the goal on a GPU; on a CPU, not slower (1.0).
+GRADIENT_PENALTY_GOAL = {"cuda": 0.5, "cpu": 1.0}
 METHODS = ("lfr", "pgd_at", "trades", "plain")
 # Median ms of one training step at batch 128, measured on an H200 with torch 2.11 before
 # 2026-11-26 (lfr_ext_captured: an earlier implementation of the linearized pass, outside this
@@ -305,6 +317,41 @@ def scale_out_table(suites: dict) -> list[str]:
     return _table(["what", "median step", "throughput", ""], rows)
 
 
+def gradient_penalties_table(suites: dict) -> list[str]:
+    """Per setup and method: each provider's median step, lfr_ext's (``hvp="auto"``) and the
+    tangent pass's in gradients (over the plain step's) and over the official code's, against
+    :data:`GRADIENT_PENALTY_GOAL`."""
+    rows, found = [], _rows(suites["gradient_penalties"])
+    gpu = bool(found) and bool(found[0]["extra_info"].get("gpu"))
+    goal = GRADIENT_PENALTY_GOAL["cuda" if gpu else "cpu"]
+    providers = ("lfr_ext", "linearized", "double_backprop", "official")
+    seen = []
+    for row in found:
+        info = row["extra_info"]
+        key = (info["setup"], info["batch"], info["method"])
+        if info["method"] == "plain" or key in seen:
+            continue
+        seen.append(key)
+        plain = _find(found, setup=info["setup"], batch=info["batch"], method="plain")
+        steps = {p: _find(found, setup=info["setup"], batch=info["batch"], method=info["method"], provider=p)
+                 for p in providers}  # fmt: skip
+        ratio = _ratio(steps["lfr_ext"], steps["official"])
+        rows.append(
+            [
+                f"{info['setup']} b{info['batch']}",
+                info["method"],
+                *(_fmt(None if steps[p] is None else _median(steps[p]) * 1e3, " ms", 1) for p in providers),
+                *(_fmt(_ratio(steps[p], plain), "", 2) for p in ("linearized", "official")),
+                _fmt(_ratio(steps["linearized"], steps["official"])),
+                _fmt(ratio),
+                {True: "yes", False: "**no**", None: "n/a"}[None if ratio is None else ratio <= goal],
+            ]
+        )
+    header = ["setup", "method", *providers, "linearized in gradients", "official in gradients"]
+    header += ["linearized / official", "lfr_ext / official", f"<= {goal:g}x"]
+    return _table(header, rows)
+
+
 def training_table(path: str) -> list[str]:
     """The training comparison from ``{method: lfr-train's summary.json}`` at ``path``."""
     try:
@@ -358,6 +405,11 @@ TABLES = (
         "step_beyond_relu",
         "Training steps beyond ReLU: SiLU, ConvNeXt, ViT, and ResNet-20 for scale (`bench/bench_step.py`)",
         functools.partial(step_table, suite="step_beyond_relu"),
+    ),
+    (
+        "gradient_penalties",
+        "Gradient penalties' training steps, lfr_ext vs double backprop (`bench/bench_gradient_penalties.py`)",
+        gradient_penalties_table,
     ),
 )
 HEADLINE_SUITES = ("step", "ascent_step")  # what headline() reads

@@ -37,6 +37,15 @@ from .wrapped import check_data_parallel, sharded_modules, sync_buffers_as_forwa
 # ascent direction, not a backward of g).
 INPUT_GRAD_METHODS = ("auto", "linearized", "double_backprop")
 
+# What hvp="auto" runs per device type, by measurement of the regularisers' whole training steps
+# (bench/bench_gradient_penalties.py). CPU: double backprop, faster there (the tangent pass took
+# 0.86-1.47x its time at batch 64, SmallCNN and ResNet-20, 2-core x86_64, torch 2.13:
+# bench/results/cpu-2core-x86_64-2026-12-04-gradient-penalties.json). CUDA: the tangent pass, whose
+# backward is the one LFR's penalty uses (double backprop cost 4.7-7.9 gradients there on an H200,
+# lfr_ext/linearized/README.md); scripts/gpu_check.sh measures it per regulariser. Other devices:
+# double backprop.
+AUTO_BY_DEVICE = {"cpu": "double_backprop", "cuda": "linearized"}
+
 OutputsLoss = Callable[[torch.Tensor, object], torch.Tensor]
 
 
@@ -95,11 +104,12 @@ def input_grad(
 
     With ``hvp="linearized"`` the backward of ``Phi(g)`` is the gradient of ``l'(f)^T (J v)`` for
     ``v = dPhi/dg``: one tangent pass and one backward (:mod:`lfr_ext.hvp.tangent_backward`), exact.
-    ``"double_backprop"`` builds ``g`` with ``create_graph=True``. ``"auto"`` (default) runs the
-    tangent pass where lfr_ext's tape covers every op of the model (checked against autograd the
-    first time, per model and module modes) and its output is one tensor with the batch first;
-    else double backprop, saying once why. It leaves the op classes
-    ``lfr_ext.hvp.AUTO_DECLINED_CLASSES`` to double backprop, as LFR's engine does.
+    ``"double_backprop"`` builds ``g`` with ``create_graph=True``. ``"auto"`` (default) runs what
+    :data:`AUTO_BY_DEVICE` says was measured faster on ``x``'s device (double backprop on the CPU,
+    the tangent pass on CUDA). Where that is the tangent pass, it needs lfr_ext's tape to cover every
+    op of the model (checked against autograd the first time, per model and module modes) and the
+    output to be one tensor with the batch first; else double backprop, saying once why. The op
+    classes ``lfr_ext.hvp.AUTO_DECLINED_CLASSES`` go to double backprop, as in LFR's engine.
 
     The forward is an ordinary ``model(x)`` in the modes the caller set: train-mode BatchNorm
     normalises with batch statistics and updates its running statistics, once per call, as your
@@ -136,6 +146,8 @@ def input_grad(
     sync_buffers_as_forward_would(model)
     model = unwrapped(model)
     if x.shape[0] == 0:
+        return _double_backprop(model, x, y, loss_fn, loss_scale, return_outputs)
+    if hvp == "auto" and AUTO_BY_DEVICE.get(x.device.type, "double_backprop") == "double_backprop":
         return _double_backprop(model, x, y, loss_fn, loss_scale, return_outputs)
     with torch.enable_grad():
         # default_loss=True: the tangent pass takes any loss head (its derivative by autograd).
@@ -190,4 +202,4 @@ def _double_backprop(model, x, y, loss_fn, loss_scale, return_outputs: bool):
     return (g, outputs) if return_outputs else g
 
 
-__all__ = ["INPUT_GRAD_METHODS", "input_grad"]
+__all__ = ["AUTO_BY_DEVICE", "INPUT_GRAD_METHODS", "input_grad"]

@@ -22,7 +22,8 @@
 # headline training steps (captured LFR vs captured PGD-AT and the authors' eager step, SmallCNN and
 # ResNet-18), the fused op's time and bandwidth. Part 2: build (a no-op on a machine still warm from
 # part 1), the op and engine matrix (every other GPU test), the training comparison (lfr-train, the
-# four methods), the steps and inner steps beyond ReLU, data-parallel scale-out, low precision.
+# four methods), the gradient penalties' steps against their official double backprop, the steps and
+# inner steps beyond ReLU, data-parallel scale-out, low precision.
 # Each part then writes its summary (bench/summarize.py), printed last.
 #
 # Each stage runs under its own limit (PART_STAGES below; their sum leaves SUMMARY_RESERVE_S of the
@@ -48,7 +49,7 @@ PART_DEADLINE_S=270
 SUMMARY_RESERVE_S=15
 # stage:limit_s, in the order they run. bench-<suite> stages write <prefix>-<suite>.json.
 PART_STAGES_1="build:100 tests-core:75 bench-step:55 bench-ascent_step:25"
-PART_STAGES_2="build:50 tests-matrix:60 training:45 bench-step_beyond_relu:30 bench-tangent:25 bench-scale_out:30 bench-precision:15"
+PART_STAGES_2="build:50 tests-matrix:60 training:35 bench-gradient_penalties:25 bench-step_beyond_relu:25 bench-tangent:20 bench-scale_out:25 bench-precision:15"
 # The test files of tests-core; tests-matrix runs every other GPU test.
 CORE_TESTS=(tests/test_extension_build.py tests/test_cuda_ops.py tests/test_triton_ops.py tests/test_captured.py
             tests/test_linearized_gpu.py)
@@ -252,6 +253,7 @@ run_bench_step_beyond_relu() {
 run_bench_tangent() { bench_suite tangent "$1"; }  # linearized vs double backprop per inner step, ReLU to attention
 run_bench_scale_out() { bench_suite scale_out "$1"; }  # DDP (NCCL), hvp='compiled', captured, bf16, fp16
 run_bench_precision() { bench_suite precision "$1"; }
+run_bench_gradient_penalties() { bench_suite gradient_penalties "$1"; }  # each regulariser vs its official code
 
 # The four methods with lfr-train, one after the other (their epoch times are compared); their
 # summaries are gathered into OUT/PREFIX-train.json.

@@ -196,16 +196,33 @@ def test_second_backward_with_retained_graph():
     assert all(torch.equal(a, b) for a, b in zip(once, twice)) and len(once) == len(params)
 
 
-def test_auto_runs_the_tangent_pass_where_covered_and_says_nothing():
+@pytest.fixture
+def auto_linearized_on_cpu(monkeypatch):
+    """``hvp="auto"`` as it runs on CUDA (the tangent pass first), on the CPU."""
+    monkeypatch.setitem(lfr_ext.input_gradients.AUTO_BY_DEVICE, "cpu", "linearized")
+
+
+def test_auto_runs_what_was_measured_faster_on_the_device():
+    model, x, y = _setup("resnet_bn_train")
+    g = lfr_ext.input_grad(model, x, y)
+    assert "TangentBackward" not in type(g.grad_fn).__name__  # double backprop, measured faster on the CPU
+    g = lfr_ext.input_grad(model, x, y, hvp="linearized")
+    assert "TangentBackward" in type(g.grad_fn).__name__
+
+
+def test_auto_runs_the_tangent_pass_where_covered_and_says_nothing(auto_linearized_on_cpu):
     model, x, y = _setup("resnet_bn_train")
     with CACHE.scoped(), warnings.catch_warnings():
         warnings.simplefilter("error")
         expected = _run(model, x, y, "double_backprop")
-        _assert_same(_run(model, x, y, "auto"), expected)
+        got = _run(model, x, y, "auto")
+        _assert_same(got, expected)
         assert model not in CACHE.uncovered
+        g = lfr_ext.input_grad(model, x, y)
+        assert "TangentBackward" in type(g.grad_fn).__name__
 
 
-def test_auto_falls_back_once_with_the_running_statistics_updated_once():
+def test_auto_falls_back_once_with_the_running_statistics_updated_once(auto_linearized_on_cpu):
     """An op with no rule after a train-mode BatchNorm: the refused pass is redone by double
     backprop from the buffers and RNG state before it, warned once."""
 
@@ -233,7 +250,7 @@ def test_auto_falls_back_once_with_the_running_statistics_updated_once():
             lfr_ext.input_grad(copy.deepcopy(model), x, y, hvp="linearized")
 
 
-def test_auto_leaves_attention_to_double_backprop_quietly():
+def test_auto_leaves_attention_to_double_backprop_quietly(auto_linearized_on_cpu):
     model, x, y = _setup("vit")
     with CACHE.scoped(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
