@@ -36,7 +36,7 @@ LFR_EXT_BUILD_CUDA=0 "$VENV/bin/python" -m pip install -q --disable-pip-version-
 echo "check_gpu_image: built in $(( $(date +%s) - start )) s"
 
 export TRITON_INTERPRET=1 LFR_EXT_REQUIRE_TRITON=1 LFR_EXT_REQUIRE_COMPILED=1
-"$VENV/bin/python" -m pytest tests/test_compiled.py tests/test_distributed.py tests/test_captured.py tests/test_input_grad.py \
+"$VENV/bin/python" -m pytest tests/test_compiled.py tests/test_distributed.py tests/test_captured.py tests/test_input_grad.py tests/test_regularizers.py \
   tests/test_train.py tests/test_gpu_check_plan.py -q -p no:cacheprovider
 for part in 1 2; do
   PYTHON="$VENV/bin/python" bash scripts/gpu_check.sh --cpu-dry-run --part "$part" "$WORK/gpu-check-part$part" \

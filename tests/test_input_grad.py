@@ -24,7 +24,7 @@ from tests.models_for_tests import (
     TinyViT,
     WrittenOutAttentionNet,
 )
-from tests.utils import assert_grads_close, rel_err
+from tests.utils import assert_grads_close, rel_err, requires_cuda
 
 RTOL = 1e-10
 
@@ -361,3 +361,48 @@ def test_ddp_gradient_is_the_mean_of_per_rank_double_backprop_gradients():
     from tests.dist_helpers import run_on_ranks
 
     run_on_ranks(_ddp_on_ranks, 2)
+
+
+def _graphed_steps_against_eager(device):
+    """Three SGD steps of Gradient Norm on input_grad's tangent pass, as GraphedStep runs them (one
+    CUDA graph on a GPU, eagerly on the CPU) and as an eager loop: the same parameters after."""
+    from lfr_ext import regularizers
+
+    torch.manual_seed(0)
+    model = TinyResNet(drop=0.0).to(device).train()
+    twin = copy.deepcopy(model)
+    x, y = torch.rand(8, 3, 10, 10, device=device), torch.randint(0, 5, (8,), device=device)
+
+    def objective_of(net):
+        def objective(a, b):
+            out = regularizers.gradient_norm(net, a, b, eps=0.1, std=1.0, hvp="linearized")
+            return out.loss, out.penalty
+
+        return objective
+
+    opt, twin_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # on the CPU: "running the step eagerly"
+        step = lfr_ext.GraphedStep(model, opt, objective_of(model), x, y)
+    for _ in range(3):
+        step(x, y)
+        twin_opt.zero_grad()
+        objective_of(twin)(x, y)[0].backward()
+        twin_opt.step()
+    return step, list(model.parameters()), list(twin.parameters())
+
+
+def test_graphed_step_runs_input_grad_eagerly_on_the_cpu():
+    step, params, twin_params = _graphed_steps_against_eager("cpu")
+    assert not step.captured
+    for a, b in zip(params, twin_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@requires_cuda
+def test_graphed_step_captures_input_grad_and_replays_like_eager():
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # both runs in full fp32
+        step, params, twin_params = _graphed_steps_against_eager("cuda")
+    assert step.captured, step.reason
+    for a, b in zip(params, twin_params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
