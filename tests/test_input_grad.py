@@ -406,3 +406,20 @@ def test_graphed_step_captures_input_grad_and_replays_like_eager():
     assert step.captured, step.reason
     for a, b in zip(params, twin_params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet_bn_train", "gelu_layernorm"])
+def test_bf16_autocast_error_at_most_twice_double_backprops(name):
+    """Under bf16 autocast the penalty's parameter gradients by the tangent pass are as close to
+    the fp64 ones as double backprop's in the same dtype (at most twice its error)."""
+    model, x, y = _setup(name, batch=16)
+    reference = _run(model, x, y, "double_backprop")[2]  # fp64
+    errors = {}
+    for hvp in ("linearized", "double_backprop"):
+        net = copy.deepcopy(model).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g, outputs = lfr_ext.input_grad(net, x.float(), y, hvp=hvp, return_outputs=True)
+            loss = _phi(g, outputs, y, None)
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        errors[hvp] = max(rel_err(a.double(), b) for a, b in zip(grads, reference) if b.norm() > 1e-8)
+    assert errors["linearized"] <= 2 * errors["double_backprop"], errors

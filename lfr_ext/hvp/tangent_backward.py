@@ -44,6 +44,7 @@ class Recorded(NamedTuple):
     outputs: torch.Tensor
     residual: torch.Tensor
     g: torch.Tensor  # (B, ...) like source, detached and unscaled
+    autocast: torch.autocast  # the autocast state of the forward, for the tangent's replay
 
 
 def loss_residual(outputs: torch.Tensor, y, loss_fn: LossFn | None, losses: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,11 @@ def record(
     losses = checked_losses(outputs, y, loss_fn, source.shape[0])
     residual = loss_residual(outputs, y, loss_fn, losses)
     (g,) = torch.autograd.grad(scaled(losses.sum(), loss_scale), source, retain_graph=True)
-    return Recorded(tape, source, outputs, residual, unscaled(g, loss_scale)), couples
+    device = source.device.type
+    autocast = torch.autocast(
+        device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device), cache_enabled=False
+    )
+    return Recorded(tape, source, outputs, residual, unscaled(g, loss_scale), autocast), couples
 
 
 def _leaves(roots: tuple[torch.Tensor, ...], stop: torch.Tensor) -> list[torch.Tensor]:
@@ -149,8 +154,11 @@ class _TangentBackward(torch.autograd.Function):
         with torch.enable_grad():
             terms, cotangents = [], []
             if v is not None:
-                jv = recorded.tape.tangent(v.to(recorded.source.dtype), recorded.outputs)
-                terms.append((recorded.residual * jv).sum())
+                # The recorded maps run as the forward ran: under its autocast state (the caller's
+                # backward runs outside any autocast block).
+                with recorded.autocast:
+                    jv = recorded.tape.tangent(v.to(recorded.source.dtype), recorded.outputs)
+                    terms.append((recorded.residual * jv).sum())
                 cotangents.append(None)
             if w is not None:
                 terms.append(recorded.outputs)
