@@ -127,7 +127,9 @@ def input_grad(
             say), ``g``'s backward reaches it, as double backprop's does.
         y: (B,) integer class indices for the default loss; anything ``loss_fn`` takes, or None.
         loss_fn: ``(outputs, y) -> (B,)`` per-sample losses (default: cross-entropy). A critic's
-            score is ``lambda out, _: out.squeeze(-1)``.
+            score is ``lambda out, _: out.squeeze(-1)``. It must depend on ``x`` only through
+            ``outputs``: the tangent pass does not see a closure over ``x``, and a ``y`` that
+            requires grad is refused by ``"linearized"`` (``"auto"`` runs double backprop then).
         hvp: ``"auto"``, ``"linearized"`` (raises :class:`lfr_ext.linearized.UnsupportedOpError`
             naming what the tape does not cover) or ``"double_backprop"``.
         grad_scaler: an fp16 ``torch.amp.GradScaler``: the first-order backward runs on the
@@ -148,6 +150,15 @@ def input_grad(
     if x.shape[0] == 0:
         return _double_backprop(model, x, y, loss_fn, loss_scale, return_outputs)
     if hvp == "auto" and AUTO_BY_DEVICE.get(x.device.type, "double_backprop") == "double_backprop":
+        return _double_backprop(model, x, y, loss_fn, loss_scale, return_outputs)
+    if isinstance(y, torch.Tensor) and y.requires_grad:
+        # The identity v^T g = l'(f)^T J v holds for a loss that sees x only through f; a y that
+        # requires grad (a reconstruction target y = x, say) adds its own path to g.
+        if hvp == "linearized":
+            raise ValueError(
+                "input_grad(hvp='linearized') needs y not to require grad (the loss must depend on x only "
+                "through model(x)); detach y or use hvp='double_backprop'"
+            )
         return _double_backprop(model, x, y, loss_fn, loss_scale, return_outputs)
     with torch.enable_grad():
         # default_loss=True: the tangent pass takes any loss head (its derivative by autograd).

@@ -145,6 +145,56 @@ def test_x_that_depends_on_parameters_upstream():
     assert_grads_close(results["linearized"], results["double_backprop"], RTOL)
 
 
+def test_a_parameter_that_also_produced_x_gets_the_path_through_x_once():
+    """A tied embedding: x = emb(tokens) and the head reads emb.weight again. The recording runs
+    on a leaf copy of x, so the path through x reaches emb.weight once, from autograd."""
+    torch.manual_seed(0)
+    emb, body = nn.Embedding(7, 5).double(), nn.Sequential(nn.Linear(5, 5), nn.Tanh()).double()
+
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.body = emb, body
+
+        def forward(self, x):
+            return self.body(x).mean(1) @ self.emb.weight.t()
+
+    tokens, y = torch.randint(0, 7, (4, 3)), torch.randint(0, 7, (4,))
+    results = {}
+    for hvp in ("double_backprop", "linearized"):
+        model = copy.deepcopy(TiedHead())
+        g = lfr_ext.input_grad(model, model.emb(tokens), y, hvp=hvp)
+        results[hvp] = torch.autograd.grad((g**2).sum(), list(model.parameters()))
+    assert_grads_close(results["linearized"], results["double_backprop"], RTOL)
+
+
+def test_a_backward_with_create_graph_is_refused():
+    """Third-order derivatives through g are not the tangent pass's: refused, not wrong."""
+    model, x, y = _setup("gelu_layernorm")
+    g = lfr_ext.input_grad(model, x, y, hvp="linearized")
+    with pytest.raises(RuntimeError, match="create_graph=True through g"):
+        torch.autograd.grad((g**2).sum(), list(model.parameters()), create_graph=True)
+
+
+def test_a_target_that_requires_grad_is_refused_by_the_tangent_pass(auto_linearized_on_cpu):
+    """y = x (a reconstruction loss) adds a path to g that l'(f)^T J v does not have: refused by
+    name, and auto runs double backprop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh()).double()
+    x = torch.rand(4, 6, dtype=torch.float64, requires_grad=True)
+
+    def mse(out, target):
+        return ((out - target) ** 2).sum(1)
+
+    with pytest.raises(ValueError, match="needs y not to require grad"):
+        lfr_ext.input_grad(model, x, x, loss_fn=mse, hvp="linearized")
+    grads = {}
+    for hvp in ("double_backprop", "auto"):
+        g = lfr_ext.input_grad(model, x, x, loss_fn=mse, hvp=hvp)
+        grads[hvp] = torch.autograd.grad((g**2).sum(), [*model.parameters(), x])
+    assert_grads_close(grads["auto"], grads["double_backprop"], RTOL)
+
+
 def test_custom_loss_head():
     model, x, y = _setup("resnet_bn_train")
     expected = _run(model, x, y, "double_backprop", margin)
@@ -184,10 +234,9 @@ def test_backward_composes_with_other_losses_and_accumulates():
 
 
 def test_second_backward_with_retained_graph():
+    """retain_graph=True keeps the recording: a second backward gives the same gradients."""
     model, x, y = _setup("bn_relu_eval")
-    g = lfr_ext.input_grad(copy.deepcopy(model), x, y, hvp="linearized")
-    first = torch.autograd.grad(g.abs().sum(), g, retain_graph=True)  # noqa: F841 (the cotangent only)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     net = copy.deepcopy(model)
     g = lfr_ext.input_grad(net, x, y, hvp="linearized")
     loss = (g**2).sum()

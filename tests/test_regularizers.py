@@ -89,7 +89,9 @@ def test_cure(name, hvp):
         lambda net: regularizers.cure(net, x, y, h=0.05, lam=4.0, hvp=hvp),
         lambda net: official.cure_official(net, x, y, h=0.05, lambda_=4.0),
     )
-    assert model.training  # the penalty's eval mode is undone
+    net = copy.deepcopy(model)
+    regularizers.cure(net, x, y, h=0.05, lam=4.0, hvp=hvp)
+    assert all(m.training for m in net.modules())  # the penalty passes' eval mode is undone
 
 
 @pytest.mark.parametrize("hvp", HVPS)

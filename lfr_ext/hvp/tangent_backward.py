@@ -110,22 +110,20 @@ def record(
     return Recorded(tape, source, outputs, residual, unscaled(g, loss_scale), autocast), couples
 
 
-def _leaves(roots: tuple[torch.Tensor, ...], stop: torch.Tensor) -> list[torch.Tensor]:
-    """The leaf tensors requiring grad that ``roots``' graph reaches, not through ``stop`` (the
-    recording's source: its own gradient is returned separately, and what produced it is the
-    caller's graph, reached through that gradient)."""
-    stop_node = stop.grad_fn
+def _leaves(roots: tuple[torch.Tensor, ...], source: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that ``roots``' graph reaches, other than the recording's
+    own leaf ``source`` (its gradient is returned separately, as the caller's ``x``'s)."""
     found: dict[int, torch.Tensor] = {}
     seen: set = set()
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
     while stack:
         node = stack.pop()
-        if node is None or node in seen or node is stop_node:
+        if node is None or node in seen:
             continue
         seen.add(node)
         variable = getattr(node, "variable", None)  # an AccumulateGrad node
         if variable is not None:
-            if variable is not stop:
+            if variable is not source:
                 found.setdefault(id(variable), variable)
             continue
         stack.extend(next_node for next_node, _ in node.next_functions)
@@ -135,22 +133,30 @@ def _leaves(roots: tuple[torch.Tensor, ...], stop: torch.Tensor) -> list[torch.T
 class _TangentBackward(torch.autograd.Function):
     """``(g, outputs)`` as given, whose backward is the tangent-pass identity (module docstring).
 
-    Inputs: ``g`` and ``outputs`` detached (values only), the :class:`Recorded` pass, the
-    source (the caller's ``x`` when it requires grad, else a detached leaf), the leaves."""
+    Inputs: ``g`` and ``outputs`` detached (values only), the :class:`Recorded` pass (recorded on
+    a detached leaf copy of ``x``), the caller's ``x``, the leaves. The recording's gradient w.r.t.
+    its own leaf is returned as ``x``'s, so a parameter that also produced ``x`` (a tied embedding,
+    a generator sharing weights) gets the path through ``x`` once, from autograd, as it would
+    with double backprop."""
 
     @staticmethod
-    def forward(ctx, g, outputs, recorded, source, *leaves):
+    def forward(ctx, g, outputs, recorded, x, *leaves):
         ctx.recorded = recorded
         ctx.leaves = leaves
-        ctx.source = source
         return g.view_as(g), outputs.view_as(outputs)
 
     @staticmethod
     def backward(ctx, v, w):
         recorded: Recorded = ctx.recorded
-        create_graph = torch.is_grad_enabled()  # the caller's backward asked for a differentiable one
+        if torch.is_grad_enabled():
+            # The caller's backward asked for a differentiable one (create_graph=True): third-order
+            # derivatives, which the identity (for a fixed v) does not give; refused, not wrong.
+            raise RuntimeError(
+                "input_grad(hvp='linearized'): a backward with create_graph=True through g (third-order "
+                "derivatives) is not supported; use hvp='double_backprop' for it"
+            )
         wanted = [ctx.needs_input_grad[3], *ctx.needs_input_grad[4:]]
-        targets = [t for t, needed in zip((ctx.source, *ctx.leaves), wanted) if needed]
+        targets = [t for t, needed in zip((recorded.source, *ctx.leaves), wanted) if needed]
         with torch.enable_grad():
             terms, cotangents = [], []
             if v is not None:
@@ -171,7 +177,6 @@ class _TangentBackward(torch.autograd.Function):
                     targets,
                     grad_outputs=cotangents,
                     retain_graph=True,  # a second backward of the caller's (retain_graph=True) may come
-                    create_graph=create_graph,
                     allow_unused=True,
                 )
             )
@@ -194,8 +199,9 @@ def input_grad_linearized(
     the model's (B, ...); both differentiable w.r.t. the parameters and ``x`` (when ``x`` requires
     grad). ``loss_scale``: the first-order backward runs on the fp16-scaled loss
     (:mod:`lfr_ext.hvp.scaling`), ``g`` is unscaled."""
-    source = x if x.requires_grad else x.detach().requires_grad_(True)
+    # Recorded on a leaf copy: the caller's graph behind x is reached once, through x's gradient.
+    source = x.detach().requires_grad_(True)
     recorded, couples = record(model, source, y, loss_fn, verify=verify, loss_scale=loss_scale, declined=declined)
     leaves = _leaves((recorded.outputs, recorded.residual), source)
-    g, outputs = _TangentBackward.apply(recorded.g.detach(), recorded.outputs.detach(), recorded, source, *leaves)
+    g, outputs = _TangentBackward.apply(recorded.g.detach(), recorded.outputs.detach(), recorded, x, *leaves)
     return (g, outputs), couples
