@@ -9,7 +9,7 @@ Jacobian regularisation). Providers:
 * ``linearized``, ``double_backprop``: the same function with that ``hvp=``;
 * ``official``: the transcription of the method's official code (tests/official_penalties.py),
   double backprop as its authors wrote it;
-* ``plain``: cross-entropy forward, backward and step, the unit: ``extra_info["gradients"]`` is
+* ``plain``: cross-entropy forward, backward and step, the unit: ``bench/summarize.py`` reports
   each step's median over plain's (one forward and one backward = 1 gradient).
 
 Setups: the authors' MNIST SmallCNN at batch 128 and ResNet-18 at batch 128 on a GPU; on the CPU

@@ -37,13 +37,13 @@ from .wrapped import check_data_parallel, sharded_modules, sync_buffers_as_forwa
 # ascent direction, not a backward of g).
 INPUT_GRAD_METHODS = ("auto", "linearized", "double_backprop")
 
-# What hvp="auto" runs per device type, by measurement of the regularisers' whole training steps
-# (bench/bench_gradient_penalties.py). CPU: double backprop, faster there (the tangent pass took
-# 0.86-1.47x its time at batch 64, SmallCNN and ResNet-20, 2-core x86_64, torch 2.13:
-# bench/results/cpu-2core-x86_64-2026-12-04-gradient-penalties.json). CUDA: the tangent pass, whose
-# backward is the one LFR's penalty uses (double backprop cost 4.7-7.9 gradients there on an H200,
-# lfr_ext/linearized/README.md); scripts/gpu_check.sh measures it per regulariser. Other devices:
-# double backprop.
+# What hvp="auto" runs per device type. CPU: double backprop, measured faster there on the
+# regularisers' whole training steps (the tangent pass took 1.00-1.51x the official double backprop's
+# time at batch 64, SmallCNN and ResNet-20, 2-core x86_64, torch 2.13:
+# bench/results/cpu-2core-x86_64-2026-12-04-gradient-penalties.json). CUDA: the tangent pass, chosen
+# from LFR's measurements, not yet from input_grad's own (double backprop cost 4.7 gradients per
+# inner step on an H200, lfr_ext/linearized/README.md); scripts/gpu_check.sh measures it per
+# regulariser (bench/bench_gradient_penalties.py). Other devices: double backprop.
 AUTO_BY_DEVICE = {"cpu": "double_backprop", "cuda": "linearized"}
 
 OutputsLoss = Callable[[torch.Tensor, object], torch.Tensor]
