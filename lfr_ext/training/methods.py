@@ -172,22 +172,26 @@ def lfr_step(
     return StepOutput(out.loss, out.logits, out.penalty.detach())
 
 
+# CURE's official h = 3 and lambda = 4 are in normalised-input units (CIFAR-10 std about 0.2 per
+# channel); the harness feeds pixels in [0, 1]. A step of h normalised units is h * std pixels, and
+# a gradient w.r.t. normalised inputs is std times the pixel gradient, so the weight on the
+# (unsquared) pixel-gradient penalty is lambda * std.
+CURE_INPUT_STD = 0.2
+CURE_H_PIXELS = 3.0 * CURE_INPUT_STD
+
 # The gradient penalties' weights when TrainConfig.penalty_weight is None: each paper's official value.
 PENALTY_DEFAULTS = {
     # adriarm/robustness_input_gradients configs_cifar/gradnorm_prn18_gelu.yaml: 0.8 CE + 1.2 penalty
     "gradnorm": 1.2,
     # dtak/adversarial-robustness-public: no CIFAR-10 value; its SVHN notebook's 1e4 (MNIST: 10^4.75)
     "igr": 1e4,
-    # F-Salehi/CURE_robustness CURE/CURE.py: CURELearner(lambda_=4)
-    "cure": 4.0,
+    # F-Salehi/CURE_robustness CURE/CURE.py: CURELearner(lambda_=4), in pixel units (above)
+    "cure": 4.0 * CURE_INPUT_STD,
     # tml-epfl/understanding-fast-adv-training: lambda 0.2 at eps 8/255 (README, scripts)
     "gradalign": 0.2,
     # deepmind/local_linearity_regularizer config.py: local linearity weight 4 (smoothing 0.3, CE weight 2)
     "llr": 4.0,
 }
-# CURE's finite-difference step: the official h = 3 is in normalised-input units (CIFAR-10 std
-# about 0.2 per channel), h * std in pixels.
-CURE_H_PIXELS = 3.0 * 0.2
 
 
 def _penalty_weight(cfg: TrainConfig, method: str) -> float:
