@@ -180,6 +180,14 @@ def cure(
     return RegularizedLoss(data_loss + lam * penalty, data_loss, penalty, logits)
 
 
+def _official_box_clamp(z: torch.Tensor) -> torch.Tensor:
+    """``clamp(z, 0, 1)`` whose gradient passes where ``0 < z <= 1``: GradAlign's official
+    ``torch.max(torch.min(z, 1), 0)`` under torch 1.4 (its Dockerfile's version), whose ``min``
+    passes the gradient at ``z == 1`` and whose ``max`` does not at ``z == 0``."""
+    passes = (z > 0) & (z <= 1)
+    return torch.where(passes, z, z.detach().clamp(0.0, 1.0))
+
+
 def gradalign(
     model: nn.Module,
     x: torch.Tensor,
@@ -204,12 +212,14 @@ def gradalign(
     Defaults: ``lam = 0.2`` (the repository's value at ``eps = 8/255``; its rule is
     ``lam = 0.02 * 10 ** (eps_px / 8)`` for other radii, eps_px in 1/255 units),
     ``fgsm_alpha = 1.25``, ``delta0 = 0`` (``delta_init``). ``eta`` is drawn from ``generator``
-    (default: the global RNG) unless given. ``x`` in ``[0, 1]``.
+    (default: the global RNG) unless given. ``x`` in ``[0, 1]``. The FGSM gradient passes the box
+    as the official ``utils.clamp`` did under its torch 1.4: not at a pixel exactly at 0, so FGSM
+    leaves saturated-black pixels (``torch.clamp`` would pass it there).
     """
     delta = torch.zeros_like(x) if delta_init is None else delta_init.detach().clone()
     delta.requires_grad_(True)
     with torch.enable_grad():
-        first = F.cross_entropy(model((x + delta).clamp(0.0, 1.0)), y)
+        first = F.cross_entropy(model(_official_box_clamp(x + delta)), y)
         (g_first,) = torch.autograd.grad(first, delta)
     with torch.no_grad():
         delta = (delta + fgsm_alpha * eps * g_first.sign()).clamp(-eps, eps)

@@ -123,6 +123,22 @@ def test_jacobian_regularization(name, hvp, projections):
     )
 
 
+@pytest.mark.parametrize("hvp", HVPS)
+def test_gradalign_on_pixels_at_the_box(hvp):
+    """Saturated pixels (exactly 0 or 1, as in uint8 / 255 data): the FGSM step passes the box as
+    the official clamp did."""
+    model, x, y = _setup("relu_batchnorm_train")
+    x = x.clone()
+    x[:, :, :3] = 0.0
+    x[:, :, -2:] = 1.0
+    eta = torch.empty_like(x).uniform_(-EPS, EPS, generator=torch.Generator().manual_seed(4))
+    _compare(
+        model,
+        lambda net: regularizers.gradalign(net, x, y, eps=EPS, lam=0.2, eta=eta, hvp=hvp),
+        lambda net: official.gradalign_official(net, x, y, eps=EPS, lam=0.2, eta=eta),
+    )
+
+
 def test_gradalign_draws_eta_from_the_generator():
     model, x, y = _setup("relu_batchnorm_train")
     first = regularizers.gradalign(copy.deepcopy(model), x, y, eps=EPS, generator=torch.Generator().manual_seed(1))
