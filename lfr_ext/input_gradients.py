@@ -177,9 +177,10 @@ def input_grad(
 def _linearized(engine: SecondOrderEngine, model, x, y, loss_fn, loss_scale):
     """The tangent-pass ``(g, outputs)``, or None where ``auto`` falls back (the fallback is
     remembered and said once by the engine). The pass being verified (the first per model and
-    modes) is the one a refusal can stop midway: its buffers are put back then (the engine puts
-    back the RNG), so the double-backprop redo updates the running statistics once and draws the
-    same Dropout masks."""
+    modes) is where a refusal is expected: its buffers are put back then (the engine puts back the
+    RNG), so the double-backprop redo updates the running statistics once and draws the same
+    Dropout masks. A later pass refused midway (control flow that changes with the data) keeps
+    what it did to the buffers and the RNG."""
     snapshots = []
 
     def run(verify: bool):
